@@ -1,0 +1,184 @@
+/*
+ * dms.h - the whole C API of the DMS engine (Dynamic Memory Sparsification).
+ *
+ * Every entry point is `dms_`-prefixed and returns an `enum dms_status`.
+ * On failure the thread-local message returned by dms_last_error() names
+ * the offending argument and says what was expected and what was received.
+ * Kernels never abort, never print and never allocate device memory: the
+ * caller owns every buffer, outputs included.
+ *
+ * Tensors are passed as `dms_tensor` views (see below). Shapes in the
+ * comments use SPEC.md's names: B batch, H key/value heads, T tokens.
+ * An op runs on the device of its tensors; all tensors of one call must be
+ * on the same device. CUDA work is queued on `dms_exec.cuda_stream` and is
+ * never synchronised by the library.
+ */
+#ifndef DMS_H
+#define DMS_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+#define DMS_VERSION_MAJOR 0
+#define DMS_VERSION_MINOR 1
+#define DMS_VERSION_PATCH 0
+
+#define DMS_MAX_DIMS 8
+
+typedef enum dms_status {
+    DMS_OK = 0,
+    DMS_ERR_DTYPE,     /* unsupported or mismatched element type          */
+    DMS_ERR_SHAPE,     /* wrong rank, mismatched or empty shape           */
+    DMS_ERR_LAYOUT,    /* strides the op does not support                 */
+    DMS_ERR_DEVICE,    /* wrong device, or tensors on different devices   */
+    DMS_ERR_VALUE,     /* scalar argument out of range                    */
+    DMS_ERR_READONLY,  /* an output tensor is read-only                   */
+    DMS_ERR_NO_CUDA,   /* a CUDA tensor reached a build without CUDA      */
+    DMS_ERR_CUDA,      /* the CUDA runtime reported an error              */
+    DMS_ERR_INTERNAL   /* a bug in dms: please report it                  */
+} dms_status;
+
+typedef enum dms_dtype {
+    DMS_FLOAT32 = 0,
+    DMS_FLOAT16,
+    DMS_BFLOAT16,
+    DMS_INT32,
+    DMS_INT64,
+    DMS_UINT8,
+    DMS_BOOL,
+    DMS_NUM_DTYPES
+} dms_dtype;
+
+/* Bit masks of dtypes, for validation. */
+#define DMS_DTYPE_BIT(dt) (1u << (unsigned)(dt))
+#define DMS_FLOATING                                                      \
+    (DMS_DTYPE_BIT(DMS_FLOAT32) | DMS_DTYPE_BIT(DMS_FLOAT16) |            \
+     DMS_DTYPE_BIT(DMS_BFLOAT16))
+
+typedef enum dms_device_type {
+    DMS_CPU = 1,
+    DMS_CUDA = 2
+} dms_device_type;
+
+/*
+ * A non-owning view of a tensor. `data` points at element [0, ..., 0]
+ * (DLPack's byte_offset already applied); `strides` count elements, not
+ * bytes, and are always filled in (compact row-major when the producer
+ * gave none). `readonly` is set for tensors that must not be written.
+ */
+typedef struct dms_tensor {
+    void *data;
+    dms_dtype dtype;
+    dms_device_type device_type;
+    int device_index;
+    int ndim;
+    int64_t shape[DMS_MAX_DIMS];
+    int64_t strides[DMS_MAX_DIMS];
+    int readonly;
+} dms_tensor;
+
+/*
+ * How to run a call. num_threads <= 0 means the OpenMP default.
+ * cuda_stream is a cudaStream_t (NULL = the legacy default stream); it is
+ * ignored for CPU tensors.
+ */
+typedef struct dms_exec {
+    int num_threads;
+    void *cuda_stream;
+} dms_exec;
+
+/* ---- errors and build ------------------------------------------------ */
+
+/* The message of the last failure on this thread ("" if none). */
+const char *dms_last_error(void);
+/* A constant name such as "DMS_ERR_SHAPE". */
+const char *dms_status_name(dms_status status);
+/* "float32", "bfloat16", ... */
+const char *dms_dtype_name(dms_dtype dtype);
+size_t dms_dtype_size(dms_dtype dtype);
+
+/* CPU features detected at run time, as DMS_CPU_* bits. */
+#define DMS_CPU_AVX2 (1u << 0)
+#define DMS_CPU_FMA (1u << 1)
+#define DMS_CPU_F16C (1u << 2)
+#define DMS_CPU_AVX512F (1u << 3)
+#define DMS_CPU_AVX512BF16 (1u << 4)
+unsigned dms_cpu_features(void);
+/* Threads an OpenMP region would use by default (1 without OpenMP). */
+int dms_default_num_threads(void);
+/* 1 when the CUDA kernels were compiled into this build. */
+int dms_has_cuda(void);
+/*
+ * CUDA runtime, driver and cuBLAS versions, and the number of visible
+ * devices (0 when there is no GPU or no driver; that is not an error).
+ * Fails with DMS_ERR_NO_CUDA in a CPU-only build.
+ */
+dms_status dms_cuda_info(int *runtime_version, int *driver_version,
+                         int *cublas_version, int *device_count);
+
+/* ---- gating (SPEC.md section 2) -------------------------------------- */
+
+/*
+ * Gate forward, elementwise over [B, H, T]:
+ *     y = (z + noise) / tau          (noise = 0 when `noise` is NULL)
+ *     p = sigmoid(y)                 soft gate
+ *     a = 1 if y > 0 else 0          hard decision (== p > 0.5)
+ * Inference threshold mode is `noise == NULL`: a = 1[z > 0] for any tau.
+ *
+ *   z     : [B, H, T] float32 | float16 | bfloat16, decision logits
+ *   noise : [B, H, T] floating, logistic noise, or NULL
+ *   tau   : temperature, finite and > 0
+ *   y     : [B, H, T] floating output, or NULL to skip
+ *   p     : [B, H, T] floating output, or NULL to skip
+ *   a     : [B, H, T] floating | uint8 | bool output, or NULL to skip
+ * Any strides are accepted; outputs must not alias each other or inputs.
+ */
+dms_status dms_gate_forward(const dms_tensor *z, const dms_tensor *noise,
+                            float tau, const dms_tensor *y,
+                            const dms_tensor *p, const dms_tensor *a,
+                            const dms_exec *exec);
+
+/*
+ * Gate backward. The hard decision passes its gradient straight through to
+ * the soft gate (forward value a, gradient of p), so with s = sigmoid(y):
+ *     grad_z = ((grad_a + grad_p) * s * (1 - s) + grad_y) / tau
+ * Missing gradients (NULL) count as zero.
+ *
+ *   y      : [B, H, T] floating, the y saved by the forward
+ *   grad_a : [B, H, T] floating, or NULL
+ *   grad_p : [B, H, T] floating, or NULL
+ *   grad_y : [B, H, T] floating, or NULL
+ *   grad_z : [B, H, T] floating output
+ */
+dms_status dms_gate_backward(const dms_tensor *y, const dms_tensor *grad_a,
+                             const dms_tensor *grad_p,
+                             const dms_tensor *grad_y, float tau,
+                             const dms_tensor *grad_z, const dms_exec *exec);
+
+/*
+ * Deterministic logistic noise (the difference of two standard Gumbel
+ * samples has the standard logistic distribution, so it is drawn directly
+ * by inverting the logistic CDF: n = log(u) - log(1 - u)).
+ *
+ * Element i of `out` (C order) takes the (i mod 4)-th word of
+ * Philox4x32-10 with key = seed and counter =
+ * (i / 4, process_index, accum_step, global_step); u is that word's top
+ * 24 bits, centred in (0, 1). The result depends only on these numbers and
+ * i, so CPU and CUDA agree (up to the last bit of log) and a resumed run
+ * draws the same noise.
+ *
+ *   out : any shape, C-contiguous, float32, at most 2^34 elements
+ */
+dms_status dms_logistic_noise(const dms_tensor *out, uint64_t seed,
+                              uint32_t process_index, uint32_t accum_step,
+                              uint32_t global_step, const dms_exec *exec);
+
+#ifdef __cplusplus
+}
+#endif
+
+#endif /* DMS_H */

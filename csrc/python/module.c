@@ -1,0 +1,798 @@
+/*
+ * module.c - the CPython binding `dms._C`: argument parsing, DLPack import
+ * into checked dms_tensor views, GIL release around every kernel, and the
+ * translation of dms_status into Python exceptions. No arithmetic happens
+ * here; the C API (csrc/dms.h) validates shapes, dtypes and devices.
+ *
+ * DLPack: an argument is any object with __dlpack__/__dlpack_device__
+ * (torch.Tensor, numpy.ndarray, ...) or a raw DLPack capsule. The
+ * versioned protocol (>= 1.0) is asked for first, the legacy one is the
+ * fallback. A capsule is consumed by renaming it to "used_..." and its
+ * deleter is called once the op returns.
+ */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#define PY_ARRAY_UNIQUE_SYMBOL dms_ARRAY_API
+#include <numpy/arrayobject.h>
+
+#include "../dms.h"
+#include "dlpack.h"
+
+#ifndef DMS_VERSION
+#define DMS_VERSION "0.0.0"
+#endif
+#ifndef DMS_CUDA_ARCHS
+#define DMS_CUDA_ARCHS ""
+#endif
+
+typedef struct {
+    PyObject *dms_error;              /* base of the errors below        */
+    PyObject *cuda_error;             /* the CUDA runtime failed         */
+    PyObject *cuda_unavailable_error; /* CUDA tensor, CPU-only build     */
+} module_state;
+
+static module_state *get_state(PyObject *module)
+{
+    return (module_state *)PyModule_GetState(module);
+}
+
+/* ---- errors ----------------------------------------------------------- */
+
+static PyObject *raise_status(PyObject *module, dms_status status)
+{
+    module_state *st = get_state(module);
+    PyObject *type;
+    switch (status) {
+    case DMS_ERR_DTYPE:
+        type = PyExc_TypeError;
+        break;
+    case DMS_ERR_SHAPE:
+    case DMS_ERR_LAYOUT:
+    case DMS_ERR_DEVICE:
+    case DMS_ERR_VALUE:
+    case DMS_ERR_READONLY:
+        type = PyExc_ValueError;
+        break;
+    case DMS_ERR_NO_CUDA:
+        type = st->cuda_unavailable_error;
+        break;
+    case DMS_ERR_CUDA:
+        type = st->cuda_error;
+        break;
+    default:
+        type = st->dms_error;
+        break;
+    }
+    PyErr_Format(type, "%s", dms_last_error());
+    return NULL;
+}
+
+/* ---- DLPack import ---------------------------------------------------- */
+
+typedef struct {
+    dms_tensor view;
+    PyObject *capsule;                     /* renamed "used_...", owned */
+    DmsDLManagedTensor *legacy;            /* exactly one of these two  */
+    DmsDLManagedTensorVersioned *versioned; /* is set once imported     */
+} tensor_arg;
+
+static void release_tensor(tensor_arg *arg)
+{
+    if (arg->versioned != NULL && arg->versioned->deleter != NULL)
+        arg->versioned->deleter(arg->versioned);
+    if (arg->legacy != NULL && arg->legacy->deleter != NULL)
+        arg->legacy->deleter(arg->legacy);
+    arg->versioned = NULL;
+    arg->legacy = NULL;
+    Py_CLEAR(arg->capsule);
+}
+
+static void format_dl_dtype(DmsDLDataType dt, char *buf, size_t size)
+{
+    const char *kind;
+    switch (dt.code) {
+    case DMS_DL_INT: kind = "int"; break;
+    case DMS_DL_UINT: kind = "uint"; break;
+    case DMS_DL_FLOAT: kind = "float"; break;
+    case DMS_DL_BFLOAT: kind = "bfloat"; break;
+    case DMS_DL_COMPLEX: kind = "complex"; break;
+    case DMS_DL_BOOL: kind = "bool"; break;
+    default: kind = "dlpack-code-"; break;
+    }
+    if (dt.lanes != 1)
+        snprintf(buf, size, "%s%u x%u lanes", kind, dt.bits, dt.lanes);
+    else
+        snprintf(buf, size, "%s%u", kind, dt.bits);
+}
+
+static int map_dtype(DmsDLDataType dt, dms_dtype *out)
+{
+    if (dt.lanes != 1)
+        return -1;
+    switch (dt.code) {
+    case DMS_DL_FLOAT:
+        if (dt.bits == 32) { *out = DMS_FLOAT32; return 0; }
+        if (dt.bits == 16) { *out = DMS_FLOAT16; return 0; }
+        return -1;
+    case DMS_DL_BFLOAT:
+        if (dt.bits == 16) { *out = DMS_BFLOAT16; return 0; }
+        return -1;
+    case DMS_DL_INT:
+        if (dt.bits == 32) { *out = DMS_INT32; return 0; }
+        if (dt.bits == 64) { *out = DMS_INT64; return 0; }
+        return -1;
+    case DMS_DL_UINT:
+        if (dt.bits == 8) { *out = DMS_UINT8; return 0; }
+        return -1;
+    case DMS_DL_BOOL:
+        if (dt.bits == 8) { *out = DMS_BOOL; return 0; }
+        return -1;
+    default:
+        return -1;
+    }
+}
+
+/* Re-raises the pending exception with "name: " before its message. */
+static void prefix_error(const char *name)
+{
+    PyObject *type, *value, *traceback;
+    PyErr_Fetch(&type, &value, &traceback);
+    PyErr_NormalizeException(&type, &value, &traceback);
+    PyObject *text = value ? PyObject_Str(value) : NULL;
+    if (text != NULL) {
+        PyErr_Format(type, "%s: %U", name, text);
+        Py_DECREF(text);
+        Py_XDECREF(type);
+        Py_XDECREF(value);
+        Py_XDECREF(traceback);
+    } else {
+        PyErr_Restore(type, value, traceback);
+    }
+}
+
+/*
+ * Asks `obj` for a DLPack capsule, versioned first. New reference; on
+ * failure the exception does not name the argument yet.
+ */
+static PyObject *export_capsule(PyObject *obj, unsigned long long stream)
+{
+    if (PyCapsule_CheckExact(obj)) {
+        Py_INCREF(obj);
+        return obj;
+    }
+    PyObject *device = PyObject_CallMethod(obj, "__dlpack_device__", NULL);
+    if (device == NULL) {
+        if (PyErr_ExceptionMatches(PyExc_AttributeError)) {
+            PyErr_Clear();
+            PyErr_Format(PyExc_TypeError,
+                         "expected a tensor supporting DLPack "
+                         "(torch.Tensor, numpy.ndarray, ...), got %.100s",
+                         Py_TYPE(obj)->tp_name);
+        }
+        return NULL;
+    }
+    long device_type = -1;
+    if (PyTuple_Check(device) && PyTuple_GET_SIZE(device) == 2)
+        device_type = PyLong_AsLong(PyTuple_GET_ITEM(device, 0));
+    Py_DECREF(device);
+    if (device_type == -1 && PyErr_Occurred())
+        return NULL;
+
+    PyObject *method = PyObject_GetAttrString(obj, "__dlpack__");
+    if (method == NULL)
+        return NULL;
+    PyObject *kwargs = PyDict_New();
+    PyObject *capsule = NULL;
+    if (kwargs == NULL)
+        goto done;
+    if (device_type == DMS_DL_CUDA || device_type == DMS_DL_CUDA_MANAGED) {
+        /* The producer makes its work visible on our stream. In the DLPack
+         * protocol 1 names the legacy default stream (0 is reserved). */
+        PyObject *s = PyLong_FromUnsignedLongLong(stream == 0 ? 1 : stream);
+        if (s == NULL || PyDict_SetItemString(kwargs, "stream", s) < 0) {
+            Py_XDECREF(s);
+            goto done;
+        }
+        Py_DECREF(s);
+    }
+    PyObject *version = Py_BuildValue("(ii)", DMS_DLPACK_MAJOR,
+                                      DMS_DLPACK_MINOR);
+    if (version == NULL ||
+        PyDict_SetItemString(kwargs, "max_version", version) < 0) {
+        Py_XDECREF(version);
+        goto done;
+    }
+    Py_DECREF(version);
+    PyObject *empty = PyTuple_New(0);
+    if (empty == NULL)
+        goto done;
+    capsule = PyObject_Call(method, empty, kwargs);
+    if (capsule == NULL && PyErr_ExceptionMatches(PyExc_TypeError)) {
+        /* A pre-1.0 producer does not know max_version. */
+        PyErr_Clear();
+        if (PyDict_DelItemString(kwargs, "max_version") == 0)
+            capsule = PyObject_Call(method, empty, kwargs);
+    }
+    Py_DECREF(empty);
+done:
+    Py_XDECREF(kwargs);
+    Py_DECREF(method);
+    return capsule;
+}
+
+/*
+ * Imports `obj` into `arg` (zero-initialised by the caller). Returns 0, or
+ * -1 with an exception set naming `name`. Rank, dtype set, shape and
+ * device agreement are checked later by the C op itself.
+ */
+static int import_tensor(PyObject *obj, const char *name, int is_output,
+                         unsigned long long stream, tensor_arg *arg)
+{
+    PyObject *capsule = export_capsule(obj, stream);
+    if (capsule == NULL) {
+        prefix_error(name); /* e.g. the producer's BufferError */
+        return -1;
+    }
+    arg->capsule = capsule;
+    if (!PyCapsule_CheckExact(capsule)) {
+        PyErr_Format(PyExc_TypeError, "%s: __dlpack__ returned %.100s, not a "
+                     "capsule", name, Py_TYPE(capsule)->tp_name);
+        return -1;
+    }
+    const char *cap_name = PyCapsule_GetName(capsule);
+    if (cap_name == NULL && PyErr_Occurred())
+        return -1;
+    DmsDLTensor *dl;
+    uint64_t flags = 0;
+    if (cap_name != NULL && strcmp(cap_name, "dltensor_versioned") == 0) {
+        arg->versioned = (DmsDLManagedTensorVersioned *)PyCapsule_GetPointer(
+            capsule, "dltensor_versioned");
+        if (arg->versioned == NULL ||
+            PyCapsule_SetName(capsule, "used_dltensor_versioned") < 0)
+            return -1;
+        if (arg->versioned->version.major != DMS_DLPACK_MAJOR) {
+            /* Only the header is ABI-stable across major versions: hand the
+             * tensor straight back to its producer. */
+            unsigned major = arg->versioned->version.major;
+            release_tensor(arg);
+            PyErr_Format(PyExc_BufferError, "%s: DLPack major version %u is "
+                         "not supported (dms reads version %d)", name, major,
+                         DMS_DLPACK_MAJOR);
+            return -1;
+        }
+        dl = &arg->versioned->dl_tensor;
+        flags = arg->versioned->flags;
+    } else if (cap_name != NULL && strcmp(cap_name, "dltensor") == 0) {
+        arg->legacy =
+            (DmsDLManagedTensor *)PyCapsule_GetPointer(capsule, "dltensor");
+        if (arg->legacy == NULL ||
+            PyCapsule_SetName(capsule, "used_dltensor") < 0)
+            return -1;
+        dl = &arg->legacy->dl_tensor;
+    } else {
+        PyErr_Format(PyExc_ValueError, "%s: expected a DLPack capsule named "
+                     "'dltensor' or 'dltensor_versioned', got '%s' (a "
+                     "capsule can be consumed only once)", name,
+                     cap_name ? cap_name : "<unnamed>");
+        return -1;
+    }
+
+    dms_tensor *v = &arg->view;
+    switch (dl->device.device_type) {
+    case DMS_DL_CPU:
+    case DMS_DL_CUDA_HOST:
+        v->device_type = DMS_CPU;
+        v->device_index = 0;
+        break;
+    case DMS_DL_CUDA:
+    case DMS_DL_CUDA_MANAGED:
+        v->device_type = DMS_CUDA;
+        v->device_index = dl->device.device_id;
+        break;
+    default:
+        PyErr_Format(PyExc_ValueError, "%s: expected a CPU or CUDA tensor, "
+                     "got DLPack device type %d", name,
+                     (int)dl->device.device_type);
+        return -1;
+    }
+    if (map_dtype(dl->dtype, &v->dtype) < 0) {
+        char buf[48];
+        format_dl_dtype(dl->dtype, buf, sizeof buf);
+        PyErr_Format(PyExc_TypeError, "%s: dtype %s is not supported (dms "
+                     "takes float32, float16, bfloat16, int32, int64, uint8 "
+                     "and bool)", name, buf);
+        return -1;
+    }
+    if (dl->ndim < 0 || dl->ndim > DMS_MAX_DIMS) {
+        PyErr_Format(PyExc_ValueError, "%s: expected at most %d dims, got %d",
+                     name, DMS_MAX_DIMS, (int)dl->ndim);
+        return -1;
+    }
+    v->ndim = dl->ndim;
+    int64_t compact = 1;
+    for (int d = dl->ndim - 1; d >= 0; --d) {
+        v->shape[d] = dl->shape[d];
+        v->strides[d] = dl->strides ? dl->strides[d] : compact;
+        compact *= dl->shape[d];
+    }
+    v->data = dl->data ? (char *)dl->data + dl->byte_offset : NULL;
+    v->readonly = (flags & DMS_DL_FLAG_READ_ONLY) != 0;
+    if (is_output && (flags & DMS_DL_FLAG_IS_COPIED)) {
+        PyErr_Format(PyExc_ValueError, "%s: the producer exported a copy; an "
+                     "output must be the tensor's own memory", name);
+        return -1;
+    }
+    return 0;
+}
+
+static int import_optional(PyObject *obj, const char *name, int is_output,
+                           unsigned long long stream, tensor_arg *arg,
+                           const dms_tensor **view)
+{
+    if (obj == Py_None) {
+        *view = NULL;
+        return 0;
+    }
+    if (import_tensor(obj, name, is_output, stream, arg) < 0)
+        return -1;
+    *view = &arg->view;
+    return 0;
+}
+
+/* ---- host arrays owned by C, seen from NumPy without a copy ----------- */
+
+static void free_host_buffer(PyObject *capsule)
+{
+    free(PyCapsule_GetPointer(capsule, "dms.host_buffer"));
+}
+
+/*
+ * A NumPy array over `data`, which the array (through a capsule base) owns
+ * and frees with free(). On failure `data` is freed too.
+ */
+static PyObject *host_array(void *data, int ndim, npy_intp *dims, int typenum)
+{
+    PyObject *capsule = PyCapsule_New(data, "dms.host_buffer",
+                                      free_host_buffer);
+    if (capsule == NULL) {
+        free(data);
+        return NULL;
+    }
+    PyObject *array = PyArray_SimpleNewFromData(ndim, dims, typenum, data);
+    if (array == NULL) {
+        Py_DECREF(capsule);
+        return NULL;
+    }
+    if (PyArray_SetBaseObject((PyArrayObject *)array, capsule) < 0) {
+        Py_DECREF(array);
+        return NULL;
+    }
+    return array;
+}
+
+static PyObject *py_aligned_empty(PyObject *module, PyObject *args,
+                                  PyObject *kwargs)
+{
+    static char *keywords[] = {"shape", "dtype", "alignment", NULL};
+    PyObject *shape;
+    const char *dtype;
+    Py_ssize_t alignment = 64;
+    (void)module;
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "Os|n:aligned_empty",
+                                     keywords, &shape, &dtype, &alignment))
+        return NULL;
+    static const struct { const char *name; int typenum; size_t size; }
+    types[] = {{"float32", NPY_FLOAT32, 4}, {"float16", NPY_FLOAT16, 2},
+               {"int32", NPY_INT32, 4},     {"int64", NPY_INT64, 8},
+               {"uint8", NPY_UINT8, 1},     {"bool", NPY_BOOL, 1}};
+    int typenum = -1;
+    size_t itemsize = 0;
+    for (size_t i = 0; i < sizeof types / sizeof types[0]; ++i) {
+        if (strcmp(dtype, types[i].name) == 0) {
+            typenum = types[i].typenum;
+            itemsize = types[i].size;
+        }
+    }
+    if (typenum < 0)
+        return PyErr_Format(PyExc_TypeError, "dtype: expected float32, "
+                            "float16, int32, int64, uint8 or bool, got '%s'",
+                            dtype);
+    if (alignment < (Py_ssize_t)sizeof(void *) ||
+        (alignment & (alignment - 1)) != 0 || alignment > 4096)
+        return PyErr_Format(PyExc_ValueError, "alignment: expected a power "
+                            "of two in [%d, 4096], got %zd",
+                            (int)sizeof(void *), alignment);
+    PyObject *seq = PySequence_Fast(shape, "shape: expected a sequence of "
+                                    "non-negative ints");
+    if (seq == NULL)
+        return NULL;
+    Py_ssize_t ndim = PySequence_Fast_GET_SIZE(seq);
+    npy_intp dims[DMS_MAX_DIMS];
+    size_t nbytes = itemsize;
+    if (ndim > DMS_MAX_DIMS) {
+        Py_DECREF(seq);
+        return PyErr_Format(PyExc_ValueError, "shape: expected at most %d "
+                            "dims, got %zd", DMS_MAX_DIMS, ndim);
+    }
+    for (Py_ssize_t d = 0; d < ndim; ++d) {
+        long long n = PyLong_AsLongLong(PySequence_Fast_GET_ITEM(seq, d));
+        if (n == -1 && PyErr_Occurred()) {
+            Py_DECREF(seq);
+            return NULL;
+        }
+        if (n < 0 || (n > 0 && nbytes > SIZE_MAX / 2 / (size_t)n)) {
+            Py_DECREF(seq);
+            return PyErr_Format(PyExc_ValueError, "shape: dim %zd is %lld; "
+                                "expected a non-negative size that fits in "
+                                "memory", d, n);
+        }
+        dims[d] = (npy_intp)n;
+        nbytes *= (size_t)n;
+    }
+    Py_DECREF(seq);
+    /* aligned_alloc wants a multiple of the alignment, and never 0. */
+    size_t rounded = (nbytes + (size_t)alignment - 1) & ~((size_t)alignment - 1);
+    void *data = aligned_alloc((size_t)alignment,
+                               rounded ? rounded : (size_t)alignment);
+    if (data == NULL)
+        return PyErr_NoMemory();
+    return host_array(data, (int)ndim, dims, typenum);
+}
+
+/* ---- ops -------------------------------------------------------------- */
+
+#define EXEC_KEYWORDS "num_threads", "stream"
+
+static PyObject *py_gate_forward(PyObject *module, PyObject *args,
+                                 PyObject *kwargs)
+{
+    static char *keywords[] = {"z", "noise", "tau", "y", "p", "a",
+                               EXEC_KEYWORDS, NULL};
+    PyObject *oz, *onoise, *oy, *op, *oa;
+    double tau;
+    int num_threads = 0;
+    unsigned long long stream = 0;
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "OOdOOO|$iK:gate_forward",
+                                     keywords, &oz, &onoise, &tau, &oy, &op,
+                                     &oa, &num_threads, &stream))
+        return NULL;
+    tensor_arg z = {0}, noise = {0}, y = {0}, p = {0}, a = {0};
+    const dms_tensor *vnoise, *vy, *vp, *va;
+    PyObject *result = NULL;
+    if (import_tensor(oz, "z", 0, stream, &z) < 0 ||
+        import_optional(onoise, "noise", 0, stream, &noise, &vnoise) < 0 ||
+        import_optional(oy, "y", 1, stream, &y, &vy) < 0 ||
+        import_optional(op, "p", 1, stream, &p, &vp) < 0 ||
+        import_optional(oa, "a", 1, stream, &a, &va) < 0)
+        goto cleanup;
+    dms_exec exec = {num_threads, (void *)(uintptr_t)stream};
+    dms_status status;
+    Py_BEGIN_ALLOW_THREADS
+    status = dms_gate_forward(&z.view, vnoise, (float)tau, vy, vp, va, &exec);
+    Py_END_ALLOW_THREADS
+    if (status != DMS_OK)
+        raise_status(module, status);
+    else
+        result = Py_NewRef(Py_None);
+cleanup:
+    release_tensor(&z);
+    release_tensor(&noise);
+    release_tensor(&y);
+    release_tensor(&p);
+    release_tensor(&a);
+    return result;
+}
+
+static PyObject *py_gate_backward(PyObject *module, PyObject *args,
+                                  PyObject *kwargs)
+{
+    static char *keywords[] = {"y", "grad_a", "grad_p", "grad_y", "tau",
+                               "grad_z", EXEC_KEYWORDS, NULL};
+    PyObject *oy, *oga, *ogp, *ogy, *ogz;
+    double tau;
+    int num_threads = 0;
+    unsigned long long stream = 0;
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "OOOOdO|$iK:gate_backward",
+                                     keywords, &oy, &oga, &ogp, &ogy, &tau,
+                                     &ogz, &num_threads, &stream))
+        return NULL;
+    tensor_arg y = {0}, ga = {0}, gp = {0}, gy = {0}, gz = {0};
+    const dms_tensor *vga, *vgp, *vgy, *vgz;
+    PyObject *result = NULL;
+    if (import_tensor(oy, "y", 0, stream, &y) < 0 ||
+        import_optional(oga, "grad_a", 0, stream, &ga, &vga) < 0 ||
+        import_optional(ogp, "grad_p", 0, stream, &gp, &vgp) < 0 ||
+        import_optional(ogy, "grad_y", 0, stream, &gy, &vgy) < 0 ||
+        import_optional(ogz, "grad_z", 1, stream, &gz, &vgz) < 0)
+        goto cleanup;
+    dms_exec exec = {num_threads, (void *)(uintptr_t)stream};
+    dms_status status;
+    Py_BEGIN_ALLOW_THREADS
+    status = dms_gate_backward(&y.view, vga, vgp, vgy, (float)tau, vgz,
+                               &exec);
+    Py_END_ALLOW_THREADS
+    if (status != DMS_OK)
+        raise_status(module, status);
+    else
+        result = Py_NewRef(Py_None);
+cleanup:
+    release_tensor(&y);
+    release_tensor(&ga);
+    release_tensor(&gp);
+    release_tensor(&gy);
+    release_tensor(&gz);
+    return result;
+}
+
+static PyObject *py_logistic_noise(PyObject *module, PyObject *args,
+                                   PyObject *kwargs)
+{
+    static char *keywords[] = {"out", "seed", "process_index", "accum_step",
+                               "global_step", EXEC_KEYWORDS, NULL};
+    PyObject *oout, *oseed;
+    unsigned long process_index, accum_step, global_step;
+    int num_threads = 0;
+    unsigned long long stream = 0;
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "OOkkk|$iK:logistic_noise",
+                                     keywords, &oout, &oseed, &process_index,
+                                     &accum_step, &global_step, &num_threads,
+                                     &stream))
+        return NULL;
+    /* 'k' wraps silently; the counters must fit 32 bits and the seed 64. */
+    if (process_index > UINT32_MAX || accum_step > UINT32_MAX ||
+        global_step > UINT32_MAX)
+        return PyErr_Format(PyExc_ValueError, "process_index, accum_step, "
+                            "global_step: expected values in [0, 2^32), got "
+                            "%lu, %lu, %lu", process_index, accum_step,
+                            global_step);
+    unsigned long long seed = PyLong_AsUnsignedLongLong(oseed);
+    if (seed == (unsigned long long)-1 && PyErr_Occurred()) {
+        PyErr_Clear();
+        return PyErr_Format(PyExc_ValueError, "seed: expected an int in "
+                            "[0, 2^64)");
+    }
+    tensor_arg out = {0};
+    PyObject *result = NULL;
+    if (import_tensor(oout, "out", 1, stream, &out) < 0)
+        goto cleanup;
+    dms_exec exec = {num_threads, (void *)(uintptr_t)stream};
+    dms_status status;
+    Py_BEGIN_ALLOW_THREADS
+    status = dms_logistic_noise(&out.view, seed, (uint32_t)process_index,
+                                (uint32_t)accum_step, (uint32_t)global_step,
+                                &exec);
+    Py_END_ALLOW_THREADS
+    if (status != DMS_OK)
+        raise_status(module, status);
+    else
+        result = Py_NewRef(Py_None);
+cleanup:
+    release_tensor(&out);
+    return result;
+}
+
+/* ---- introspection ---------------------------------------------------- */
+
+static PyObject *int_tuple(const int64_t *values, int n)
+{
+    PyObject *tuple = PyTuple_New(n);
+    if (tuple == NULL)
+        return NULL;
+    for (int i = 0; i < n; ++i) {
+        PyObject *item = PyLong_FromLongLong(values[i]);
+        if (item == NULL) {
+            Py_DECREF(tuple);
+            return NULL;
+        }
+        PyTuple_SET_ITEM(tuple, i, item);
+    }
+    return tuple;
+}
+
+static PyObject *py_tensor_info(PyObject *module, PyObject *args,
+                                PyObject *kwargs)
+{
+    static char *keywords[] = {"tensor", "stream", NULL};
+    PyObject *obj;
+    unsigned long long stream = 0;
+    (void)module;
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "O|$K:tensor_info",
+                                     keywords, &obj, &stream))
+        return NULL;
+    tensor_arg t = {0};
+    PyObject *result = NULL, *shape = NULL, *strides = NULL;
+    if (import_tensor(obj, "tensor", 0, stream, &t) < 0)
+        goto cleanup;
+    shape = int_tuple(t.view.shape, t.view.ndim);
+    strides = int_tuple(t.view.strides, t.view.ndim);
+    if (shape == NULL || strides == NULL)
+        goto cleanup;
+    PyObject *version = t.versioned
+        ? Py_BuildValue("(II)", t.versioned->version.major,
+                        t.versioned->version.minor)
+        : Py_NewRef(Py_None);
+    if (version == NULL)
+        goto cleanup;
+    result = Py_BuildValue(
+        "{s:s,s:(si),s:O,s:O,s:O,s:N,s:K}", "dtype",
+        dms_dtype_name(t.view.dtype), "device",
+        t.view.device_type == DMS_CUDA ? "cuda" : "cpu",
+        t.view.device_index, "shape", shape, "strides", strides, "readonly",
+        t.view.readonly ? Py_True : Py_False, "dlpack_version", version,
+        "data_ptr", (unsigned long long)(uintptr_t)t.view.data);
+cleanup:
+    Py_XDECREF(shape);
+    Py_XDECREF(strides);
+    release_tensor(&t);
+    return result;
+}
+
+static PyObject *py_build_info(PyObject *module, PyObject *unused)
+{
+    (void)unused;
+    unsigned features = dms_cpu_features();
+    PyObject *cpu = PyList_New(0);
+    if (cpu == NULL)
+        return NULL;
+    static const struct { unsigned bit; const char *name; } names[] = {
+        {DMS_CPU_AVX2, "avx2"},       {DMS_CPU_FMA, "fma"},
+        {DMS_CPU_F16C, "f16c"},       {DMS_CPU_AVX512F, "avx512f"},
+        {DMS_CPU_AVX512BF16, "avx512bf16"}};
+    for (size_t i = 0; i < sizeof names / sizeof names[0]; ++i) {
+        if (!(features & names[i].bit))
+            continue;
+        PyObject *s = PyUnicode_FromString(names[i].name);
+        if (s == NULL || PyList_Append(cpu, s) < 0) {
+            Py_XDECREF(s);
+            Py_DECREF(cpu);
+            return NULL;
+        }
+        Py_DECREF(s);
+    }
+    int runtime = 0, driver = 0, cublas = 0, devices = 0;
+    if (dms_has_cuda()) {
+        dms_status status = dms_cuda_info(&runtime, &driver, &cublas,
+                                          &devices);
+        if (status != DMS_OK) {
+            Py_DECREF(cpu);
+            return raise_status(module, status);
+        }
+    }
+#ifdef _OPENMP
+    PyObject *openmp = Py_True;
+    int openmp_version = _OPENMP;
+#else
+    PyObject *openmp = Py_False;
+    int openmp_version = 0;
+#endif
+#if defined(__clang__)
+    const char *compiler = "clang " __clang_version__;
+#elif defined(__GNUC__)
+    const char *compiler = "gcc " __VERSION__;
+#else
+    const char *compiler = "unknown";
+#endif
+    return Py_BuildValue(
+        "{s:s,s:O,s:s,s:i,s:i,s:i,s:i,s:N,s:O,s:i,s:i,s:s,s:(ii)}",
+        "version", DMS_VERSION, "cuda", dms_has_cuda() ? Py_True : Py_False,
+        "cuda_archs", DMS_CUDA_ARCHS, "cuda_runtime_version", runtime,
+        "cuda_driver_version", driver, "cublas_version", cublas,
+        "cuda_device_count", devices, "cpu_features", cpu, "openmp", openmp,
+        "openmp_version", openmp_version, "default_num_threads",
+        dms_default_num_threads(), "compiler", compiler, "dlpack_version",
+        DMS_DLPACK_MAJOR, DMS_DLPACK_MINOR);
+}
+
+/* ---- module ----------------------------------------------------------- */
+
+static PyMethodDef methods[] = {
+    {"gate_forward", (PyCFunction)(void (*)(void))py_gate_forward,
+     METH_VARARGS | METH_KEYWORDS,
+     "gate_forward(z, noise, tau, y, p, a, *, num_threads=0, stream=0)\n"
+     "Writes y = (z + noise) / tau, p = sigmoid(y), a = 1[y > 0] into the\n"
+     "given outputs (None skips one). Shapes [B, H, T]; noise=None is the\n"
+     "inference threshold a = 1[z > 0]."},
+    {"gate_backward", (PyCFunction)(void (*)(void))py_gate_backward,
+     METH_VARARGS | METH_KEYWORDS,
+     "gate_backward(y, grad_a, grad_p, grad_y, tau, grad_z, *, num_threads=0,"
+     " stream=0)\nWrites grad_z = ((grad_a + grad_p) * s * (1 - s) + grad_y)"
+     " / tau,\ns = sigmoid(y); a None gradient counts as zero."},
+    {"logistic_noise", (PyCFunction)(void (*)(void))py_logistic_noise,
+     METH_VARARGS | METH_KEYWORDS,
+     "logistic_noise(out, seed, process_index, accum_step, global_step, *,\n"
+     "num_threads=0, stream=0)\nFills the float32 C-contiguous `out` with "
+     "standard logistic noise drawn\nfrom Philox4x32-10 keyed by seed; the "
+     "same arguments give the same noise\non CPU and CUDA."},
+    {"aligned_empty", (PyCFunction)(void (*)(void))py_aligned_empty,
+     METH_VARARGS | METH_KEYWORDS,
+     "aligned_empty(shape, dtype, alignment=64)\nAn uninitialised NumPy "
+     "array whose memory dms allocated (aligned to\n`alignment` bytes) and "
+     "frees when the array dies."},
+    {"tensor_info", (PyCFunction)(void (*)(void))py_tensor_info,
+     METH_VARARGS | METH_KEYWORDS,
+     "tensor_info(tensor, *, stream=0)\nThe checked view dms makes of a "
+     "DLPack tensor: dtype, device, shape,\nstrides (elements), readonly, "
+     "the DLPack version used, data pointer."},
+    {"build_info", py_build_info, METH_NOARGS,
+     "build_info()\nWhat this build of the extension contains."},
+    {NULL, NULL, 0, NULL}};
+
+static int module_exec(PyObject *module)
+{
+    if (PyArray_ImportNumPyAPI() < 0)
+        return -1;
+    module_state *st = get_state(module);
+    st->dms_error = PyErr_NewExceptionWithDoc(
+        "dms.DMSError", "Base class of the errors raised by dms kernels.",
+        PyExc_RuntimeError, NULL);
+    if (st->dms_error == NULL ||
+        PyModule_AddObjectRef(module, "DMSError", st->dms_error) < 0)
+        return -1;
+    st->cuda_error = PyErr_NewExceptionWithDoc(
+        "dms.CudaError", "The CUDA runtime reported an error.", st->dms_error,
+        NULL);
+    if (st->cuda_error == NULL ||
+        PyModule_AddObjectRef(module, "CudaError", st->cuda_error) < 0)
+        return -1;
+    st->cuda_unavailable_error = PyErr_NewExceptionWithDoc(
+        "dms.CudaUnavailableError",
+        "A CUDA tensor reached a build of dms without CUDA kernels.",
+        st->dms_error, NULL);
+    if (st->cuda_unavailable_error == NULL ||
+        PyModule_AddObjectRef(module, "CudaUnavailableError",
+                              st->cuda_unavailable_error) < 0)
+        return -1;
+    return 0;
+}
+
+static int module_traverse(PyObject *module, visitproc visit, void *arg)
+{
+    module_state *st = get_state(module);
+    Py_VISIT(st->dms_error);
+    Py_VISIT(st->cuda_error);
+    Py_VISIT(st->cuda_unavailable_error);
+    return 0;
+}
+
+static int module_clear(PyObject *module)
+{
+    module_state *st = get_state(module);
+    Py_CLEAR(st->dms_error);
+    Py_CLEAR(st->cuda_error);
+    Py_CLEAR(st->cuda_unavailable_error);
+    return 0;
+}
+
+static void module_free(void *module)
+{
+    module_clear((PyObject *)module);
+}
+
+static PyModuleDef_Slot slots[] = {
+    {Py_mod_exec, module_exec},
+#if PY_VERSION_HEX >= 0x030C0000
+    {Py_mod_multiple_interpreters, Py_MOD_MULTIPLE_INTERPRETERS_NOT_SUPPORTED},
+#endif
+    {0, NULL}};
+
+static struct PyModuleDef module_def = {
+    PyModuleDef_HEAD_INIT,
+    .m_name = "dms._C",
+    .m_doc = "The C engine of dms: kernels reached through DLPack tensors.",
+    .m_size = sizeof(module_state),
+    .m_methods = methods,
+    .m_slots = slots,
+    .m_traverse = module_traverse,
+    .m_clear = module_clear,
+    .m_free = module_free,
+};
+
+PyMODINIT_FUNC PyInit__C(void)
+{
+    return PyModuleDef_Init(&module_def);
+}

@@ -1,0 +1,147 @@
+"""Python face of the C kernels: output allocation, PyTorch autograd, and the
+plain calls that work on NumPy arrays (CPU) and torch tensors (CPU, CUDA).
+
+Device dispatch happens in one place, the C layer (csrc/core/*.c), from the
+device of the tensors; this module only allocates outputs where the inputs
+live and passes torch's current CUDA stream (`dms.runtime.exec_kwargs`).
+
+Shapes follow SPEC.md: B batch, H key/value heads, T tokens.
+"""
+
+import numpy as np
+
+from dms._ext import _C
+from dms.runtime import _is_torch, exec_kwargs
+
+try:
+    import torch
+except ImportError:  # the C core works with NumPy alone
+    torch = None
+
+__all__ = ["Gate", "gate", "gate_forward", "gate_backward", "logistic_noise", "logistic_noise_like"]
+
+_FLOAT_NAMES = ("float32", "float16", "bfloat16")
+
+
+def _dtype_name(dtype) -> str:
+    """'float32', 'bfloat16', ... for a torch or NumPy dtype (or a name)."""
+    if isinstance(dtype, str):
+        return dtype
+    if torch is not None and isinstance(dtype, torch.dtype):
+        return str(dtype).removeprefix("torch.")
+    return np.dtype(dtype).name
+
+
+def _empty(shape, dtype, like):
+    """An uninitialised array of `shape` and `dtype` on the device of `like`
+    (a torch tensor or a NumPy array)."""
+    name = _dtype_name(dtype)
+    if _is_torch(like):
+        return torch.empty(tuple(shape), dtype=getattr(torch, name), device=like.device)
+    if name == "bfloat16":
+        raise TypeError("dtype: NumPy has no bfloat16; pass NumPy inputs with float32 or float16 outputs")
+    return _C.aligned_empty(tuple(shape), name)
+
+
+def gate_forward(z, noise=None, tau=0.1, *, y_dtype="float32", p_dtype="float32", a_dtype=None):
+    """Gating (SPEC §2), no autograd.
+
+    Args:
+        z: [B, H, T] decision logits (float32, float16 or bfloat16).
+        noise: [B, H, T] logistic noise (training), or None for the inference
+            threshold a = 1[z > 0].
+        tau: Gumbel-sigmoid temperature, > 0 (default 0.1).
+        y_dtype, p_dtype: dtypes of y and p (default float32); None skips
+            that output (it is returned as None).
+        a_dtype: dtype of the hard decision; default z's dtype. Also uint8 or
+            bool.
+
+    Returns:
+        (y, p, a): y = (z + noise) / tau, p = sigmoid(y), a = 1[y > 0], each
+        [B, H, T], on z's device and of z's array type.
+    """
+    y = None if y_dtype is None else _empty(z.shape, y_dtype, z)
+    p = None if p_dtype is None else _empty(z.shape, p_dtype, z)
+    if a_dtype is None:  # z's dtype; an unsupported z is reported by the C checks
+        a_dtype = _dtype_name(z.dtype) if _dtype_name(z.dtype) in _FLOAT_NAMES else "float32"
+    a = _empty(z.shape, a_dtype, z)
+    _C.gate_forward(z, noise, float(tau), y, p, a, **exec_kwargs(z))
+    return y, p, a
+
+
+def gate_backward(y, grad_a=None, grad_p=None, grad_y=None, tau=0.1, *, dtype="float32"):
+    """Gradient of the gate with respect to z (no autograd).
+
+    With s = sigmoid(y): grad_z = ((grad_a + grad_p) * s * (1 - s) + grad_y) / tau;
+    the hard decision passes its gradient straight through to the soft gate.
+    Every tensor is [B, H, T]; a None gradient counts as zero.
+    """
+    grad_z = _empty(y.shape, dtype, y)
+    _C.gate_backward(y, grad_a, grad_p, grad_y, float(tau), grad_z, **exec_kwargs(y))
+    return grad_z
+
+
+def logistic_noise(out, *, seed: int, process_index: int = 0, accum_step: int = 0, global_step: int = 0):
+    """Fills `out` (float32, C-contiguous, any shape, NumPy or torch, CPU or
+    CUDA) with standard logistic noise g1 - g2 (g1, g2 Gumbel) and returns it.
+
+    The noise is a pure function of (seed, process_index, accum_step,
+    global_step) and the element's position: Philox4x32-10 keyed by `seed`
+    with counter (position // 4, process_index, accum_step, global_step).
+    CPU and CUDA give the same numbers; a resumed run draws the same noise.
+    """
+    _C.logistic_noise(out, int(seed), int(process_index), int(accum_step), int(global_step), **exec_kwargs(out))
+    return out
+
+
+def logistic_noise_like(z, *, seed: int, process_index: int = 0, accum_step: int = 0, global_step: int = 0):
+    """A new float32 tensor of z's shape, on z's device, filled by
+    `logistic_noise`."""
+    out = _empty(z.shape, "float32", z)
+    return logistic_noise(out, seed=seed, process_index=process_index, accum_step=accum_step, global_step=global_step)
+
+
+if torch is not None:
+
+    class Gate(torch.autograd.Function):
+        """Gating with the straight-through estimator (SPEC §2).
+
+        forward(z, noise, tau, a_dtype) -> (y, p, a), all [B, H, T]:
+        y = (z + noise) / tau (float32), p = sigmoid(y) (float32) and the hard
+        decision a = 1[y > 0] in `a_dtype` (default z's dtype). Gradients
+        reach z through y, through p, and through a as if a were p.
+        `noise` receives no gradient; None means inference (no noise).
+        """
+
+        @staticmethod
+        def forward(ctx, z, noise, tau, a_dtype):
+            noise = None if noise is None else noise.detach()
+            y, p, a = gate_forward(z.detach(), noise, tau, a_dtype=a_dtype)
+            ctx.set_materialize_grads(False)
+            ctx.save_for_backward(y)
+            ctx.tau = float(tau)
+            ctx.z_dtype = z.dtype
+            if not a.is_floating_point():
+                ctx.mark_non_differentiable(a)
+            return y, p, a
+
+        @staticmethod
+        @torch.autograd.function.once_differentiable
+        def backward(ctx, grad_y, grad_p, grad_a):
+            if not ctx.needs_input_grad[0]:
+                return None, None, None, None
+            (y,) = ctx.saved_tensors
+            grad_y, grad_p, grad_a = (None if g is None else g.detach() for g in (grad_y, grad_p, grad_a))
+            grad_z = gate_backward(y.detach(), grad_a, grad_p, grad_y, ctx.tau, dtype=ctx.z_dtype)
+            return grad_z, None, None, None
+
+else:
+    Gate = None
+
+
+def gate(z, noise=None, tau=0.1, *, a_dtype=None):
+    """Gating (SPEC §2) for torch tensors (differentiable, via `Gate`) and
+    NumPy arrays (plain call). Returns (y, p, a), see `gate_forward`."""
+    if _is_torch(z):
+        return Gate.apply(z, noise, tau, a_dtype)
+    return gate_forward(z, noise, tau, a_dtype=a_dtype)
