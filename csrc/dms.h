@@ -108,6 +108,12 @@ size_t dms_dtype_size(dms_dtype dtype);
 #define DMS_CPU_AVX512F (1u << 3)
 #define DMS_CPU_AVX512BF16 (1u << 4)
 unsigned dms_cpu_features(void);
+/*
+ * The CPU code path an op takes on this machine ("baseline" x86-64/other,
+ * "avx2", "avx512"), chosen at load time from the CPU's features; NULL for
+ * an unknown op name. Ops: "gate", "logistic_noise".
+ */
+const char *dms_cpu_kernel(const char *op);
 /* Threads an OpenMP region would use by default (1 without OpenMP). */
 int dms_default_num_threads(void);
 /* 1 when the CUDA kernels were compiled into this build. */

@@ -47,6 +47,7 @@ def exec_kwargs(x) -> dict:
 
 def build_info() -> dict:
     """What this build of dms contains: version, CUDA (archs, runtime, driver,
-    cuBLAS, visible devices), CPU features detected at run time, OpenMP and
-    the default thread count, the compiler, the DLPack version consumed."""
+    cuBLAS, visible devices), CPU features detected at run time and the code
+    path each CPU kernel takes with them, OpenMP and the default thread count,
+    the compiler, the DLPack version consumed."""
     return dict(_C.build_info())

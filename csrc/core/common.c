@@ -234,6 +234,28 @@ unsigned dms_cpu_features(void)
     return features;
 }
 
+/* The clone the loader picks for a DMS_SIMD_CLONES function here. */
+static const char *simd_clone(void)
+{
+    if (!DMS_HAVE_SIMD_CLONES)
+        return "baseline";
+    unsigned features = dms_cpu_features();
+    if (features & DMS_CPU_AVX512F)
+        return "avx512";
+    return (features & DMS_CPU_AVX2) ? "avx2" : "baseline";
+}
+
+const char *dms_cpu_kernel(const char *op)
+{
+    if (strcmp(op, "gate") == 0)
+        return simd_clone();
+    /* Philox is 32x32->64-bit multiplies: baseline code is fast enough for
+     * noise drawn once per training step. */
+    if (strcmp(op, "logistic_noise") == 0)
+        return "baseline";
+    return NULL;
+}
+
 int dms_default_num_threads(void)
 {
 #ifdef _OPENMP

@@ -50,6 +50,24 @@ dms_status dms_check_same_device(const dms_tensor *t, const char *name,
 dms_status dms_check_contiguous(const dms_tensor *t, const char *name);
 int64_t dms_numel(const dms_tensor *t);
 
+/* ---- SIMD dispatch ------------------------------------------------------ */
+
+/*
+ * A function marked DMS_SIMD_CLONES is compiled for AVX-512, AVX2 and
+ * baseline x86-64; the loader picks one for the CPU it runs on (GCC
+ * target_clones, an ifunc). Elsewhere, and under the sanitizers (which
+ * ifuncs confuse), it is compiled once.
+ */
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) &&    \
+    defined(__linux__) && !defined(__SANITIZE_ADDRESS__)
+#define DMS_HAVE_SIMD_CLONES 1
+#define DMS_SIMD_CLONES                                                   \
+    __attribute__((target_clones("avx512f", "avx2", "default")))
+#else
+#define DMS_HAVE_SIMD_CLONES 0
+#define DMS_SIMD_CLONES
+#endif
+
 /* ---- threads ---------------------------------------------------------- */
 
 int dms_resolve_threads(const dms_exec *exec);

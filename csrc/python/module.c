@@ -81,8 +81,13 @@ typedef struct {
     DmsDLManagedTensorVersioned *versioned; /* is set once imported     */
 } tensor_arg;
 
+/* Hands the tensor back to its producer. Runs with the GIL held; a
+ * pending exception (the op's error) is kept aside, since a deleter may run
+ * Python code that must not see it. */
 static void release_tensor(tensor_arg *arg)
 {
+    PyObject *type, *value, *traceback;
+    PyErr_Fetch(&type, &value, &traceback);
     if (arg->versioned != NULL && arg->versioned->deleter != NULL)
         arg->versioned->deleter(arg->versioned);
     if (arg->legacy != NULL && arg->legacy->deleter != NULL)
@@ -90,6 +95,7 @@ static void release_tensor(tensor_arg *arg)
     arg->versioned = NULL;
     arg->legacy = NULL;
     Py_CLEAR(arg->capsule);
+    PyErr_Restore(type, value, traceback);
 }
 
 static void format_dl_dtype(DmsDLDataType dt, char *buf, size_t size)
@@ -654,12 +660,29 @@ static PyObject *py_build_info(PyObject *module, PyObject *unused)
         }
         Py_DECREF(s);
     }
+    static const char *const ops[] = {"gate", "logistic_noise"};
+    PyObject *kernels = PyDict_New();
+    if (kernels == NULL) {
+        Py_DECREF(cpu);
+        return NULL;
+    }
+    for (size_t i = 0; i < sizeof ops / sizeof ops[0]; ++i) {
+        PyObject *s = PyUnicode_FromString(dms_cpu_kernel(ops[i]));
+        if (s == NULL || PyDict_SetItemString(kernels, ops[i], s) < 0) {
+            Py_XDECREF(s);
+            Py_DECREF(kernels);
+            Py_DECREF(cpu);
+            return NULL;
+        }
+        Py_DECREF(s);
+    }
     int runtime = 0, driver = 0, cublas = 0, devices = 0;
     if (dms_has_cuda()) {
         dms_status status = dms_cuda_info(&runtime, &driver, &cublas,
                                           &devices);
         if (status != DMS_OK) {
             Py_DECREF(cpu);
+            Py_DECREF(kernels);
             return raise_status(module, status);
         }
     }
@@ -678,11 +701,12 @@ static PyObject *py_build_info(PyObject *module, PyObject *unused)
     const char *compiler = "unknown";
 #endif
     return Py_BuildValue(
-        "{s:s,s:O,s:s,s:i,s:i,s:i,s:i,s:N,s:O,s:i,s:i,s:s,s:(ii)}",
+        "{s:s,s:O,s:s,s:i,s:i,s:i,s:i,s:N,s:N,s:O,s:i,s:i,s:s,s:(ii)}",
         "version", DMS_VERSION, "cuda", dms_has_cuda() ? Py_True : Py_False,
         "cuda_archs", DMS_CUDA_ARCHS, "cuda_runtime_version", runtime,
         "cuda_driver_version", driver, "cublas_version", cublas,
-        "cuda_device_count", devices, "cpu_features", cpu, "openmp", openmp,
+        "cuda_device_count", devices, "cpu_features", cpu, "cpu_kernels",
+        kernels, "openmp", openmp,
         "openmp_version", openmp_version, "default_num_threads",
         dms_default_num_threads(), "compiler", compiler, "dlpack_version",
         DMS_DLPACK_MAJOR, DMS_DLPACK_MINOR);

@@ -1,0 +1,367 @@
+/*
+ * test_core.c - C-level tests of the dms core, without Python, meant to run
+ * under AddressSanitizer + UndefinedBehaviorSanitizer. tests/test_c_core.py
+ * builds it without CUDA and runs it (`python -m pytest tests/test_c_core.py
+ * -s` prints the compiler command line).
+ *
+ * It checks values against hand-computed ones, the float16/bfloat16
+ * conversions exhaustively, Philox against its published known-answer
+ * vectors, every argument check, and guard bytes after every output.
+ */
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "dms.h"
+#include "core/scalar.h"
+
+static int passed, failed;
+
+#define CHECK(cond)                                                       \
+    do {                                                                  \
+        if (cond) {                                                       \
+            ++passed;                                                     \
+        } else {                                                          \
+            ++failed;                                                     \
+            fprintf(stderr, "FAILED %s:%d: %s\n", __FILE__, __LINE__,     \
+                    #cond);                                               \
+        }                                                                 \
+    } while (0)
+
+/* Checks a failing call: its status, and that the message names `arg`. */
+#define CHECK_FAILS(call, want_status, arg)                               \
+    do {                                                                  \
+        dms_status st_ = (call);                                          \
+        CHECK(st_ == (want_status));                                      \
+        CHECK(strstr(dms_last_error(), arg) == dms_last_error());         \
+        if (st_ != (want_status) ||                                       \
+            strstr(dms_last_error(), arg) != dms_last_error())            \
+            fprintf(stderr, "  got %s: %s\n", dms_status_name(st_),       \
+                    dms_last_error());                                    \
+    } while (0)
+
+#define GUARD_BYTES 64
+#define GUARD_VALUE 0xA5
+
+/* A buffer of `bytes` followed by guard bytes; free with free(). */
+static void *guarded_alloc(size_t bytes)
+{
+    unsigned char *p = malloc(bytes + GUARD_BYTES);
+    memset(p, 0, bytes);
+    memset(p + bytes, GUARD_VALUE, GUARD_BYTES);
+    return p;
+}
+
+static int guard_intact(const void *buf, size_t bytes)
+{
+    const unsigned char *p = (const unsigned char *)buf + bytes;
+    for (int i = 0; i < GUARD_BYTES; ++i)
+        if (p[i] != GUARD_VALUE)
+            return 0;
+    return 1;
+}
+
+static dms_tensor view3(void *data, dms_dtype dtype, int64_t b, int64_t h,
+                        int64_t t)
+{
+    dms_tensor v;
+    memset(&v, 0, sizeof v);
+    v.data = data;
+    v.dtype = dtype;
+    v.device_type = DMS_CPU;
+    v.ndim = 3;
+    v.shape[0] = b;
+    v.shape[1] = h;
+    v.shape[2] = t;
+    v.strides[2] = 1;
+    v.strides[1] = t;
+    v.strides[0] = h * t;
+    return v;
+}
+
+static int close_to(double got, double want, double tol)
+{
+    return fabs(got - want) <= tol * (1.0 + fabs(want));
+}
+
+static void test_gate_values(void)
+{
+    /* z, noise and tau chosen so every branch of sigmoid is exercised. */
+    float z[6] = {-1.0f, 0.0f, 2.0f, 30.0f, -30.0f, 0.25f};
+    float n[6] = {0.5f, -0.25f, 0.0f, 0.0f, 0.0f, -0.5f};
+    const float tau = 0.5f;
+    float *y = guarded_alloc(sizeof z), *p = guarded_alloc(sizeof z);
+    unsigned char *a = guarded_alloc(6);
+    dms_tensor vz = view3(z, DMS_FLOAT32, 1, 2, 3);
+    dms_tensor vn = view3(n, DMS_FLOAT32, 1, 2, 3);
+    dms_tensor vy = view3(y, DMS_FLOAT32, 1, 2, 3);
+    dms_tensor vp = view3(p, DMS_FLOAT32, 1, 2, 3);
+    dms_tensor va = view3(a, DMS_BOOL, 1, 2, 3);
+    dms_exec ex = {1, NULL};
+    CHECK(dms_gate_forward(&vz, &vn, tau, &vy, &vp, &va, &ex) == DMS_OK);
+    for (int i = 0; i < 6; ++i) {
+        double want_y = ((double)z[i] + n[i]) / tau;
+        CHECK(close_to(y[i], want_y, 1e-6));
+        CHECK(close_to(p[i], 1.0 / (1.0 + exp(-want_y)), 1e-6));
+        CHECK(a[i] == (want_y > 0));
+    }
+    CHECK(guard_intact(y, sizeof z) && guard_intact(p, sizeof z) &&
+          guard_intact(a, 6));
+
+    /* Inference threshold: no noise, a = 1[z > 0] whatever tau is. */
+    CHECK(dms_gate_forward(&vz, NULL, 123.0f, NULL, NULL, &va, &ex) ==
+          DMS_OK);
+    for (int i = 0; i < 6; ++i)
+        CHECK(a[i] == (z[i] > 0));
+
+    /* Backward: grad_z = ((ga + gp) s (1 - s) + gy) / tau. */
+    float ga[6] = {1, 2, 3, 4, 5, 6}, gp[6] = {0.5f, 0, 0, 0, 0, 1};
+    float gy[6] = {0, 1, 0, -1, 0, 2};
+    float *gz = guarded_alloc(sizeof z);
+    dms_tensor vga = view3(ga, DMS_FLOAT32, 1, 2, 3);
+    dms_tensor vgp = view3(gp, DMS_FLOAT32, 1, 2, 3);
+    dms_tensor vgy = view3(gy, DMS_FLOAT32, 1, 2, 3);
+    dms_tensor vgz = view3(gz, DMS_FLOAT32, 1, 2, 3);
+    CHECK(dms_gate_forward(&vz, &vn, tau, &vy, NULL, NULL, &ex) == DMS_OK);
+    CHECK(dms_gate_backward(&vy, &vga, &vgp, &vgy, tau, &vgz, &ex) ==
+          DMS_OK);
+    for (int i = 0; i < 6; ++i) {
+        double s = 1.0 / (1.0 + exp(-(double)y[i]));
+        double want = ((ga[i] + gp[i]) * s * (1 - s) + gy[i]) / tau;
+        CHECK(close_to(gz[i], want, 1e-5));
+    }
+    /* Missing gradients are zeros. */
+    CHECK(dms_gate_backward(&vy, NULL, NULL, &vgy, tau, &vgz, &ex) ==
+          DMS_OK);
+    for (int i = 0; i < 6; ++i)
+        CHECK(close_to(gz[i], gy[i] / tau, 1e-6));
+    CHECK(guard_intact(gz, sizeof z));
+    free(y);
+    free(p);
+    free(a);
+    free(gz);
+}
+
+/* A strided output: every other element; the gaps must stay untouched. */
+static void test_gate_strided(void)
+{
+    enum { B = 2, H = 3, T = 7 };
+    float z[B * H * T];
+    for (int i = 0; i < B * H * T; ++i)
+        z[i] = (float)(i % 5) - 2.0f;
+    size_t bytes = sizeof(uint16_t) * B * H * T * 2;
+    uint16_t *y = guarded_alloc(bytes);
+    for (int i = 0; i < B * H * T * 2; ++i)
+        y[i] = 0x7777;
+    dms_tensor vz = view3(z, DMS_FLOAT32, B, H, T);
+    dms_tensor vy = view3(y, DMS_BFLOAT16, B, H, T);
+    for (int d = 0; d < 3; ++d)
+        vy.strides[d] *= 2;
+    dms_exec ex = {2, NULL};
+    CHECK(dms_gate_forward(&vz, NULL, 2.0f, &vy, NULL, NULL, &ex) == DMS_OK);
+    int ok = 1;
+    for (int i = 0; i < B * H * T; ++i) {
+        ok &= dms_bf16_to_f32(y[2 * i]) == z[i] / 2.0f;
+        ok &= y[2 * i + 1] == 0x7777;
+    }
+    CHECK(ok);
+    CHECK(guard_intact(y, bytes));
+    free(y);
+}
+
+static void test_argument_checks(void)
+{
+    float z[8] = {0}, out[8] = {0};
+    int64_t iz[8] = {0};
+    dms_tensor vz = view3(z, DMS_FLOAT32, 2, 2, 2);
+    dms_tensor vo = view3(out, DMS_FLOAT32, 2, 2, 2);
+    dms_exec ex = {1, NULL};
+
+    CHECK_FAILS(dms_gate_forward(NULL, NULL, 1.0f, &vo, NULL, NULL, &ex),
+                DMS_ERR_VALUE, "z:");
+    dms_tensor bad = view3(iz, DMS_INT64, 2, 2, 2);
+    CHECK_FAILS(dms_gate_forward(&bad, NULL, 1.0f, &vo, NULL, NULL, &ex),
+                DMS_ERR_DTYPE, "z:");
+    CHECK(strstr(dms_last_error(), "int64") != NULL);
+    bad = view3(z, DMS_FLOAT32, 2, 2, 2);
+    bad.ndim = 2;
+    CHECK_FAILS(dms_gate_forward(&bad, NULL, 1.0f, &vo, NULL, NULL, &ex),
+                DMS_ERR_SHAPE, "z:");
+    bad = view3(out, DMS_FLOAT32, 2, 4, 1);
+    CHECK_FAILS(dms_gate_forward(&vz, NULL, 1.0f, &bad, NULL, NULL, &ex),
+                DMS_ERR_SHAPE, "y:");
+    CHECK(strstr(dms_last_error(), "(2, 2, 2)") != NULL);
+    bad = view3(out, DMS_FLOAT32, 2, 0, 2);
+    CHECK_FAILS(dms_gate_forward(&bad, NULL, 1.0f, &vo, NULL, NULL, &ex),
+                DMS_ERR_SHAPE, "z:");
+    bad = vo;
+    bad.readonly = 1;
+    CHECK_FAILS(dms_gate_forward(&vz, NULL, 1.0f, NULL, &bad, NULL, &ex),
+                DMS_ERR_READONLY, "p:");
+    bad = vo;
+    bad.strides[1] = 0;
+    CHECK_FAILS(dms_gate_forward(&vz, NULL, 1.0f, NULL, NULL, &bad, &ex),
+                DMS_ERR_LAYOUT, "a:");
+    CHECK_FAILS(dms_gate_forward(&vz, NULL, 0.0f, &vo, NULL, NULL, &ex),
+                DMS_ERR_VALUE, "tau:");
+    CHECK_FAILS(dms_gate_forward(&vz, NULL, NAN, &vo, NULL, NULL, &ex),
+                DMS_ERR_VALUE, "tau:");
+    CHECK_FAILS(dms_gate_forward(&vz, NULL, 1.0f, NULL, NULL, NULL, &ex),
+                DMS_ERR_VALUE, "y, p, a:");
+    bad = vz;
+    bad.data = NULL;
+    CHECK_FAILS(dms_gate_forward(&bad, NULL, 1.0f, &vo, NULL, NULL, &ex),
+                DMS_ERR_VALUE, "z:");
+    CHECK_FAILS(dms_gate_backward(&vz, NULL, NULL, NULL, 1.0f, NULL, &ex),
+                DMS_ERR_VALUE, "grad_z:");
+    bad = view3(iz, DMS_INT64, 2, 2, 2);
+    CHECK_FAILS(dms_gate_backward(&vz, &bad, NULL, NULL, 1.0f, &vo, &ex),
+                DMS_ERR_DTYPE, "grad_a:");
+
+    /* Devices: a CUDA tensor next to a CPU one, and CUDA without CUDA. */
+    dms_tensor cuda = vo;
+    cuda.device_type = DMS_CUDA;
+    CHECK_FAILS(dms_gate_forward(&vz, NULL, 1.0f, &cuda, NULL, NULL, &ex),
+                DMS_ERR_DEVICE, "y:");
+    dms_tensor cuda_z = vz;
+    cuda_z.device_type = DMS_CUDA;
+    if (!dms_has_cuda())
+        CHECK_FAILS(dms_gate_forward(&cuda_z, NULL, 1.0f, &cuda, NULL, NULL,
+                                     &ex),
+                    DMS_ERR_NO_CUDA, "z:");
+
+    /* Noise wants float32, C-contiguous. */
+    dms_tensor strided = vo;
+    strided.strides[2] = 2;
+    strided.shape[2] = 1;
+    strided.shape[1] = 2;
+    strided.strides[1] = 4;
+    CHECK_FAILS(dms_logistic_noise(&strided, 1, 0, 0, 0, &ex),
+                DMS_ERR_LAYOUT, "out:");
+    CHECK_FAILS(dms_logistic_noise(&bad, 1, 0, 0, 0, &ex), DMS_ERR_DTYPE,
+                "out:");
+}
+
+static void test_f16_bf16(void)
+{
+    /* float16 -> float32 -> float16 is exact for every non-NaN pattern. */
+    int ok = 1;
+    for (uint32_t h = 0; h < 65536; ++h) {
+        float f = dms_f16_to_f32((uint16_t)h);
+        if (isnan(f))
+            ok &= dms_f32_to_f16(f) != 0 && isnan(dms_f16_to_f32(
+                                                dms_f32_to_f16(f)));
+        else
+            ok &= dms_f32_to_f16(f) == h;
+    }
+    CHECK(ok);
+#if defined(__FLT16_MAX__)
+    /* Against the compiler's own rounding, on a spread of floats. */
+    ok = 1;
+    uint32_t state = 12345u;
+    for (int i = 0; i < 2000000; ++i) {
+        state = state * 1664525u + 1013904223u;
+        uint32_t bits = state;
+        if (((bits >> 23) & 0xffu) > 0x8f && ((bits >> 23) & 0xffu) != 0xff)
+            bits = (bits & 0x807fffffu) | (((bits >> 23) & 0x1fu) + 0x60u) << 23;
+        float f = dms_bits_float(bits);
+        if (isnan(f))
+            continue;
+        _Float16 ref = (_Float16)f;
+        uint16_t ref_bits;
+        memcpy(&ref_bits, &ref, 2);
+        if (dms_f32_to_f16(f) != ref_bits) {
+            if (ok)
+                fprintf(stderr, "  f16(%a): got %04x want %04x\n", (double)f,
+                        dms_f32_to_f16(f), ref_bits);
+            ok = 0;
+        }
+    }
+    CHECK(ok);
+#endif
+    /* bfloat16: exact round trip, and round-to-nearest-even on ties. */
+    ok = 1;
+    for (uint32_t h = 0; h < 65536; ++h) {
+        float f = dms_bf16_to_f32((uint16_t)h);
+        if (!isnan(f))
+            ok &= dms_f32_to_bf16(f) == h;
+    }
+    CHECK(ok);
+    CHECK(dms_f32_to_bf16(dms_bits_float(0x3f808000u)) == 0x3f80); /* tie, even */
+    CHECK(dms_f32_to_bf16(dms_bits_float(0x3f818000u)) == 0x3f82); /* tie, odd */
+    CHECK(dms_f32_to_bf16(dms_bits_float(0x3f808001u)) == 0x3f81);
+    CHECK(isnan(dms_bf16_to_f32(dms_f32_to_bf16(NAN))));
+    CHECK(dms_f32_to_f16(65520.0f) == 0x7c00 && dms_f32_to_f16(65519.0f) == 0x7bff);
+}
+
+static void test_philox_and_noise(void)
+{
+    /* Known-answer vectors of Philox4x32-10 (Random123 kat_vectors). */
+    dms_philox_words r = dms_philox4x32_10(0, 0, 0, 0, 0, 0);
+    CHECK(r.w[0] == 0x6627e8d5u && r.w[1] == 0xe169c58du &&
+          r.w[2] == 0xbc57ac4cu && r.w[3] == 0x9b00dbd8u);
+    r = dms_philox4x32_10(0xffffffffu, 0xffffffffu, 0xffffffffu, 0xffffffffu,
+                          0xffffffffu, 0xffffffffu);
+    CHECK(r.w[0] == 0x408f276du && r.w[1] == 0x41c83b0eu &&
+          r.w[2] == 0xa20bc7c6u && r.w[3] == 0x6d5451fdu);
+    r = dms_philox4x32_10(0x243f6a88u, 0x85a308d3u, 0x13198a2eu, 0x03707344u,
+                          0xa4093822u, 0x299f31d0u);
+    CHECK(r.w[0] == 0xd16cfe09u && r.w[1] == 0x94fdccebu &&
+          r.w[2] == 0x5001e420u && r.w[3] == 0x24126ea1u);
+
+    enum { N = 1001 }; /* not a multiple of 4 */
+    float *a = guarded_alloc(N * sizeof(float));
+    float *b = guarded_alloc(N * sizeof(float));
+    dms_tensor va, vb;
+    memset(&va, 0, sizeof va);
+    va.data = a;
+    va.dtype = DMS_FLOAT32;
+    va.device_type = DMS_CPU;
+    va.ndim = 1;
+    va.shape[0] = N;
+    va.strides[0] = 1;
+    vb = va;
+    vb.data = b;
+    dms_exec one = {1, NULL}, two = {2, NULL};
+    CHECK(dms_logistic_noise(&va, 42, 1, 2, 3, &one) == DMS_OK);
+    CHECK(dms_logistic_noise(&vb, 42, 1, 2, 3, &two) == DMS_OK);
+    CHECK(memcmp(a, b, N * sizeof(float)) == 0);
+    double mean = 0, var = 0;
+    int finite = 1;
+    for (int i = 0; i < N; ++i) {
+        finite &= isfinite(a[i]);
+        mean += a[i] / N;
+    }
+    for (int i = 0; i < N; ++i)
+        var += (a[i] - mean) * (a[i] - mean) / (N - 1);
+    CHECK(finite);
+    CHECK(fabs(mean) < 0.25);                     /* sd of mean ~0.057 */
+    CHECK(fabs(var - 3.28986813) < 0.8); /* var = pi^2/3 */
+    /* Each counter changes the stream. */
+    const uint32_t counters[4][3] = {{0, 2, 3}, {1, 0, 3}, {1, 2, 0}, {1, 2, 3}};
+    const uint64_t seeds[4] = {42, 42, 42, 43};
+    for (int c = 0; c < 4; ++c) {
+        CHECK(dms_logistic_noise(&vb, seeds[c], counters[c][0], counters[c][1],
+                                 counters[c][2], &one) == DMS_OK);
+        int same = 0;
+        for (int i = 0; i < N; ++i)
+            same += a[i] == b[i];
+        CHECK(same < 5);
+    }
+    CHECK(guard_intact(a, N * sizeof(float)) &&
+          guard_intact(b, N * sizeof(float)));
+    free(a);
+    free(b);
+}
+
+int main(void)
+{
+    test_gate_values();
+    test_gate_strided();
+    test_argument_checks();
+    test_f16_bf16();
+    test_philox_and_noise();
+    printf("%d passed, %d failed\n", passed, failed);
+    return failed != 0;
+}

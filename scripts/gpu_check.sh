@@ -1,0 +1,60 @@
+#!/usr/bin/env bash
+# gpu_check.sh - everything CUDA, in one run on a lent GPU machine (the
+# `device` tool), within a few minutes:
+#   build (no network there: --no-build-isolation --no-deps), self-check,
+#   CUDA-vs-CPU tests, the whole suite, compute-sanitizer memcheck over the
+#   CUDA tests, benchmarks; a summary table is printed last.
+# Usage (from the repository root):  bash scripts/gpu_check.sh
+# Logs go to $OUT (the device tool brings them back) or /tmp/dms_gpu_check.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-/tmp/dms_gpu_check}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1
+PY=${PYTHON:-python3}
+declare -a NAMES STATUS DETAIL
+
+step() {  # step NAME TIMEOUT_S COMMAND...
+    local name=$1 limit=$2
+    shift 2
+    local log="$OUT/$name.log"
+    echo "=== $name: $*"
+    local start=$SECONDS
+    timeout "$limit" "$@" >"$log" 2>&1
+    local rc=$?
+    tail -n 25 "$log"
+    NAMES+=("$name")
+    STATUS+=("$([ $rc -eq 0 ] && echo ok || echo "FAIL($rc)")")
+    DETAIL+=("$(grep -v '^\s*$' "$log" | tail -n 1 | cut -c1-90) [$((SECONDS - start))s]")
+    return $rc
+}
+
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$OUT/gpu.txt"
+
+if ! step build 400 "$PY" -m pip install --no-build-isolation --no-deps -e .; then
+    step build_inplace 400 "$PY" setup.py build_ext --inplace
+fi
+step selfcheck 120 "$PY" -m dms
+step cuda_tests 300 "$PY" -m pytest -q -m cuda tests
+step all_tests 400 "$PY" -m pytest -q tests
+if command -v compute-sanitizer >/dev/null; then
+    step memcheck 400 compute-sanitizer --tool memcheck --error-exitcode 9 \
+        "$PY" -m pytest -q -m cuda -p no:cacheprovider tests/test_gate.py
+else
+    NAMES+=(memcheck); STATUS+=(skipped); DETAIL+=("compute-sanitizer not on PATH")
+fi
+step bench_gate_f32 200 "$PY" bench/gate.py --device cuda --dtype float32
+step bench_gate_bf16 200 "$PY" bench/gate.py --device cuda --dtype bfloat16
+
+echo
+echo "=== benchmark tables"
+cat "$OUT"/bench_*.log 2>/dev/null | grep -E '^(\||gate)'
+echo
+echo "=== summary ($(cat "$OUT/gpu.txt"))"
+printf '| %-16s | %-8s | %s\n' step status "last line [time]"
+for i in "${!NAMES[@]}"; do
+    printf '| %-16s | %-8s | %s\n' "${NAMES[$i]}" "${STATUS[$i]}" "${DETAIL[$i]}"
+done
+for s in "${STATUS[@]}"; do
+    case $s in ok|skipped) ;; *) exit 1 ;; esac
+done

@@ -1,0 +1,97 @@
+"""The package and its build: what build_info reports, CUDA compiled in
+whenever nvcc is available, no libtorch linked, the C core usable from NumPy
+alone, and a helpful ImportError when the extension is missing."""
+
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+import dms
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_build_info_fields():
+    info = dms.build_info()
+    assert info["version"] == dms.__version__ == "0.1.0"
+    assert isinstance(info["cuda"], bool)
+    assert info["default_num_threads"] >= 1
+    assert info["openmp"] is True
+    assert info["compiler"].startswith(("gcc", "clang"))
+    assert info["dlpack_version"] == (1, 0)
+    assert set(info["cpu_features"]) <= {"avx2", "fma", "f16c", "avx512f", "avx512bf16"}
+    feats = info["cpu_features"]
+    best = "avx512" if "avx512f" in feats else "avx2" if "avx2" in feats else "baseline"
+    assert info["cpu_kernels"] == {"gate": best, "logistic_noise": "baseline"}
+    if info["cuda"]:
+        assert info["cuda_archs"] == os.environ.get("DMS_CUDA_ARCHS", "80;90")
+        assert info["cuda_runtime_version"] >= 12000
+        assert info["cuda_device_count"] >= 0
+
+
+@pytest.mark.skipif(shutil.which("nvcc") is None and not Path("/usr/local/cuda/bin/nvcc").exists(),
+                    reason="no nvcc on this machine")
+def test_cuda_kernels_are_built_when_nvcc_exists():
+    """Where nvcc exists (this machine, CI) the CUDA kernels must compile and
+    link into the extension, unless the build was told DMS_CUDA=0."""
+    if os.environ.get("DMS_CUDA") == "0":
+        pytest.skip("DMS_CUDA=0 asked for a CPU-only build")
+    assert dms.build_info()["cuda"], "nvcc is available but dms._C was built without CUDA kernels"
+
+
+def test_extension_does_not_link_libtorch():
+    readelf = shutil.which("readelf")
+    if readelf is None:
+        pytest.skip("readelf not available")
+    out = subprocess.run([readelf, "-d", dms._C.__file__], capture_output=True, text=True, check=True).stdout
+    needed = [line for line in out.splitlines() if "(NEEDED)" in line]
+    assert needed, out
+    assert not any(name in line for line in needed for name in ("libtorch", "libc10", "libcudart.so")), needed
+
+
+def _run_python(code, *flags, **kwargs):
+    return subprocess.run([sys.executable, *flags, "-c", textwrap.dedent(code)], capture_output=True, text=True,
+                          timeout=120, **kwargs)
+
+
+def test_c_core_works_with_numpy_alone():
+    """torch made unimportable: dms, dms.ops and the gating kernels still
+    work on NumPy arrays, and agree with a float64 NumPy formula."""
+    run = _run_python("""
+        import sys
+        sys.modules["torch"] = None  # import torch now raises ImportError
+        import numpy as np
+        import dms
+        from dms import ops
+        assert ops.Gate is None
+        z = np.random.default_rng(0).standard_normal((2, 3, 17)).astype(np.float32)
+        n = ops.logistic_noise(np.empty_like(z), seed=3, accum_step=1)
+        y, p, a = ops.gate(z, n, 0.1)
+        y64 = (z.astype(np.float64) + n) / 0.1
+        np.testing.assert_allclose(y, y64, rtol=2e-6, atol=1e-6)
+        np.testing.assert_allclose(p, 1 / (1 + np.exp(-y64)), rtol=2e-6, atol=1e-7)
+        assert ((a == 1) == (y64 > 0)).all()
+        gz = ops.gate_backward(y, None, np.ones_like(y), None, 0.1)
+        s = 1 / (1 + np.exp(-y64))
+        np.testing.assert_allclose(gz, s * (1 - s) / 0.1, rtol=1e-5, atol=1e-6)
+        assert "torch" not in [m for m in sys.modules if sys.modules[m] is not None]
+        print("numpy-only ok", dms.get_num_threads())
+    """)
+    assert run.returncode == 0, run.stderr
+    assert "numpy-only ok" in run.stdout
+
+
+def test_missing_extension_says_how_to_build(tmp_path):
+    shutil.copytree(ROOT / "dms", tmp_path / "dms", ignore=shutil.ignore_patterns("*.so", "__pycache__"))
+    # -S: without site-packages the editable install's finder cannot point
+    # back at the built tree, so the copy without dms._C is what imports.
+    run = _run_python("import dms", "-S", cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(tmp_path)})
+    assert run.returncode != 0
+    last = run.stderr.strip().splitlines()
+    assert any("ImportError: dms: the compiled extension dms._C is missing" in line for line in last), run.stderr
+    assert "pip install -e ." in run.stderr
