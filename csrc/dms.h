@@ -111,7 +111,7 @@ unsigned dms_cpu_features(void);
 /*
  * The CPU code path an op takes on this machine ("baseline" x86-64/other,
  * "avx2", "avx512"), chosen at load time from the CPU's features; NULL for
- * an unknown op name. Ops: "gate", "logistic_noise".
+ * an unknown op name. Ops: "gate", "logistic_noise", "attn_train".
  */
 const char *dms_cpu_kernel(const char *op);
 /* Threads an OpenMP region would use by default (1 without OpenMP). */
@@ -182,6 +182,60 @@ dms_status dms_gate_backward(const dms_tensor *y, const dms_tensor *grad_a,
 dms_status dms_logistic_noise(const dms_tensor *out, uint64_t seed,
                               uint32_t process_index, uint32_t accum_step,
                               uint32_t global_step, const dms_exec *exec);
+
+/* ---- training attention (SPEC.md section 3, soft form) ---------------- */
+
+/*
+ * Causal attention of query j over keys i <= j where a key more than
+ * `window` positions behind the query is down-weighted by the soft eviction
+ * gate of the token after it:
+ *
+ *   s[j, i] = scale * q[j].k[i]                             if j - i <= window
+ *   s[j, i] = scale * q[j].k[i] + logsigmoid(-y[i + 1])     if j - i >  window
+ *   o[j]    = sum_i softmax_i(s[j, :]) v[i],   lse[j] = logsumexp_i s[j, i]
+ *
+ * (logsigmoid(-y) = log(1 - sigmoid(y)), computed stably.) Padding keys are
+ * never visible; a padding query gets o = 0 and lse = -inf. Query head qh
+ * reads key/value head qh / G (grouped-query attention, never expanded).
+ *
+ *   q           : [B, H*G, T, D] float32 | float16 | bfloat16
+ *   k, v        : [B, H, T, D]   same dtype as q
+ *   y           : [B, H, T] floating, noised gate logits, or NULL (no
+ *                 penalty: plain causal attention, e.g. the teacher pass)
+ *   key_padding : [B, T] bool | uint8, nonzero = padding, or NULL
+ *   window      : w >= 0 (w >= T - 1 means no penalty anywhere)
+ *   scale       : softmax scale, finite and > 0 (usually 1/sqrt(D))
+ *   o           : [B, H*G, T, D] floating output
+ *   lse         : [B, H*G, T] float32 output, kept for the backward
+ * D <= 256. Every [.., T, D] tensor may have any strides as long as the D
+ * dimension is contiguous (stride 1): the [B, T, H, D] layout a projection
+ * produces is read in place through a transposed view.
+ */
+dms_status dms_attn_train_forward(const dms_tensor *q, const dms_tensor *k,
+                                  const dms_tensor *v, const dms_tensor *y,
+                                  const dms_tensor *key_padding,
+                                  int64_t window, float scale,
+                                  const dms_tensor *o, const dms_tensor *lse,
+                                  const dms_exec *exec);
+
+/*
+ * Backward of dms_attn_train_forward, from its inputs, its outputs o and
+ * lse, and grad_o. Probabilities are recomputed from lse; no T x T buffer.
+ *
+ *   grad_o          : [B, H*G, T, D] floating
+ *   grad_q          : [B, H*G, T, D] floating output
+ *   grad_k, grad_v  : [B, H, T, D]   floating outputs
+ *   grad_y          : [B, H, T] floating output, or NULL (also when y is
+ *                     NULL); grad_y[..., 0] is 0 (no key precedes token 0)
+ * Results are deterministic: no atomics, the same on every run.
+ */
+dms_status dms_attn_train_backward(
+    const dms_tensor *q, const dms_tensor *k, const dms_tensor *v,
+    const dms_tensor *y, const dms_tensor *key_padding, int64_t window,
+    float scale, const dms_tensor *o, const dms_tensor *lse,
+    const dms_tensor *grad_o, const dms_tensor *grad_q,
+    const dms_tensor *grad_k, const dms_tensor *grad_v,
+    const dms_tensor *grad_y, const dms_exec *exec);
 
 #ifdef __cplusplus
 }

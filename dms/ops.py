@@ -18,7 +18,18 @@ try:
 except ImportError:  # the C core works with NumPy alone
     torch = None
 
-__all__ = ["Gate", "gate", "gate_forward", "gate_backward", "logistic_noise", "logistic_noise_like"]
+__all__ = [
+    "AttnTrain",
+    "Gate",
+    "attn_train",
+    "attn_train_backward",
+    "attn_train_forward",
+    "gate",
+    "gate_backward",
+    "gate_forward",
+    "logistic_noise",
+    "logistic_noise_like",
+]
 
 _FLOAT_NAMES = ("float32", "float16", "bfloat16")
 
@@ -101,7 +112,76 @@ def logistic_noise_like(z, *, seed: int, process_index: int = 0, accum_step: int
     return logistic_noise(out, seed=seed, process_index=process_index, accum_step=accum_step, global_step=global_step)
 
 
+def attn_train_forward(q, k, v, y=None, key_padding=None, *, window=512, scale=None):
+    """DMS training attention (SPEC §3, soft form), no autograd.
+
+    Args:
+        q: [B, H*G, T, D] queries (float32, float16 or bfloat16); any strides
+            with the last dim contiguous, so a [B, T, H*G, D] projection can be
+            passed as ``x.transpose(1, 2)`` without a copy. Likewise k, v.
+        k, v: [B, H, T, D], q's dtype; query head j reads kv head j // G.
+        y: [B, H, T] noised gate logits (from `gate`), or None for plain causal
+            attention (no penalty).
+        key_padding: [B, T] bool/uint8, True (nonzero) = padding token
+            (``attention_mask == 0`` in Hugging Face terms), or None.
+        window: eviction delay w >= 0 (default 512).
+        scale: softmax scale (default 1/sqrt(D)).
+
+    Returns:
+        (o, lse): o [B, H*G, T, D] in q's dtype, lse [B, H*G, T] float32
+        (-inf for padding queries, whose o is 0).
+    """
+    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    o = _empty(q.shape, q.dtype, q)
+    lse = _empty(q.shape[:3], "float32", q)
+    _C.attn_train_forward(q, k, v, y, key_padding, int(window), scale, o, lse, **exec_kwargs(q))
+    return o, lse
+
+
+def attn_train_backward(q, k, v, y, key_padding, o, lse, grad_o, *, window=512, scale=None, need_grad_y=True):
+    """Gradients of `attn_train_forward`: (grad_q, grad_k, grad_v, grad_y),
+    in the dtypes of q, k, v and float32 (grad_y is None when y is None or
+    `need_grad_y` is false)."""
+    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    grad_q = _empty(q.shape, q.dtype, q)
+    grad_k = _empty(k.shape, k.dtype, k)
+    grad_v = _empty(v.shape, v.dtype, v)
+    grad_y = _empty(y.shape, "float32", y) if (y is not None and need_grad_y) else None
+    _C.attn_train_backward(q, k, v, y, key_padding, int(window), scale, o, lse, grad_o, grad_q, grad_k, grad_v,
+                           grad_y, **exec_kwargs(q))
+    return grad_q, grad_k, grad_v, grad_y
+
+
 if torch is not None:
+
+    class AttnTrain(torch.autograd.Function):
+        """Differentiable DMS training attention: forward(q, k, v, y,
+        key_padding, window, scale) -> o; see `attn_train_forward`. Gradients
+        reach q, k, v and y (hence the gate and the DMS adapter)."""
+
+        @staticmethod
+        def forward(ctx, q, k, v, y, key_padding, window, scale):
+            q, k, v = q.detach(), k.detach(), v.detach()
+            y = None if y is None else y.detach()
+            o, lse = attn_train_forward(q, k, v, y, key_padding, window=window, scale=scale)
+            ctx.save_for_backward(q, k, v, y, key_padding, o, lse)
+            ctx.window, ctx.scale = window, scale
+            ctx.mark_non_differentiable(lse)
+            return o, lse
+
+        @staticmethod
+        @torch.autograd.function.once_differentiable
+        def backward(ctx, grad_o, _grad_lse):
+            q, k, v, y, key_padding, o, lse = (None if t is None else t.detach() for t in ctx.saved_tensors)
+            need_y = y is not None and ctx.needs_input_grad[3]
+            if grad_o is None:
+                grad_o = torch.zeros_like(o)
+            grad_q, grad_k, grad_v, grad_y = attn_train_backward(
+                q, k, v, y, key_padding, o, lse, grad_o.detach(), window=ctx.window, scale=ctx.scale,
+                need_grad_y=need_y)
+            if grad_y is not None and grad_y.dtype != y.dtype:
+                grad_y = grad_y.to(y.dtype)
+            return grad_q, grad_k, grad_v, grad_y, None, None, None
 
     class Gate(torch.autograd.Function):
         """Gating with the straight-through estimator (SPEC §2).
@@ -136,7 +216,16 @@ if torch is not None:
             return grad_z, None, None, None
 
 else:
-    Gate = None
+    AttnTrain = Gate = None
+
+
+def attn_train(q, k, v, y=None, key_padding=None, *, window=512, scale=None):
+    """DMS training attention: o [B, H*G, T, D]. Differentiable for torch
+    tensors (via `AttnTrain`), a plain call for NumPy arrays. Arguments as
+    in `attn_train_forward`."""
+    if _is_torch(q):
+        return AttnTrain.apply(q, k, v, y, key_padding, window, scale)[0]
+    return attn_train_forward(q, k, v, y, key_padding, window=window, scale=scale)[0]
 
 
 def gate(z, noise=None, tau=0.1, *, a_dtype=None):

@@ -39,16 +39,19 @@ step cuda_tests 300 "$PY" -m pytest -q -m cuda tests
 step all_tests 400 "$PY" -m pytest -q tests
 if command -v compute-sanitizer >/dev/null; then
     step memcheck 400 compute-sanitizer --tool memcheck --error-exitcode 9 \
-        "$PY" -m pytest -q -m cuda -p no:cacheprovider tests/test_gate.py
+        "$PY" -m pytest -q -m cuda -p no:cacheprovider tests/test_gate.py tests/test_attn_train.py
+    step racecheck 300 compute-sanitizer --tool racecheck --error-exitcode 9 \
+        "$PY" -m pytest -q -m cuda -p no:cacheprovider tests/test_attn_train.py -k "float32"
 else
     NAMES+=(memcheck); STATUS+=(skipped); DETAIL+=("compute-sanitizer not on PATH")
 fi
 step bench_gate_f32 200 "$PY" bench/gate.py --device cuda --dtype float32
 step bench_gate_bf16 200 "$PY" bench/gate.py --device cuda --dtype bfloat16
+step bench_attn_train 400 "$PY" bench/attention_train.py --device cuda --seq 1024,4096,16384 --dtype bfloat16,float32
 
 echo
 echo "=== benchmark tables"
-cat "$OUT"/bench_*.log 2>/dev/null | grep -E '^(\||gate)'
+cat "$OUT"/bench_*.log 2>/dev/null | grep -E '^(\||gate|attn_train)'
 echo
 echo "=== summary ($(cat "$OUT/gpu.txt"))"
 printf '| %-16s | %-8s | %s\n' step status "last line [time]"

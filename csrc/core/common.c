@@ -239,15 +239,16 @@ static const char *simd_clone(void)
 {
     if (!DMS_HAVE_SIMD_CLONES)
         return "baseline";
-    unsigned features = dms_cpu_features();
-    if (features & DMS_CPU_AVX512F)
+    /* What the loader checks for the x86-64-v4 / -v3 clones. */
+    __builtin_cpu_init();
+    if (__builtin_cpu_supports("x86-64-v4"))
         return "avx512";
-    return (features & DMS_CPU_AVX2) ? "avx2" : "baseline";
+    return __builtin_cpu_supports("x86-64-v3") ? "avx2" : "baseline";
 }
 
 const char *dms_cpu_kernel(const char *op)
 {
-    if (strcmp(op, "gate") == 0)
+    if (strcmp(op, "gate") == 0 || strcmp(op, "attn_train") == 0)
         return simd_clone();
     /* Philox is 32x32->64-bit multiplies: baseline code is fast enough for
      * noise drawn once per training step. */

@@ -53,16 +53,17 @@ int64_t dms_numel(const dms_tensor *t);
 /* ---- SIMD dispatch ------------------------------------------------------ */
 
 /*
- * A function marked DMS_SIMD_CLONES is compiled for AVX-512, AVX2 and
- * baseline x86-64; the loader picks one for the CPU it runs on (GCC
- * target_clones, an ifunc). Elsewhere, and under the sanitizers (which
- * ifuncs confuse), it is compiled once.
+ * A function marked DMS_SIMD_CLONES is compiled for x86-64-v4 (AVX-512),
+ * x86-64-v3 (AVX2 + FMA) and baseline x86-64; the loader picks one for the
+ * CPU it runs on (GCC target_clones, an ifunc). Elsewhere, and under the
+ * sanitizers (which ifuncs confuse), it is compiled once. setup.py builds
+ * with -ffp-contract=fast so the clones use fused multiply-adds.
  */
 #if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) &&    \
     defined(__linux__) && !defined(__SANITIZE_ADDRESS__)
 #define DMS_HAVE_SIMD_CLONES 1
 #define DMS_SIMD_CLONES                                                   \
-    __attribute__((target_clones("avx512f", "avx2", "default")))
+    __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
 #else
 #define DMS_HAVE_SIMD_CLONES 0
 #define DMS_SIMD_CLONES
@@ -85,7 +86,29 @@ void dms_logistic_noise_cpu(const dms_tensor *out, uint64_t seed,
                             uint32_t process_index, uint32_t accum_step,
                             uint32_t global_step, int num_threads);
 
+/*
+ * The checked arguments of the training attention, shared by the CPU and
+ * CUDA kernels. Tensors the call did not get are NULL.
+ */
+typedef struct dms_attn_train_args {
+    const dms_tensor *q, *k, *v, *y, *key_padding;
+    const dms_tensor *o, *lse;                       /* forward outputs  */
+    const dms_tensor *grad_o;                        /* backward inputs  */
+    const dms_tensor *grad_q, *grad_k, *grad_v, *grad_y; /* bwd outputs  */
+    int64_t B, H, G, T, D, window;
+    float scale;
+} dms_attn_train_args;
+
+void dms_attn_train_forward_cpu(const dms_attn_train_args *args,
+                                int num_threads);
+void dms_attn_train_backward_cpu(const dms_attn_train_args *args,
+                                 int num_threads);
+
 #ifdef DMS_WITH_CUDA
+dms_status dms_attn_train_forward_cuda(const dms_attn_train_args *args,
+                                       void *stream);
+dms_status dms_attn_train_backward_cuda(const dms_attn_train_args *args,
+                                        void *stream);
 dms_status dms_gate_forward_cuda(const dms_tensor *z, const dms_tensor *noise,
                                  float tau, const dms_tensor *y,
                                  const dms_tensor *p, const dms_tensor *a,

@@ -12,6 +12,7 @@
  */
 #include "../core/internal.h"
 #include "../core/scalar.h"
+#include "simd_math.h"
 
 #define CHUNK 256
 
@@ -77,38 +78,6 @@ static void store_chunk(const dms_tensor *t, int64_t offset, int64_t n,
             dms_store(t->data, t->dtype, offset + i * s, src[i]);
         break;
     }
-}
-
-/*
- * exp(x) for x <= 0 in plain arithmetic so loops over it vectorise:
- * x = k ln2 + r with |r| <= ln2/2, exp(r) by the Cephes minimax polynomial
- * (about 1 ulp), 2^k through the exponent bits. Below -87 the result is
- * clamped to exp(-87) ~ 1.6e-38, where the gate is 0 to float precision.
- */
-static inline float exp_nonpositive(float x)
-{
-    x = x < -87.0f ? -87.0f : x;
-    const float round_magic = 12582912.0f; /* 1.5 * 2^23 */
-    float k = (x * 1.44269504088896341f + round_magic) - round_magic;
-    float r = x - k * 0.693359375f + k * 2.12194440e-4f;
-    float poly = 1.9875691500e-4f;
-    poly = poly * r + 1.3981999507e-3f;
-    poly = poly * r + 8.3334519073e-3f;
-    poly = poly * r + 4.1665795894e-2f;
-    poly = poly * r + 1.6666665459e-1f;
-    poly = poly * r + 5.0000001201e-1f;
-    float e = poly * r * r + r + 1.0f;
-    int32_t bits = ((int32_t)k + 127) << 23;
-    return e * dms_bits_float((uint32_t)bits);
-}
-
-/* sigmoid(y) = 1 / (1 + e) for y >= 0 and e / (1 + e) below, e = exp(-|y|):
- * no overflow, full relative precision on both tails. */
-static inline float sigmoid_fast(float y)
-{
-    float e = exp_nonpositive(y < 0.0f ? y : -y);
-    float s = 1.0f / (1.0f + e);
-    return y >= 0.0f ? s : e * s;
 }
 
 DMS_SIMD_CLONES

@@ -336,20 +336,6 @@ static int import_tensor(PyObject *obj, const char *name, int is_output,
     return 0;
 }
 
-static int import_optional(PyObject *obj, const char *name, int is_output,
-                           unsigned long long stream, tensor_arg *arg,
-                           const dms_tensor **view)
-{
-    if (obj == Py_None) {
-        *view = NULL;
-        return 0;
-    }
-    if (import_tensor(obj, name, is_output, stream, arg) < 0)
-        return -1;
-    *view = &arg->view;
-    return 0;
-}
-
 /* ---- host arrays owned by C, seen from NumPy without a copy ----------- */
 
 static void free_host_buffer(PyObject *capsule)
@@ -454,44 +440,92 @@ static PyObject *py_aligned_empty(PyObject *module, PyObject *args,
 
 #define EXEC_KEYWORDS "num_threads", "stream"
 
+/* How an op takes one tensor argument. */
+typedef struct {
+    const char *name;
+    int is_output;
+    int optional; /* None allowed (the view is then NULL) */
+} tensor_spec;
+
+#define MAX_TENSOR_ARGS 16
+
+/* The tensors of one call, imported from Python objects by import_all. */
+typedef struct {
+    int count;
+    tensor_arg args[MAX_TENSOR_ARGS];
+    const dms_tensor *views[MAX_TENSOR_ARGS];
+} tensor_args;
+
+/* Imports objs[i] per specs[i]; -1 with an exception set naming the
+ * argument. Call release_all afterwards in every case. */
+static int import_all(const tensor_spec *specs, PyObject *const *objs, int n,
+                      unsigned long long stream, tensor_args *out)
+{
+    memset(out, 0, sizeof *out);
+    out->count = n;
+    for (int i = 0; i < n; ++i) {
+        if (objs[i] == Py_None) {
+            if (!specs[i].optional) {
+                PyErr_Format(PyExc_ValueError, "%s: a tensor is required, "
+                             "got None", specs[i].name);
+                return -1;
+            }
+            continue;
+        }
+        if (import_tensor(objs[i], specs[i].name, specs[i].is_output, stream,
+                          &out->args[i]) < 0)
+            return -1;
+        out->views[i] = &out->args[i].view;
+    }
+    return 0;
+}
+
+static void release_all(tensor_args *t)
+{
+    for (int i = 0; i < t->count; ++i)
+        release_tensor(&t->args[i]);
+}
+
+/* Runs `call` (a dms_status expression over `views`) without the GIL, then
+ * releases the tensors and turns the status into None or an exception. */
+#define RUN_OP(module, tensors, call)                                     \
+    do {                                                                  \
+        dms_status status_;                                               \
+        const dms_tensor *const *v = (tensors).views;                     \
+        (void)v;                                                          \
+        Py_BEGIN_ALLOW_THREADS                                            \
+        status_ = (call);                                                 \
+        Py_END_ALLOW_THREADS                                              \
+        release_all(&(tensors));                                          \
+        if (status_ != DMS_OK)                                            \
+            return raise_status((module), status_);                       \
+        Py_RETURN_NONE;                                                   \
+    } while (0)
+
 static PyObject *py_gate_forward(PyObject *module, PyObject *args,
                                  PyObject *kwargs)
 {
     static char *keywords[] = {"z", "noise", "tau", "y", "p", "a",
                                EXEC_KEYWORDS, NULL};
-    PyObject *oz, *onoise, *oy, *op, *oa;
+    static const tensor_spec specs[] = {{"z", 0, 0}, {"noise", 0, 1},
+                                        {"y", 1, 1}, {"p", 1, 1},
+                                        {"a", 1, 1}};
+    PyObject *o[5];
     double tau;
     int num_threads = 0;
     unsigned long long stream = 0;
     if (!PyArg_ParseTupleAndKeywords(args, kwargs, "OOdOOO|$iK:gate_forward",
-                                     keywords, &oz, &onoise, &tau, &oy, &op,
-                                     &oa, &num_threads, &stream))
+                                     keywords, &o[0], &o[1], &tau, &o[2],
+                                     &o[3], &o[4], &num_threads, &stream))
         return NULL;
-    tensor_arg z = {0}, noise = {0}, y = {0}, p = {0}, a = {0};
-    const dms_tensor *vnoise, *vy, *vp, *va;
-    PyObject *result = NULL;
-    if (import_tensor(oz, "z", 0, stream, &z) < 0 ||
-        import_optional(onoise, "noise", 0, stream, &noise, &vnoise) < 0 ||
-        import_optional(oy, "y", 1, stream, &y, &vy) < 0 ||
-        import_optional(op, "p", 1, stream, &p, &vp) < 0 ||
-        import_optional(oa, "a", 1, stream, &a, &va) < 0)
-        goto cleanup;
+    tensor_args t;
+    if (import_all(specs, o, 5, stream, &t) < 0) {
+        release_all(&t);
+        return NULL;
+    }
     dms_exec exec = {num_threads, (void *)(uintptr_t)stream};
-    dms_status status;
-    Py_BEGIN_ALLOW_THREADS
-    status = dms_gate_forward(&z.view, vnoise, (float)tau, vy, vp, va, &exec);
-    Py_END_ALLOW_THREADS
-    if (status != DMS_OK)
-        raise_status(module, status);
-    else
-        result = Py_NewRef(Py_None);
-cleanup:
-    release_tensor(&z);
-    release_tensor(&noise);
-    release_tensor(&y);
-    release_tensor(&p);
-    release_tensor(&a);
-    return result;
+    RUN_OP(module, t,
+           dms_gate_forward(v[0], v[1], (float)tau, v[2], v[3], v[4], &exec));
 }
 
 static PyObject *py_gate_backward(PyObject *module, PyObject *args,
@@ -499,40 +533,89 @@ static PyObject *py_gate_backward(PyObject *module, PyObject *args,
 {
     static char *keywords[] = {"y", "grad_a", "grad_p", "grad_y", "tau",
                                "grad_z", EXEC_KEYWORDS, NULL};
-    PyObject *oy, *oga, *ogp, *ogy, *ogz;
+    static const tensor_spec specs[] = {{"y", 0, 0}, {"grad_a", 0, 1},
+                                        {"grad_p", 0, 1}, {"grad_y", 0, 1},
+                                        {"grad_z", 1, 1}};
+    PyObject *o[5];
     double tau;
     int num_threads = 0;
     unsigned long long stream = 0;
     if (!PyArg_ParseTupleAndKeywords(args, kwargs, "OOOOdO|$iK:gate_backward",
-                                     keywords, &oy, &oga, &ogp, &ogy, &tau,
-                                     &ogz, &num_threads, &stream))
+                                     keywords, &o[0], &o[1], &o[2], &o[3],
+                                     &tau, &o[4], &num_threads, &stream))
         return NULL;
-    tensor_arg y = {0}, ga = {0}, gp = {0}, gy = {0}, gz = {0};
-    const dms_tensor *vga, *vgp, *vgy, *vgz;
-    PyObject *result = NULL;
-    if (import_tensor(oy, "y", 0, stream, &y) < 0 ||
-        import_optional(oga, "grad_a", 0, stream, &ga, &vga) < 0 ||
-        import_optional(ogp, "grad_p", 0, stream, &gp, &vgp) < 0 ||
-        import_optional(ogy, "grad_y", 0, stream, &gy, &vgy) < 0 ||
-        import_optional(ogz, "grad_z", 1, stream, &gz, &vgz) < 0)
-        goto cleanup;
+    tensor_args t;
+    if (import_all(specs, o, 5, stream, &t) < 0) {
+        release_all(&t);
+        return NULL;
+    }
     dms_exec exec = {num_threads, (void *)(uintptr_t)stream};
-    dms_status status;
-    Py_BEGIN_ALLOW_THREADS
-    status = dms_gate_backward(&y.view, vga, vgp, vgy, (float)tau, vgz,
-                               &exec);
-    Py_END_ALLOW_THREADS
-    if (status != DMS_OK)
-        raise_status(module, status);
-    else
-        result = Py_NewRef(Py_None);
-cleanup:
-    release_tensor(&y);
-    release_tensor(&ga);
-    release_tensor(&gp);
-    release_tensor(&gy);
-    release_tensor(&gz);
-    return result;
+    RUN_OP(module, t,
+           dms_gate_backward(v[0], v[1], v[2], v[3], (float)tau, v[4], &exec));
+}
+
+static PyObject *py_attn_train_forward(PyObject *module, PyObject *args,
+                                       PyObject *kwargs)
+{
+    static char *keywords[] = {"q", "k", "v", "y", "key_padding", "window",
+                               "scale", "o", "lse", EXEC_KEYWORDS, NULL};
+    static const tensor_spec specs[] = {
+        {"q", 0, 0}, {"k", 0, 0}, {"v", 0, 0}, {"y", 0, 1},
+        {"key_padding", 0, 1}, {"o", 1, 0}, {"lse", 1, 0}};
+    PyObject *o[7];
+    long long window;
+    double scale;
+    int num_threads = 0;
+    unsigned long long stream = 0;
+    if (!PyArg_ParseTupleAndKeywords(
+            args, kwargs, "OOOOOLdOO|$iK:attn_train_forward", keywords, &o[0],
+            &o[1], &o[2], &o[3], &o[4], &window, &scale, &o[5], &o[6],
+            &num_threads, &stream))
+        return NULL;
+    tensor_args t;
+    if (import_all(specs, o, 7, stream, &t) < 0) {
+        release_all(&t);
+        return NULL;
+    }
+    dms_exec exec = {num_threads, (void *)(uintptr_t)stream};
+    RUN_OP(module, t,
+           dms_attn_train_forward(v[0], v[1], v[2], v[3], v[4],
+                                  (int64_t)window, (float)scale, v[5], v[6],
+                                  &exec));
+}
+
+static PyObject *py_attn_train_backward(PyObject *module, PyObject *args,
+                                        PyObject *kwargs)
+{
+    static char *keywords[] = {"q", "k", "v", "y", "key_padding", "window",
+                               "scale", "o", "lse", "grad_o", "grad_q",
+                               "grad_k", "grad_v", "grad_y", EXEC_KEYWORDS,
+                               NULL};
+    static const tensor_spec specs[] = {
+        {"q", 0, 0},      {"k", 0, 0},      {"v", 0, 0},
+        {"y", 0, 1},      {"key_padding", 0, 1}, {"o", 0, 0},
+        {"lse", 0, 0},    {"grad_o", 0, 0}, {"grad_q", 1, 0},
+        {"grad_k", 1, 0}, {"grad_v", 1, 0}, {"grad_y", 1, 1}};
+    PyObject *o[12];
+    long long window;
+    double scale;
+    int num_threads = 0;
+    unsigned long long stream = 0;
+    if (!PyArg_ParseTupleAndKeywords(
+            args, kwargs, "OOOOOLdOOOOOOO|$iK:attn_train_backward", keywords,
+            &o[0], &o[1], &o[2], &o[3], &o[4], &window, &scale, &o[5], &o[6],
+            &o[7], &o[8], &o[9], &o[10], &o[11], &num_threads, &stream))
+        return NULL;
+    tensor_args t;
+    if (import_all(specs, o, 12, stream, &t) < 0) {
+        release_all(&t);
+        return NULL;
+    }
+    dms_exec exec = {num_threads, (void *)(uintptr_t)stream};
+    RUN_OP(module, t,
+           dms_attn_train_backward(v[0], v[1], v[2], v[3], v[4],
+                                   (int64_t)window, (float)scale, v[5], v[6],
+                                   v[7], v[8], v[9], v[10], v[11], &exec));
 }
 
 static PyObject *py_logistic_noise(PyObject *module, PyObject *args,
@@ -562,24 +645,17 @@ static PyObject *py_logistic_noise(PyObject *module, PyObject *args,
         return PyErr_Format(PyExc_ValueError, "seed: expected an int in "
                             "[0, 2^64)");
     }
-    tensor_arg out = {0};
-    PyObject *result = NULL;
-    if (import_tensor(oout, "out", 1, stream, &out) < 0)
-        goto cleanup;
+    static const tensor_spec specs[] = {{"out", 1, 0}};
+    tensor_args t;
+    if (import_all(specs, &oout, 1, stream, &t) < 0) {
+        release_all(&t);
+        return NULL;
+    }
     dms_exec exec = {num_threads, (void *)(uintptr_t)stream};
-    dms_status status;
-    Py_BEGIN_ALLOW_THREADS
-    status = dms_logistic_noise(&out.view, seed, (uint32_t)process_index,
-                                (uint32_t)accum_step, (uint32_t)global_step,
-                                &exec);
-    Py_END_ALLOW_THREADS
-    if (status != DMS_OK)
-        raise_status(module, status);
-    else
-        result = Py_NewRef(Py_None);
-cleanup:
-    release_tensor(&out);
-    return result;
+    RUN_OP(module, t,
+           dms_logistic_noise(v[0], seed, (uint32_t)process_index,
+                              (uint32_t)accum_step, (uint32_t)global_step,
+                              &exec));
 }
 
 /* ---- introspection ---------------------------------------------------- */
@@ -660,7 +736,7 @@ static PyObject *py_build_info(PyObject *module, PyObject *unused)
         }
         Py_DECREF(s);
     }
-    static const char *const ops[] = {"gate", "logistic_noise"};
+    static const char *const ops[] = {"gate", "logistic_noise", "attn_train"};
     PyObject *kernels = PyDict_New();
     if (kernels == NULL) {
         Py_DECREF(cpu);
@@ -732,6 +808,19 @@ static PyMethodDef methods[] = {
      "num_threads=0, stream=0)\nFills the float32 C-contiguous `out` with "
      "standard logistic noise drawn\nfrom Philox4x32-10 keyed by seed; the "
      "same arguments give the same noise\non CPU and CUDA."},
+    {"attn_train_forward",
+     (PyCFunction)(void (*)(void))py_attn_train_forward,
+     METH_VARARGS | METH_KEYWORDS,
+     "attn_train_forward(q, k, v, y, key_padding, window, scale, o, lse, *,\n"
+     "num_threads=0, stream=0)\nDMS training attention (SPEC section 3, "
+     "soft form) into o [B, H*G, T, D]\nand lse [B, H*G, T]; see "
+     "dms_attn_train_forward in csrc/dms.h."},
+    {"attn_train_backward",
+     (PyCFunction)(void (*)(void))py_attn_train_backward,
+     METH_VARARGS | METH_KEYWORDS,
+     "attn_train_backward(q, k, v, y, key_padding, window, scale, o, lse,\n"
+     "grad_o, grad_q, grad_k, grad_v, grad_y, *, num_threads=0, stream=0)\n"
+     "Gradients of attn_train_forward; see dms_attn_train_backward."},
     {"aligned_empty", (PyCFunction)(void (*)(void))py_aligned_empty,
      METH_VARARGS | METH_KEYWORDS,
      "aligned_empty(shape, dtype, alignment=64)\nAn uninitialised NumPy "

@@ -1,0 +1,698 @@
+/*
+ * cpu/attn_train.c - CPU kernels of the DMS training attention (SPEC.md
+ * section 3, soft form; contract in dms.h), the reference the CUDA kernels
+ * in cuda/attn_train.cu are tested against.
+ *
+ * Flash-attention structure: tiles of BQ queries x BK keys, online softmax,
+ * no T x T buffer; the backward recomputes probabilities from the saved
+ * log-sum-exp. Tiles are converted to float32 into per-thread scratch
+ * (queries pre-multiplied by the softmax scale, keys/values transposed
+ * where a product wants them so), and every product is a loop the compiler
+ * vectorises over a contiguous dimension (DMS_SIMD_CLONES: AVX-512, AVX2,
+ * baseline). Masks are compile-time variants of one tile routine:
+ *   TILE_FULL     every pair visible, none penalised (below the diagonal,
+ *                 inside the window, no padding key);
+ *   TILE_MASKED   causal / padding / window masks applied per pair.
+ *
+ * Work split (deterministic, no atomics):
+ *   forward     one task per (batch, query head, query tile);
+ *   backward A  one task per (batch, kv head, key tile): grad_k, grad_v and
+ *               grad_y of those keys, over all G query heads;
+ *   backward B  one task per (batch, query head, query tile): grad_q.
+ */
+#include <math.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "../core/internal.h"
+#include "../core/scalar.h"
+#include "simd_math.h"
+
+#define BQ 64 /* queries per tile */
+#define BK 64 /* keys per tile    */
+
+enum { TILE_FULL = 0, TILE_MASKED = 1 };
+
+/* Head dim rounded up to whole accumulator blocks (DC, below). */
+static int64_t padded_dim(int64_t d)
+{
+    return (d + 31) & ~(int64_t)31;
+}
+
+static inline int64_t off4(const dms_tensor *t, int64_t b, int64_t h,
+                           int64_t i)
+{
+    return b * t->strides[0] + h * t->strides[1] + i * t->strides[2];
+}
+
+static inline int64_t off3(const dms_tensor *t, int64_t b, int64_t h,
+                           int64_t i)
+{
+    return b * t->strides[0] + h * t->strides[1] + i * t->strides[2];
+}
+
+/*
+ * Rows [i0, i0 + n) of head (b, h) of a [B, heads, T, D] tensor as float32
+ * rows of length ld (times `mul`), zero-filled past D and for rows >= T.
+ */
+static void load_rows(const dms_tensor *t, int64_t b, int64_t h, int64_t i0,
+                      int64_t n, int64_t rows, int64_t D, int64_t ld,
+                      float mul, float *dst)
+{
+    for (int64_t r = 0; r < rows; ++r) {
+        float *out = dst + r * ld;
+        if (r >= n) {
+            memset(out, 0, sizeof(float) * (size_t)ld);
+            continue;
+        }
+        const int64_t base = off4(t, b, h, i0 + r);
+        switch (t->dtype) {
+        case DMS_FLOAT32: {
+            const float *src = (const float *)t->data + base;
+            for (int64_t d = 0; d < D; ++d)
+                out[d] = src[d] * mul;
+            break;
+        }
+        case DMS_BFLOAT16: {
+            const uint16_t *src = (const uint16_t *)t->data + base;
+            for (int64_t d = 0; d < D; ++d)
+                out[d] = dms_bf16_to_f32(src[d]) * mul;
+            break;
+        }
+        default: {
+            const uint16_t *src = (const uint16_t *)t->data + base;
+            for (int64_t d = 0; d < D; ++d)
+                out[d] = dms_f16_to_f32(src[d]) * mul;
+            break;
+        }
+        }
+        for (int64_t d = D; d < ld; ++d)
+            out[d] = 0.0f;
+    }
+}
+
+/* The transpose of load_rows: dst[d * BK + r], d < ld. */
+static void load_cols(const dms_tensor *t, int64_t b, int64_t h, int64_t i0,
+                      int64_t n, int64_t D, int64_t ld, float *row_buf,
+                      float *dst)
+{
+    for (int64_t r = 0; r < BK; ++r) {
+        load_rows(t, b, h, i0 + r, r < n ? 1 : 0, 1, D, ld, 1.0f, row_buf);
+        for (int64_t d = 0; d < ld; ++d)
+            dst[d * BK + r] = row_buf[d];
+    }
+}
+
+static void store_rows(const dms_tensor *t, int64_t b, int64_t h, int64_t i0,
+                       int64_t n, int64_t D, int64_t ld, const float *src,
+                       float mul)
+{
+    for (int64_t r = 0; r < n; ++r) {
+        const int64_t base = off4(t, b, h, i0 + r);
+        const float *in = src + r * ld;
+        switch (t->dtype) {
+        case DMS_FLOAT32: {
+            float *out = (float *)t->data + base;
+            for (int64_t d = 0; d < D; ++d)
+                out[d] = in[d] * mul;
+            break;
+        }
+        case DMS_BFLOAT16: {
+            uint16_t *out = (uint16_t *)t->data + base;
+            for (int64_t d = 0; d < D; ++d)
+                out[d] = dms_f32_to_bf16(in[d] * mul);
+            break;
+        }
+        default: {
+            uint16_t *out = (uint16_t *)t->data + base;
+            for (int64_t d = 0; d < D; ++d)
+                out[d] = dms_f32_to_f16(in[d] * mul);
+            break;
+        }
+        }
+    }
+}
+
+/* ---- products on packed tiles ----------------------------------------- */
+
+/*
+ * The three products, register-blocked: each inner loop updates a 4 x DC
+ * block of accumulators (a few vector registers in every clone) from one
+ * streamed row, so loads stay well below the multiply-adds.
+ */
+#define DC 32 /* columns of an accumulator block; ld is a multiple */
+
+/* s[r][c] = sum_d a[r][d] * bt[d][c] for r < BQ, c < BK (a: BQ x ld). */
+DMS_SIMD_CLONES
+static void matmul_nt(const float *restrict a, const float *restrict bt,
+                      int64_t ld, float *restrict s)
+{
+    for (int r = 0; r < BQ; r += 4) {
+        for (int c0 = 0; c0 < BK; c0 += DC) {
+            float acc[4][DC];
+            for (int rr = 0; rr < 4; ++rr)
+                for (int e = 0; e < DC; ++e)
+                    acc[rr][e] = 0.0f;
+            for (int64_t d = 0; d < ld; ++d) {
+                const float *brow = bt + d * BK + c0;
+                const float a0 = a[(r + 0) * ld + d], a1 = a[(r + 1) * ld + d];
+                const float a2 = a[(r + 2) * ld + d], a3 = a[(r + 3) * ld + d];
+                for (int e = 0; e < DC; ++e) {
+                    acc[0][e] += a0 * brow[e];
+                    acc[1][e] += a1 * brow[e];
+                    acc[2][e] += a2 * brow[e];
+                    acc[3][e] += a3 * brow[e];
+                }
+            }
+            for (int rr = 0; rr < 4; ++rr)
+                memcpy(s + (r + rr) * BK + c0, acc[rr], sizeof acc[rr]);
+        }
+    }
+}
+
+/* out[r][:] += sum_c p[r][c] * v[c][:]  (p: BQ x BK, v: BK x ld). */
+DMS_SIMD_CLONES
+static void matmul_acc_nn(const float *restrict p, const float *restrict v,
+                          int64_t ld, float *restrict out)
+{
+    for (int r = 0; r < BQ; r += 4) {
+        for (int64_t d0 = 0; d0 < ld; d0 += DC) {
+            float acc[4][DC];
+            for (int rr = 0; rr < 4; ++rr)
+                memcpy(acc[rr], out + (r + rr) * ld + d0, sizeof acc[rr]);
+            for (int c = 0; c < BK; ++c) {
+                const float *vr = v + c * ld + d0;
+                const float p0 = p[(r + 0) * BK + c], p1 = p[(r + 1) * BK + c];
+                const float p2 = p[(r + 2) * BK + c], p3 = p[(r + 3) * BK + c];
+                for (int e = 0; e < DC; ++e) {
+                    acc[0][e] += p0 * vr[e];
+                    acc[1][e] += p1 * vr[e];
+                    acc[2][e] += p2 * vr[e];
+                    acc[3][e] += p3 * vr[e];
+                }
+            }
+            for (int rr = 0; rr < 4; ++rr)
+                memcpy(out + (r + rr) * ld + d0, acc[rr], sizeof acc[rr]);
+        }
+    }
+}
+
+/* out[c][:] += sum_r p[r][c] * x[r][:]  (p: BQ x BK, x: BQ x ld). */
+DMS_SIMD_CLONES
+static void matmul_acc_tn(const float *restrict p, const float *restrict x,
+                          int64_t ld, float *restrict out)
+{
+    for (int c = 0; c < BK; c += 4) {
+        for (int64_t d0 = 0; d0 < ld; d0 += DC) {
+            float acc[4][DC];
+            for (int cc = 0; cc < 4; ++cc)
+                memcpy(acc[cc], out + (c + cc) * ld + d0, sizeof acc[cc]);
+            for (int r = 0; r < BQ; ++r) {
+                const float *xr = x + r * ld + d0;
+                const float *pr = p + r * BK + c;
+                const float p0 = pr[0], p1 = pr[1], p2 = pr[2], p3 = pr[3];
+                for (int e = 0; e < DC; ++e) {
+                    acc[0][e] += p0 * xr[e];
+                    acc[1][e] += p1 * xr[e];
+                    acc[2][e] += p2 * xr[e];
+                    acc[3][e] += p3 * xr[e];
+                }
+            }
+            for (int cc = 0; cc < 4; ++cc)
+                memcpy(out + (c + cc) * ld + d0, acc[cc], sizeof acc[cc]);
+        }
+    }
+}
+
+/* ---- masks ------------------------------------------------------------- */
+
+/*
+ * Per-tile facts: which keys are padding or past T, the penalty of each key
+ * (logsigmoid(-y[i + 1]), 0 for the last token), which queries are padding.
+ */
+typedef struct tile_keys {
+    int64_t k0, kn;           /* first key, keys in the tile */
+    float penalty[BK];
+    float hidden_bias[BK];    /* -inf for hidden keys, else 0 */
+    unsigned char hidden[BK]; /* padding, or past the end   */
+    int any_hidden;
+} tile_keys;
+
+/* key_padding[b, i] != 0 */
+static int is_padding(const dms_attn_train_args *a, int64_t b, int64_t i)
+{
+    const dms_tensor *kp = a->key_padding;
+    return kp && ((const uint8_t *)kp->data)[b * kp->strides[0] +
+                                             i * kp->strides[1]] != 0;
+}
+
+static void load_keys(const dms_attn_train_args *a, int64_t b, int64_t h,
+                      int64_t k0, tile_keys *tk)
+{
+    tk->k0 = k0;
+    tk->kn = a->T - k0 < BK ? a->T - k0 : BK;
+    tk->any_hidden = tk->kn < BK;
+    for (int64_t c = 0; c < BK; ++c) {
+        const int64_t i = k0 + c;
+        const int hidden = c >= tk->kn || is_padding(a, b, i);
+        tk->hidden[c] = (unsigned char)hidden;
+        tk->hidden_bias[c] = hidden ? -INFINITY : 0.0f;
+        tk->any_hidden |= hidden;
+        float pen = 0.0f;
+        if (a->y && !hidden && i + 1 < a->T) {
+            /* logsigmoid(-y) = min(-y, 0) - log1p(exp(-|y|)) */
+            float y = dms_load(a->y->data, a->y->dtype,
+                               off3(a->y, b, h, i + 1));
+            pen = fminf(-y, 0.0f) - log1pf(expf(-fabsf(y)));
+        }
+        tk->penalty[c] = pen;
+    }
+}
+
+/* Whether every (query, key) pair of the tile is visible and unpenalised. */
+static int tile_is_full(const dms_attn_train_args *a, int64_t q0, int64_t qn,
+                        const tile_keys *tk)
+{
+    const int64_t k_last = tk->k0 + BK - 1, q_last = q0 + qn - 1;
+    return !tk->any_hidden && k_last <= q0 &&
+           (a->y == NULL || q_last - tk->k0 <= a->window);
+}
+
+/*
+ * Applies causal order, hidden keys and window penalties to s (in place):
+ * invisible pairs become -inf. Branch-free, so it vectorises.
+ */
+DMS_SIMD_CLONES
+static void apply_masks(int64_t q0, int64_t k0, int64_t window,
+                        const float *restrict penalty,
+                        const float *restrict hidden_bias, float *restrict s)
+{
+    for (int r = 0; r < BQ; ++r) {
+        /* Distances j - i fit in int64; compare in float-free ints. */
+        const int64_t first = q0 + r - k0; /* j - i at c = 0 */
+        float *row = s + r * BK;
+        for (int c = 0; c < BK; ++c) {
+            const int64_t dist = first - c;
+            const float pen = dist > window ? penalty[c] : 0.0f;
+            const float v = row[c] + pen + hidden_bias[c];
+            row[c] = dist < 0 ? -INFINITY : v;
+        }
+    }
+}
+
+/*
+ * One step of the online softmax for BQ rows against a tile of scores s:
+ * s becomes the unnormalised probabilities exp(s - m_new), m and l (row max
+ * and sum) are updated, and the accumulated output rows o are rescaled.
+ * Max and sum run in 16 lanes so they vectorise without reassociation.
+ */
+DMS_SIMD_CLONES
+static void online_softmax(float *restrict s, float *restrict m,
+                           float *restrict l, float *restrict o, int64_t ld)
+{
+    for (int r = 0; r < BQ; ++r) {
+        float *row = s + r * BK;
+        float lanes[16];
+        for (int e = 0; e < 16; ++e)
+            lanes[e] = -INFINITY;
+        for (int c = 0; c < BK; c += 16)
+            for (int e = 0; e < 16; ++e)
+                lanes[e] = row[c + e] > lanes[e] ? row[c + e] : lanes[e];
+        float mx = m[r];
+        for (int e = 0; e < 16; ++e)
+            mx = lanes[e] > mx ? lanes[e] : mx;
+        if (mx == -INFINITY) { /* nothing visible yet */
+            for (int c = 0; c < BK; ++c)
+                row[c] = 0.0f;
+            continue;
+        }
+        for (int e = 0; e < 16; ++e)
+            lanes[e] = 0.0f;
+        for (int c = 0; c < BK; c += 16)
+            for (int e = 0; e < 16; ++e) {
+                const float p = exp_nonpositive(row[c + e] - mx);
+                row[c + e] = p;
+                lanes[e] += p;
+            }
+        float sum = 0.0f;
+        for (int e = 0; e < 16; ++e)
+            sum += lanes[e];
+        const float corr = exp_nonpositive(m[r] - mx);
+        l[r] = l[r] * corr + sum;
+        m[r] = mx;
+        if (corr != 1.0f) {
+            float *orow = o + r * ld;
+            for (int64_t d = 0; d < ld; ++d)
+                orow[d] *= corr;
+        }
+    }
+}
+
+/* ---- forward ----------------------------------------------------------- */
+
+/* Per-thread scratch; per query head of the group: q, o, m, l. */
+typedef struct fwd_scratch {
+    float *q, *o, *m, *l; /* G x BQ x ld, G x BQ x ld, G x BQ, G x BQ */
+    float *kt, *v, *s, *row;
+} fwd_scratch;
+
+/* Queries [q0, q0 + BQ) of all G query heads of kv head (b, h). */
+static void forward_tile(const dms_attn_train_args *a, int64_t b, int64_t h,
+                         int64_t q0, fwd_scratch *w)
+{
+    const int64_t D = a->D, ld = padded_dim(D), G = a->G;
+    const int64_t qn = a->T - q0 < BQ ? a->T - q0 : BQ;
+    for (int64_t g = 0; g < G; ++g) {
+        load_rows(a->q, b, h * G + g, q0, qn, BQ, D, ld, a->scale,
+                  w->q + g * BQ * ld);
+        for (int r = 0; r < BQ; ++r) {
+            w->m[g * BQ + r] = -INFINITY;
+            w->l[g * BQ + r] = 0.0f;
+        }
+    }
+    memset(w->o, 0, sizeof(float) * (size_t)(G * BQ * ld));
+    const int64_t last_key = q0 + qn - 1;
+    for (int64_t k0 = 0; k0 <= last_key; k0 += BK) {
+        tile_keys tk;
+        load_keys(a, b, h, k0, &tk);
+        load_cols(a->k, b, h, k0, tk.kn, D, ld, w->row, w->kt);
+        load_rows(a->v, b, h, k0, tk.kn, BK, D, ld, 1.0f, w->v);
+        const int full = tile_is_full(a, q0, qn, &tk);
+        for (int64_t g = 0; g < G; ++g) {
+            float *o = w->o + g * BQ * ld;
+            matmul_nt(w->q + g * BQ * ld, w->kt, ld, w->s);
+            if (!full)
+                apply_masks(q0, k0, a->y ? a->window : INT64_MAX, tk.penalty,
+                            tk.hidden_bias, w->s);
+            online_softmax(w->s, w->m + g * BQ, w->l + g * BQ, o, ld);
+            matmul_acc_nn(w->s, w->v, ld, o);
+        }
+    }
+    float *lse = (float *)a->lse->data;
+    for (int64_t g = 0; g < G; ++g) {
+        const int64_t qh = h * G + g;
+        float *o = w->o + g * BQ * ld;
+        for (int r = 0; r < qn; ++r) {
+            const int64_t j = q0 + r;
+            const float l = w->l[g * BQ + r];
+            float *orow = o + r * ld;
+            const int64_t lse_at = off3(a->lse, b, qh, j);
+            if (is_padding(a, b, j) || l == 0.0f) {
+                memset(orow, 0, sizeof(float) * (size_t)ld);
+                lse[lse_at] = -INFINITY;
+                continue;
+            }
+            const float inv = 1.0f / l;
+            for (int64_t d = 0; d < ld; ++d)
+                orow[d] *= inv;
+            lse[lse_at] = w->m[g * BQ + r] + logf(l);
+        }
+        store_rows(a->o, b, qh, q0, qn, D, ld, o, 1.0f);
+    }
+}
+
+static float *alloc_floats(size_t n)
+{
+    size_t bytes = (sizeof(float) * n + 63) & ~(size_t)63;
+    return aligned_alloc(64, bytes ? bytes : 64);
+}
+
+void dms_attn_train_forward_cpu(const dms_attn_train_args *a,
+                                int num_threads)
+{
+    const int64_t tiles = (a->T + BQ - 1) / BQ, G = a->G;
+    const int64_t tasks = a->B * a->H * tiles, ld = padded_dim(a->D);
+    (void)num_threads;
+#ifdef _OPENMP
+#pragma omp parallel num_threads(num_threads) if (tasks > 1)
+#endif
+    {
+        fwd_scratch w;
+        w.q = alloc_floats((size_t)(G * BQ * ld));
+        w.o = alloc_floats((size_t)(G * BQ * ld));
+        w.m = alloc_floats((size_t)(G * BQ));
+        w.l = alloc_floats((size_t)(G * BQ));
+        w.kt = alloc_floats((size_t)(ld * BK));
+        w.v = alloc_floats((size_t)(BK * ld));
+        w.s = alloc_floats(BQ * BK);
+        w.row = alloc_floats((size_t)ld);
+        /* Later query tiles (more keys) first, for balance. */
+#ifdef _OPENMP
+#pragma omp for schedule(dynamic, 1)
+#endif
+        for (int64_t task = 0; task < tasks; ++task) {
+            const int64_t tile = tiles - 1 - task % tiles;
+            const int64_t bh = task / tiles;
+            forward_tile(a, bh / a->H, bh % a->H, tile * BQ, &w);
+        }
+        free(w.q);
+        free(w.o);
+        free(w.m);
+        free(w.l);
+        free(w.kt);
+        free(w.v);
+        free(w.s);
+        free(w.row);
+    }
+}
+
+/* ---- backward ---------------------------------------------------------- */
+
+/* Per-thread scratch of the backward. */
+typedef struct bwd_scratch {
+    float *q, *dout, *kt, *vt, *k, *s, *dp, *acc, *acc2, *row;
+    float lse[BQ], delta[BQ];
+} bwd_scratch;
+
+/*
+ * delta[b, qh, j] = grad_o[j] . o[j], the softmax-backward row term, once
+ * per call into a [B, H*G, T] host buffer (every tile pair reuses it).
+ */
+static void compute_delta(const dms_attn_train_args *a, float *delta,
+                          int num_threads)
+{
+    const int64_t HG = a->H * a->G, rows = a->B * HG * a->T, D = a->D;
+    const int64_t ld = padded_dim(D);
+    (void)num_threads;
+#ifdef _OPENMP
+#pragma omp parallel num_threads(num_threads) if (rows * D > 32768)
+#endif
+    {
+        float *o = alloc_floats((size_t)ld), *g = alloc_floats((size_t)ld);
+#ifdef _OPENMP
+#pragma omp for schedule(static)
+#endif
+        for (int64_t row = 0; row < rows; ++row) {
+            const int64_t j = row % a->T, bh = row / a->T;
+            const int64_t b = bh / HG, qh = bh % HG;
+            load_rows(a->o, b, qh, j, 1, 1, D, ld, 1.0f, o);
+            load_rows(a->grad_o, b, qh, j, 1, 1, D, ld, 1.0f, g);
+            float sum = 0.0f;
+            for (int64_t d = 0; d < D; ++d)
+                sum += o[d] * g[d];
+            delta[row] = sum;
+        }
+        free(o);
+        free(g);
+    }
+}
+
+/* Query-side tile state: scaled q, grad_o, lse (-inf for padding and rows
+ * past T: probability 0, no gradient) and delta. */
+static void load_query_side(const dms_attn_train_args *a, const float *delta,
+                            int64_t b, int64_t qh, int64_t q0, int64_t qn,
+                            bwd_scratch *w)
+{
+    const int64_t D = a->D, ld = padded_dim(D);
+    const float *drow = delta + (b * a->H * a->G + qh) * a->T;
+    load_rows(a->q, b, qh, q0, qn, BQ, D, ld, a->scale, w->q);
+    load_rows(a->grad_o, b, qh, q0, qn, BQ, D, ld, 1.0f, w->dout);
+    for (int r = 0; r < BQ; ++r) {
+        const int visible = r < qn && !is_padding(a, b, q0 + r);
+        w->lse[r] = visible ? ((const float *)a->lse->data)[off3(
+                                  a->lse, b, qh, q0 + r)]
+                            : -INFINITY;
+        w->delta[r] = visible ? drow[q0 + r] : 0.0f;
+    }
+}
+
+/* s (masked scores) -> P = exp(s - lse); dp -> dS = P * (dp - delta). */
+DMS_SIMD_CLONES
+static void softmax_grad(float *restrict s, float *restrict dp,
+                         const float *restrict lse,
+                         const float *restrict delta)
+{
+    for (int r = 0; r < BQ; ++r) {
+        float *sr = s + r * BK, *dr = dp + r * BK;
+        const float l = lse[r], dl = delta[r];
+        for (int c = 0; c < BK; ++c) {
+            /* s - lse <= 0 up to rounding; a -inf lse (padding) gives 0. */
+            const float x = sr[c] - l;
+            const float p = exp_nonpositive(x < 0.0f ? x : 0.0f);
+            const float pz = l == -INFINITY ? 0.0f : p;
+            sr[c] = pz;
+            dr[c] = pz * (dr[c] - dl);
+        }
+    }
+}
+
+/* dpen[c] += sum of dS[r][c] over the pairs beyond the window. */
+DMS_SIMD_CLONES
+static void window_grad(int64_t q0, int64_t k0, int64_t window,
+                        const float *restrict ds, float *restrict dpen)
+{
+    for (int r = 0; r < BQ; ++r) {
+        const int64_t first = q0 + r - k0;
+        const float *row = ds + r * BK;
+        for (int c = 0; c < BK; ++c)
+            dpen[c] += first - c > window ? row[c] : 0.0f;
+    }
+}
+
+/*
+ * For the query tile in w and the key tile tk (kt, vt loaded): P into w->s
+ * and dS = P * (dP - delta) into w->dp.
+ */
+static void probs_and_dscores(const dms_attn_train_args *a, int64_t q0,
+                              int64_t qn, const tile_keys *tk, bwd_scratch *w)
+{
+    const int64_t ld = padded_dim(a->D);
+    matmul_nt(w->q, w->kt, ld, w->s);
+    if (!tile_is_full(a, q0, qn, tk))
+        apply_masks(q0, tk->k0, a->y ? a->window : INT64_MAX, tk->penalty,
+                    tk->hidden_bias, w->s);
+    matmul_nt(w->dout, w->vt, ld, w->dp);
+    softmax_grad(w->s, w->dp, w->lse, w->delta);
+}
+
+/* Pass A: grad_k, grad_v, grad_y for one key tile of kv head (b, h). */
+static void backward_key_tile(const dms_attn_train_args *a,
+                              const float *delta, int64_t b, int64_t h,
+                              int64_t k0, bwd_scratch *w)
+{
+    const int64_t D = a->D, ld = padded_dim(D);
+    tile_keys tk;
+    load_keys(a, b, h, k0, &tk);
+    load_cols(a->k, b, h, k0, tk.kn, D, ld, w->row, w->kt);
+    load_cols(a->v, b, h, k0, tk.kn, D, ld, w->row, w->vt);
+    float *dk = w->acc, *dv = w->acc2;
+    memset(dk, 0, sizeof(float) * (size_t)(BK * ld));
+    memset(dv, 0, sizeof(float) * (size_t)(BK * ld));
+    float dpen[BK] = {0};
+    for (int64_t g = 0; g < a->G; ++g) {
+        const int64_t qh = h * a->G + g;
+        for (int64_t q0 = (k0 / BQ) * BQ; q0 < a->T; q0 += BQ) {
+            const int64_t qn = a->T - q0 < BQ ? a->T - q0 : BQ;
+            load_query_side(a, delta, b, qh, q0, qn, w);
+            probs_and_dscores(a, q0, qn, &tk, w);
+            matmul_acc_tn(w->s, w->dout, ld, dv);
+            matmul_acc_tn(w->dp, w->q, ld, dk); /* q is pre-scaled */
+            if (a->grad_y && q0 + qn - 1 - k0 > a->window)
+                window_grad(q0, k0, a->window, w->dp, dpen);
+        }
+    }
+    store_rows(a->grad_k, b, h, k0, tk.kn, D, ld, dk, 1.0f);
+    store_rows(a->grad_v, b, h, k0, tk.kn, D, ld, dv, 1.0f);
+    if (a->grad_y) {
+        /* d logsigmoid(-y) / dy = -sigmoid(y); key i's penalty is y[i+1]. */
+        if (k0 == 0)
+            dms_store(a->grad_y->data, a->grad_y->dtype,
+                      off3(a->grad_y, b, h, 0), 0.0f);
+        for (int64_t c = 0; c < tk.kn && k0 + c + 1 < a->T; ++c) {
+            const int64_t m = k0 + c + 1;
+            float g = 0.0f;
+            if (!tk.hidden[c]) {
+                float y = dms_load(a->y->data, a->y->dtype,
+                                   off3(a->y, b, h, m));
+                g = -dms_sigmoid(y) * dpen[c];
+            }
+            dms_store(a->grad_y->data, a->grad_y->dtype,
+                      off3(a->grad_y, b, h, m), g);
+        }
+    }
+}
+
+/* Pass B: grad_q for queries [q0, q0 + BQ) of all G query heads of kv head
+ * (b, h); each key tile is loaded once for the group. */
+static void backward_query_tile(const dms_attn_train_args *a,
+                                const float *delta, int64_t b, int64_t h,
+                                int64_t q0, bwd_scratch *w)
+{
+    const int64_t D = a->D, ld = padded_dim(D), G = a->G;
+    const int64_t qn = a->T - q0 < BQ ? a->T - q0 : BQ;
+    memset(w->acc, 0, sizeof(float) * (size_t)(G * BQ * ld));
+    for (int64_t k0 = 0; k0 <= q0 + qn - 1; k0 += BK) {
+        tile_keys tk;
+        load_keys(a, b, h, k0, &tk);
+        load_cols(a->k, b, h, k0, tk.kn, D, ld, w->row, w->kt);
+        load_cols(a->v, b, h, k0, tk.kn, D, ld, w->row, w->vt);
+        load_rows(a->k, b, h, k0, tk.kn, BK, D, ld, 1.0f, w->k);
+        for (int64_t g = 0; g < G; ++g) {
+            /* Reloading the query side per key tile keeps scratch at one
+             * query tile; it costs O(BQ x D) against O(BQ x BK x D). */
+            load_query_side(a, delta, b, h * G + g, q0, qn, w);
+            probs_and_dscores(a, q0, qn, &tk, w);
+            matmul_acc_nn(w->dp, w->k, ld, w->acc + g * BQ * ld);
+        }
+    }
+    for (int64_t g = 0; g < G; ++g)
+        store_rows(a->grad_q, b, h * G + g, q0, qn, D, ld,
+                   w->acc + g * BQ * ld, a->scale);
+}
+
+void dms_attn_train_backward_cpu(const dms_attn_train_args *a,
+                                 int num_threads)
+{
+    const int64_t ld = padded_dim(a->D), G = a->G;
+    const int64_t k_tiles = (a->T + BK - 1) / BK, q_tiles = (a->T + BQ - 1) / BQ;
+    const int64_t tasks_a = a->B * a->H * k_tiles, tasks_b = a->B * a->H * q_tiles;
+    float *delta = alloc_floats((size_t)(a->B * a->H * G * a->T));
+    compute_delta(a, delta, num_threads);
+    (void)num_threads;
+#ifdef _OPENMP
+#pragma omp parallel num_threads(num_threads) if (tasks_a + tasks_b > 2)
+#endif
+    {
+        bwd_scratch w;
+        const size_t tile = (size_t)(BQ > BK ? BQ : BK) * (size_t)ld;
+        w.q = alloc_floats(tile);
+        w.dout = alloc_floats(tile);
+        w.kt = alloc_floats(tile);
+        w.vt = alloc_floats(tile);
+        w.k = alloc_floats(tile);
+        w.s = alloc_floats(BQ * BK);
+        w.dp = alloc_floats(BQ * BK);
+        w.acc = alloc_floats(tile * (size_t)G);
+        w.acc2 = alloc_floats(tile);
+        w.row = alloc_floats((size_t)ld);
+        /* Early key tiles are seen by the most queries: schedule first. */
+#ifdef _OPENMP
+#pragma omp for schedule(dynamic, 1) nowait
+#endif
+        for (int64_t task = 0; task < tasks_a; ++task) {
+            const int64_t tile_i = task % k_tiles, bh = task / k_tiles;
+            backward_key_tile(a, delta, bh / a->H, bh % a->H, tile_i * BK,
+                              &w);
+        }
+#ifdef _OPENMP
+#pragma omp for schedule(dynamic, 1)
+#endif
+        for (int64_t task = 0; task < tasks_b; ++task) {
+            const int64_t tile_i = q_tiles - 1 - task % q_tiles;
+            const int64_t bh = task / q_tiles;
+            backward_query_tile(a, delta, bh / a->H, bh % a->H, tile_i * BQ,
+                                &w);
+        }
+        free(w.q);
+        free(w.dout);
+        free(w.kt);
+        free(w.vt);
+        free(w.k);
+        free(w.s);
+        free(w.dp);
+        free(w.acc);
+        free(w.acc2);
+        free(w.row);
+    }
+    free(delta);
+}

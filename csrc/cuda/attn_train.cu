@@ -1,0 +1,835 @@
+/*
+ * cuda/attn_train.cu - CUDA kernels of the training attention (SPEC.md
+ * section 3, soft form), the twins of the CPU kernels behind
+ * dms_attn_train_forward / dms_attn_train_backward (see dms.h for the exact
+ * semantics). Flash-attention style: probabilities are never stored as a
+ * T x T matrix, the backward recomputes them from the forward's lse.
+ *
+ * v1: SIMT kernels, float32 everywhere inside (inputs of any floating dtype
+ * are converted on load, outputs rounded on store), 128 threads per block.
+ *
+ *   forward   one block per (b, query head, query tile): online softmax
+ *             over the key tiles up to the diagonal.
+ *   backward  kernel "dkv": one block per (b, kv head, key tile): loops
+ *             over the G query heads of the group and the query tiles that
+ *             can see its keys; accumulates grad_k, grad_v and the grad_y
+ *             sums of its keys in shared memory / registers and writes them
+ *             once. Kernel "dq": one block per (b, query head, query tile),
+ *             accumulates grad_q over the key tiles up to the diagonal.
+ *             No atomics and no workspace: every output element is written
+ *             exactly once by one thread, with a fixed summation order, so
+ *             results are deterministic.
+ *
+ * Thread layout (all kernels): thread t owns the "micro-tile" rows
+ * (t / 8) + 16 a and columns (t % 8) + 8 b of a [rows x cols] score tile;
+ * the eight threads that share a row are eight consecutive lanes of one
+ * warp, so row reductions are three xor-shuffles. The same thread owns the
+ * same rows of the [rows x D] accumulators (columns d = (t % 8) + 8 b of
+ * each 32-wide chunk of D), so per-row softmax state lives in registers.
+ *
+ * Shared memory holds float32 tiles with an odd row stride ld (D or D + 1)
+ * so that the strided micro-tile reads hit distinct banks; its size grows
+ * linearly with D and the launcher picks the largest tile shape that fits
+ * the device's opt-in limit (see *_smem_floats below).
+ *
+ * Built by setup.py with nvcc for sm_80 and sm_90 (+ PTX).
+ */
+#include <math.h>
+#include <stdint.h>
+
+#include "common.cuh"
+#include "../core/scalar.h"
+
+namespace {
+
+constexpr int kThreads = 128;
+constexpr int kWarps = kThreads / 32;
+/*
+ * Asking for 4 resident blocks caps registers at 128 per thread; without a
+ * minimum ptxas settles on ~48 registers and spills in several kernels.
+ */
+constexpr int kMinBlocks = 4;
+constexpr unsigned kFullMask = 0xffffffffu;
+
+/* key_padding [B, T], one byte per element, nonzero = padding. */
+struct DmsPadView {
+    const uint8_t *data; /* nullptr = no padding */
+    int64_t s0, s1;
+
+    __device__ __forceinline__ bool is_pad(int64_t b, int64_t t) const
+    {
+        return data != nullptr && data[b * s0 + t * s1] != 0;
+    }
+};
+
+/*
+ * Everything a kernel reads. The 4-D tensors use DmsView3 with the strides
+ * of their first three dims (the last one is contiguous).
+ */
+struct AttnParams {
+    DmsView3 q, k, v, y, o, lse, grad_o, grad_q, grad_k, grad_v, grad_y;
+    DmsPadView pad;
+    int64_t H, G, T, window;
+    int64_t n_tiles; /* tiles along T of the kernel's own tiling */
+    int D, ld;       /* head dim, shared-memory row stride (odd, >= D) */
+    float scale;
+};
+
+/* log(sigmoid(x)), stable for any x. */
+__device__ __forceinline__ float dms_logsigmoid(float x)
+{
+    return fminf(x, 0.0f) - log1pf(expf(-fabsf(x)));
+}
+
+/* Reductions over the 8 lanes (same t / 8) that share a micro-tile row. */
+__device__ __forceinline__ float group8_max(float v)
+{
+    v = fmaxf(v, __shfl_xor_sync(kFullMask, v, 1));
+    v = fmaxf(v, __shfl_xor_sync(kFullMask, v, 2));
+    v = fmaxf(v, __shfl_xor_sync(kFullMask, v, 4));
+    return v;
+}
+
+__device__ __forceinline__ float group8_sum(float v)
+{
+    v += __shfl_xor_sync(kFullMask, v, 1);
+    v += __shfl_xor_sync(kFullMask, v, 2);
+    v += __shfl_xor_sync(kFullMask, v, 4);
+    return v;
+}
+
+__device__ __forceinline__ float warp_sum(float v)
+{
+    v += __shfl_xor_sync(kFullMask, v, 16);
+    v += __shfl_xor_sync(kFullMask, v, 8);
+    v += __shfl_xor_sync(kFullMask, v, 4);
+    v += __shfl_xor_sync(kFullMask, v, 2);
+    v += __shfl_xor_sync(kFullMask, v, 1);
+    return v;
+}
+
+/*
+ * acc[a][b] = sum_{d < D} A[16 a][d] * Bm[8 b][d], both row-major in shared
+ * memory with row stride ld; A and Bm already point at this thread's first
+ * row (row t / 8 of the left tile, row t % 8 of the right tile).
+ */
+template <int RA, int CB>
+__device__ __forceinline__ void tile_dot(const float *A, const float *Bm,
+                                         int ld, int D, float (&acc)[RA][CB])
+{
+#pragma unroll
+    for (int a = 0; a < RA; ++a)
+#pragma unroll
+        for (int b = 0; b < CB; ++b)
+            acc[a][b] = 0.0f;
+#pragma unroll 2
+    for (int d = 0; d < D; ++d) {
+        float av[RA], bv[CB];
+#pragma unroll
+        for (int a = 0; a < RA; ++a)
+            av[a] = A[a * 16 * ld + d];
+#pragma unroll
+        for (int b = 0; b < CB; ++b)
+            bv[b] = Bm[b * 8 * ld + d];
+#pragma unroll
+        for (int a = 0; a < RA; ++a)
+#pragma unroll
+            for (int b = 0; b < CB; ++b)
+                acc[a][b] = fmaf(av[a], bv[b], acc[a][b]);
+    }
+}
+
+/*
+ * Acc[r][d] = Acc[r][d] * rowscale[a] + sum_{c < NC} P[r][c] * X[c][d]
+ * for this thread's rows r = ty + 16 a and columns d = d0 + tx + 8 b of
+ * every 32-wide chunk d0 of D (rowscale is ignored unless kScaleRows). P
+ * has row stride NC + 1, Acc and X row stride ld. Each Acc element belongs
+ * to one thread; the sum over c runs in a fixed order.
+ */
+template <int RA, int NC, bool kScaleRows>
+__device__ __forceinline__ void tile_accum(float *Acc, int ld, const float *P,
+                                           const float *X, int D, int ty,
+                                           int tx, const float (&rowscale)[RA])
+{
+    constexpr int ldp = NC + 1;
+    for (int d0 = 0; d0 < D; d0 += 32) {
+        bool ok[4];
+        int col[4]; /* clamped into [0, D) so reads of X stay in the row */
+        float acc[RA][4];
+#pragma unroll
+        for (int b = 0; b < 4; ++b) {
+            const int d = d0 + tx + 8 * b;
+            ok[b] = d < D;
+            col[b] = ok[b] ? d : D - 1;
+        }
+#pragma unroll
+        for (int a = 0; a < RA; ++a) {
+            const float *row = Acc + (ty + 16 * a) * ld;
+#pragma unroll
+            for (int b = 0; b < 4; ++b) {
+                /* columns past D belong to nobody: never read them here */
+                const float old = ok[b] ? row[col[b]] : 0.0f;
+                acc[a][b] = kScaleRows ? old * rowscale[a] : old;
+            }
+        }
+#pragma unroll 4
+        for (int c = 0; c < NC; ++c) {
+            float pv[RA], xv[4];
+#pragma unroll
+            for (int a = 0; a < RA; ++a)
+                pv[a] = P[(ty + 16 * a) * ldp + c];
+#pragma unroll
+            for (int b = 0; b < 4; ++b)
+                xv[b] = X[c * ld + col[b]];
+#pragma unroll
+            for (int a = 0; a < RA; ++a)
+#pragma unroll
+                for (int b = 0; b < 4; ++b)
+                    acc[a][b] = fmaf(pv[a], xv[b], acc[a][b]);
+        }
+#pragma unroll
+        for (int a = 0; a < RA; ++a) {
+            float *row = Acc + (ty + 16 * a) * ld;
+#pragma unroll
+            for (int b = 0; b < 4; ++b)
+                if (ok[b])
+                    row[col[b]] = acc[a][b];
+        }
+    }
+}
+
+/*
+ * Rows k0 .. k0 + BK - 1 of k and v (kv head h) into Ks / Vs (zeros past
+ * T), and per key: kok = 1 if the key exists and is not padding, kpen = the
+ * eviction penalty logsigmoid(-y[i + 1]) (0 when not needed). One warp per
+ * row, lanes along D.
+ */
+template <int BK>
+__device__ __forceinline__ void load_key_tile(const AttnParams &p, int64_t b,
+                                              int64_t h, int64_t k0,
+                                              bool need_pen, float *Ks,
+                                              float *Vs, float *kok,
+                                              float *kpen)
+{
+    const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+    const int D = p.D, ld = p.ld;
+    for (int r = warp; r < BK; r += kWarps) {
+        const int64_t i = k0 + r;
+        float *krow = Ks + r * ld, *vrow = Vs + r * ld;
+        if (i < p.T) {
+            const int64_t koff = p.k.at(b, h, i), voff = p.v.at(b, h, i);
+            for (int d = lane; d < D; d += 32) {
+                krow[d] = dms_load(p.k.data, p.k.dtype, koff + d);
+                vrow[d] = dms_load(p.v.data, p.v.dtype, voff + d);
+            }
+        } else {
+            for (int d = lane; d < D; d += 32) {
+                krow[d] = 0.0f;
+                vrow[d] = 0.0f;
+            }
+        }
+    }
+    if (tid < BK) {
+        const int64_t i = k0 + tid;
+        kok[tid] = (i < p.T && !p.pad.is_pad(b, i)) ? 1.0f : 0.0f;
+        float pen = 0.0f;
+        if (need_pen && i + 1 < p.T)
+            pen = dms_logsigmoid(
+                -dms_load(p.y.data, p.y.dtype, p.y.at(b, h, i + 1)));
+        kpen[tid] = pen;
+    }
+}
+
+/*
+ * Rows q0 .. q0 + BQ - 1 of q and grad_o (query head qh) into Qs / dOs
+ * (zeros past T), dQs zeroed if given, and per query: rdelta = grad_o . o,
+ * rlse = lse, rok = 1 if the query exists and is not padding (rlse = 0
+ * otherwise, so it is never -inf). One warp per row, lanes along D.
+ */
+template <int BQ>
+__device__ __forceinline__ void load_query_tile(const AttnParams &p,
+                                                int64_t b, int64_t qh,
+                                                int64_t q0, float *Qs,
+                                                float *dOs, float *dQs,
+                                                float *rlse, float *rdelta,
+                                                float *rok)
+{
+    const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+    const int D = p.D, ld = p.ld;
+    for (int r = warp; r < BQ; r += kWarps) { /* warp-uniform loop */
+        const int64_t j = q0 + r;
+        float *qrow = Qs + r * ld, *grow = dOs + r * ld;
+        float dsum = 0.0f;
+        if (j < p.T) {
+            const int64_t qoff = p.q.at(b, qh, j);
+            const int64_t goff = p.grad_o.at(b, qh, j);
+            const int64_t ooff = p.o.at(b, qh, j);
+            for (int d = lane; d < D; d += 32) {
+                qrow[d] = dms_load(p.q.data, p.q.dtype, qoff + d);
+                const float g = dms_load(p.grad_o.data, p.grad_o.dtype,
+                                         goff + d);
+                grow[d] = g;
+                dsum = fmaf(g, dms_load(p.o.data, p.o.dtype, ooff + d), dsum);
+            }
+        } else {
+            for (int d = lane; d < D; d += 32) {
+                qrow[d] = 0.0f;
+                grow[d] = 0.0f;
+            }
+        }
+        if (dQs != nullptr)
+            for (int d = lane; d < D; d += 32)
+                dQs[r * ld + d] = 0.0f;
+        dsum = warp_sum(dsum);
+        if (lane == 0) {
+            const bool ok = j < p.T && !p.pad.is_pad(b, j);
+            rok[r] = ok ? 1.0f : 0.0f;
+            rdelta[r] = dsum;
+            rlse[r] = ok ? ((const float *)p.lse.data)[p.lse.at(b, qh, j)]
+                         : 0.0f;
+        }
+    }
+}
+
+/* ---- forward ------------------------------------------------------------ */
+
+template <int BQ, int BK>
+constexpr int64_t fwd_smem_floats(int64_t ld)
+{
+    /* Qs, Ks, Vs, Os, Ps, kpen, kok, rinv */
+    return (2 * BQ + 2 * BK) * ld + BQ * (BK + 1) + 2 * BK + BQ;
+}
+
+template <int BQ, int BK>
+__global__ void __launch_bounds__(kThreads, kMinBlocks)
+    attn_fwd_kernel(AttnParams p)
+{
+    constexpr int RA = BQ / 16, CB = BK / 8, LDP = BK + 1;
+    static_assert(BQ % 16 == 0 && BK % 8 == 0, "tile shape");
+    extern __shared__ float dms_smem[];
+    const int D = p.D, ld = p.ld;
+    float *Qs = dms_smem;
+    float *Ks = Qs + BQ * ld;
+    float *Vs = Ks + BK * ld;
+    float *Os = Vs + BK * ld;
+    float *Ps = Os + BQ * ld;
+    float *kpen = Ps + BQ * LDP;
+    float *kok = kpen + BK;
+    float *rinv = kok + BK;
+
+    const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+    const int ty = tid >> 3, tx = tid & 7;
+    const int64_t HG = p.H * p.G, T = p.T;
+    const int64_t bid = blockIdx.x;
+    /* the heaviest (last) query tiles first */
+    const int64_t qt = p.n_tiles - 1 - bid % p.n_tiles;
+    const int64_t qh = (bid / p.n_tiles) % HG;
+    const int64_t b = bid / p.n_tiles / HG;
+    const int64_t h = qh / p.G;
+    const int64_t q0 = qt * BQ;
+    const int64_t q_last = (q0 + BQ < T ? q0 + BQ : T) - 1;
+
+    for (int r = warp; r < BQ; r += kWarps) {
+        const int64_t j = q0 + r;
+        float *qrow = Qs + r * ld, *orow = Os + r * ld;
+        if (j < T) {
+            const int64_t off = p.q.at(b, qh, j);
+            for (int d = lane; d < D; d += 32)
+                qrow[d] = dms_load(p.q.data, p.q.dtype, off + d);
+        } else {
+            for (int d = lane; d < D; d += 32)
+                qrow[d] = 0.0f;
+        }
+        for (int d = lane; d < D; d += 32)
+            orow[d] = 0.0f;
+    }
+
+    int64_t jq[RA];
+    bool qok[RA];
+    float m[RA], lpart[RA], alpha[RA];
+#pragma unroll
+    for (int a = 0; a < RA; ++a) {
+        jq[a] = q0 + ty + 16 * a;
+        qok[a] = jq[a] < T && !p.pad.is_pad(b, jq[a]);
+        m[a] = -INFINITY; /* running max of the row */
+        lpart[a] = 0.0f;  /* this thread's share of the running sum */
+        alpha[a] = 1.0f;
+    }
+
+    const int64_t n_kt = q_last / BK + 1; /* key tiles up to the diagonal */
+    for (int64_t kt = 0; kt < n_kt; ++kt) {
+        const int64_t k0 = kt * BK;
+        /* some pair of this tile further apart than the window? */
+        const bool need_pen = p.y.data != nullptr && q_last - k0 > p.window;
+        load_key_tile<BK>(p, b, h, k0, need_pen, Ks, Vs, kok, kpen);
+        __syncthreads();
+
+        float acc[RA][CB];
+        tile_dot<RA, CB>(Qs + ty * ld, Ks + tx * ld, ld, D, acc);
+#pragma unroll
+        for (int a = 0; a < RA; ++a) {
+            float s[CB];
+            float tmax = -INFINITY;
+#pragma unroll
+            for (int b2 = 0; b2 < CB; ++b2) {
+                const int c = tx + 8 * b2;
+                const int64_t i = k0 + c;
+                float sc = p.scale * acc[a][b2];
+                if (jq[a] - i > p.window)
+                    sc += kpen[c];
+                const bool vis = qok[a] && kok[c] != 0.0f && i <= jq[a];
+                s[b2] = vis ? sc : -INFINITY;
+                tmax = fmaxf(tmax, s[b2]);
+            }
+            tmax = group8_max(tmax);
+            const float m_new = fmaxf(m[a], tmax);
+            /* nothing visible so far: keep everything at zero */
+            const float ref = m_new == -INFINITY ? 0.0f : m_new;
+            alpha[a] = m_new == -INFINITY ? 1.0f : expf(m[a] - m_new);
+            float part = 0.0f;
+#pragma unroll
+            for (int b2 = 0; b2 < CB; ++b2) {
+                const float pr = expf(s[b2] - ref); /* exp(-inf) = 0 */
+                Ps[(ty + 16 * a) * LDP + tx + 8 * b2] = pr;
+                part += pr;
+            }
+            lpart[a] = lpart[a] * alpha[a] + part;
+            m[a] = m_new;
+        }
+        __syncthreads();
+        tile_accum<RA, BK, true>(Os, ld, Ps, Vs, D, ty, tx, alpha);
+        __syncthreads(); /* Ks, Vs, Ps, kok, kpen are rewritten next */
+    }
+
+#pragma unroll
+    for (int a = 0; a < RA; ++a) {
+        const float l = group8_sum(lpart[a]);
+        if (tx == 0) {
+            const bool live = qok[a] && l > 0.0f;
+            rinv[ty + 16 * a] = live ? 1.0f / l : 0.0f;
+            if (jq[a] < T)
+                ((float *)p.lse.data)[p.lse.at(b, qh, jq[a])] =
+                    live ? m[a] + logf(l) : -INFINITY;
+        }
+    }
+    __syncthreads();
+    for (int r = warp; r < BQ; r += kWarps) {
+        const int64_t j = q0 + r;
+        if (j >= T)
+            break;
+        const int64_t off = p.o.at(b, qh, j);
+        const float inv = rinv[r]; /* 0: padding query, o = 0 */
+        for (int d = lane; d < D; d += 32)
+            dms_store(p.o.data, p.o.dtype, off + d,
+                      inv != 0.0f ? Os[r * ld + d] * inv : 0.0f);
+    }
+}
+
+/* ---- backward: grad_q --------------------------------------------------- */
+
+template <int BQ, int BK>
+constexpr int64_t dq_smem_floats(int64_t ld)
+{
+    /* Qs, dOs, dQs, Ks, Vs, dSs, kpen, kok, rlse, rdelta, rok */
+    return (3 * BQ + 2 * BK) * ld + BQ * (BK + 1) + 2 * BK + 3 * BQ;
+}
+
+template <int BQ, int BK>
+__global__ void __launch_bounds__(kThreads, kMinBlocks)
+    attn_bwd_dq_kernel(AttnParams p)
+{
+    constexpr int RA = BQ / 16, CB = BK / 8, LDP = BK + 1;
+    static_assert(BQ % 16 == 0 && BK % 8 == 0, "tile shape");
+    extern __shared__ float dms_smem[];
+    const int D = p.D, ld = p.ld;
+    float *Qs = dms_smem;
+    float *dOs = Qs + BQ * ld;
+    float *dQs = dOs + BQ * ld;
+    float *Ks = dQs + BQ * ld;
+    float *Vs = Ks + BK * ld;
+    float *dSs = Vs + BK * ld;
+    float *kpen = dSs + BQ * LDP;
+    float *kok = kpen + BK;
+    float *rlse = kok + BK;
+    float *rdelta = rlse + BQ;
+    float *rok = rdelta + BQ;
+
+    const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+    const int ty = tid >> 3, tx = tid & 7;
+    const int64_t HG = p.H * p.G, T = p.T;
+    const int64_t bid = blockIdx.x;
+    const int64_t qt = p.n_tiles - 1 - bid % p.n_tiles;
+    const int64_t qh = (bid / p.n_tiles) % HG;
+    const int64_t b = bid / p.n_tiles / HG;
+    const int64_t h = qh / p.G;
+    const int64_t q0 = qt * BQ;
+    const int64_t q_last = (q0 + BQ < T ? q0 + BQ : T) - 1;
+
+    load_query_tile<BQ>(p, b, qh, q0, Qs, dOs, dQs, rlse, rdelta, rok);
+    __syncthreads();
+
+    int64_t jq[RA];
+    bool qok[RA];
+    float lse_r[RA], delta_r[RA];
+#pragma unroll
+    for (int a = 0; a < RA; ++a) {
+        const int r = ty + 16 * a;
+        jq[a] = q0 + r;
+        qok[a] = rok[r] != 0.0f;
+        lse_r[a] = rlse[r];
+        delta_r[a] = rdelta[r];
+    }
+
+    const int64_t n_kt = q_last / BK + 1;
+    for (int64_t kt = 0; kt < n_kt; ++kt) {
+        const int64_t k0 = kt * BK;
+        const bool need_pen = p.y.data != nullptr && q_last - k0 > p.window;
+        load_key_tile<BK>(p, b, h, k0, need_pen, Ks, Vs, kok, kpen);
+        __syncthreads();
+
+        float sacc[RA][CB], dpacc[RA][CB];
+        tile_dot<RA, CB>(Qs + ty * ld, Ks + tx * ld, ld, D, sacc);
+        tile_dot<RA, CB>(dOs + ty * ld, Vs + tx * ld, ld, D, dpacc);
+#pragma unroll
+        for (int a = 0; a < RA; ++a) {
+#pragma unroll
+            for (int b2 = 0; b2 < CB; ++b2) {
+                const int c = tx + 8 * b2;
+                const int64_t i = k0 + c;
+                float sc = p.scale * sacc[a][b2];
+                if (jq[a] - i > p.window)
+                    sc += kpen[c];
+                const bool vis = qok[a] && kok[c] != 0.0f && i <= jq[a];
+                const float pr = vis ? expf(sc - lse_r[a]) : 0.0f;
+                dSs[(ty + 16 * a) * LDP + c] =
+                    vis ? pr * (dpacc[a][b2] - delta_r[a]) : 0.0f;
+            }
+        }
+        __syncthreads();
+        tile_accum<RA, BK, false>(dQs, ld, dSs, Ks, D, ty, tx,
+                                  delta_r /* unused */);
+        __syncthreads();
+    }
+
+    for (int r = warp; r < BQ; r += kWarps) {
+        const int64_t j = q0 + r;
+        if (j >= T)
+            break;
+        const int64_t off = p.grad_q.at(b, qh, j);
+        const bool ok = rok[r] != 0.0f;
+        for (int d = lane; d < D; d += 32)
+            dms_store(p.grad_q.data, p.grad_q.dtype, off + d,
+                      ok ? p.scale * dQs[r * ld + d] : 0.0f);
+    }
+}
+
+/* ---- backward: grad_k, grad_v, grad_y ---------------------------------- */
+
+template <int BK, int BQ>
+constexpr int64_t dkv_smem_floats(int64_t ld)
+{
+    /* Ks, Vs, dKs, dVs, Qs, dOs, Ps, dSs, qlse, qdelta, qok */
+    return (4 * BK + 2 * BQ) * ld + 2 * BK * (BQ + 1) + 3 * BQ;
+}
+
+template <int BK, int BQ>
+__global__ void __launch_bounds__(kThreads, kMinBlocks)
+    attn_bwd_dkv_kernel(AttnParams p)
+{
+    constexpr int RA = BK / 16, CB = BQ / 8, LDP = BQ + 1;
+    static_assert(BK % 16 == 0 && BQ % 8 == 0, "tile shape");
+    extern __shared__ float dms_smem[];
+    const int D = p.D, ld = p.ld;
+    float *Ks = dms_smem;
+    float *Vs = Ks + BK * ld;
+    float *dKs = Vs + BK * ld;
+    float *dVs = dKs + BK * ld;
+    float *Qs = dVs + BK * ld;
+    float *dOs = Qs + BQ * ld;
+    float *Ps = dOs + BQ * ld;
+    float *dSs = Ps + BK * LDP;
+    float *qlse = dSs + BK * LDP;
+    float *qdelta = qlse + BQ;
+    float *qok = qdelta + BQ;
+
+    const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+    const int ty = tid >> 3, tx = tid & 7;
+    const int64_t T = p.T;
+    const int64_t bid = blockIdx.x;
+    /* the heaviest (first) key tiles first */
+    const int64_t kt = bid % p.n_tiles;
+    const int64_t h = (bid / p.n_tiles) % p.H;
+    const int64_t b = bid / p.n_tiles / p.H;
+    const int64_t k0 = kt * BK;
+
+    for (int r = warp; r < BK; r += kWarps) {
+        const int64_t i = k0 + r;
+        float *krow = Ks + r * ld, *vrow = Vs + r * ld;
+        if (i < T) {
+            const int64_t koff = p.k.at(b, h, i), voff = p.v.at(b, h, i);
+            for (int d = lane; d < D; d += 32) {
+                krow[d] = dms_load(p.k.data, p.k.dtype, koff + d);
+                vrow[d] = dms_load(p.v.data, p.v.dtype, voff + d);
+            }
+        } else {
+            for (int d = lane; d < D; d += 32) {
+                krow[d] = 0.0f;
+                vrow[d] = 0.0f;
+            }
+        }
+        for (int d = lane; d < D; d += 32) {
+            dKs[r * ld + d] = 0.0f;
+            dVs[r * ld + d] = 0.0f;
+        }
+    }
+
+    int64_t ik[RA];
+    bool kok[RA];
+    float pen[RA], gy[RA];
+#pragma unroll
+    for (int a = 0; a < RA; ++a) {
+        ik[a] = k0 + ty + 16 * a;
+        kok[a] = ik[a] < T && !p.pad.is_pad(b, ik[a]);
+        pen[a] = 0.0f;
+        if (p.y.data != nullptr && ik[a] + 1 < T)
+            pen[a] = dms_logsigmoid(
+                -dms_load(p.y.data, p.y.dtype, p.y.at(b, h, ik[a] + 1)));
+        gy[a] = 0.0f; /* sum of dS over the pairs that carry the penalty */
+    }
+
+    const int64_t n_qt = (T + BQ - 1) / BQ;
+    const int64_t qt0 = k0 / BQ; /* first query tile that sees a key here */
+    for (int64_t g = 0; g < p.G; ++g) {
+        const int64_t qh = h * p.G + g;
+        for (int64_t qt = qt0; qt < n_qt; ++qt) {
+            const int64_t q0 = qt * BQ;
+            load_query_tile<BQ>(p, b, qh, q0, Qs, dOs, nullptr, qlse, qdelta,
+                                qok);
+            __syncthreads();
+
+            float sacc[RA][CB], dpacc[RA][CB];
+            tile_dot<RA, CB>(Ks + ty * ld, Qs + tx * ld, ld, D, sacc);
+            tile_dot<RA, CB>(Vs + ty * ld, dOs + tx * ld, ld, D, dpacc);
+#pragma unroll
+            for (int a = 0; a < RA; ++a) {
+#pragma unroll
+                for (int b2 = 0; b2 < CB; ++b2) {
+                    const int c = tx + 8 * b2;
+                    const int64_t j = q0 + c;
+                    const bool far = j - ik[a] > p.window;
+                    float sc = p.scale * sacc[a][b2];
+                    if (far)
+                        sc += pen[a];
+                    const bool vis = kok[a] && qok[c] != 0.0f && ik[a] <= j;
+                    const float pr = vis ? expf(sc - qlse[c]) : 0.0f;
+                    const float ds =
+                        vis ? pr * (dpacc[a][b2] - qdelta[c]) : 0.0f;
+                    Ps[(ty + 16 * a) * LDP + c] = pr;
+                    dSs[(ty + 16 * a) * LDP + c] = ds;
+                    if (far)
+                        gy[a] += ds;
+                }
+            }
+            __syncthreads();
+            tile_accum<RA, BQ, false>(dVs, ld, Ps, dOs, D, ty, tx,
+                                      gy /* unused */);
+            tile_accum<RA, BQ, false>(dKs, ld, dSs, Qs, D, ty, tx,
+                                      gy /* unused */);
+            __syncthreads(); /* Qs, dOs, Ps, dSs, q* are rewritten next */
+        }
+    }
+
+    /* grad_y[m] for m = i + 1 of this tile's keys i; grad_y[0] = 0 */
+    const bool want_gy = p.grad_y.data != nullptr;
+#pragma unroll
+    for (int a = 0; a < RA; ++a) {
+        const float total = group8_sum(gy[a]);
+        const int64_t mi = ik[a] + 1;
+        if (want_gy && tx == 0 && mi < T) {
+            const float yv = dms_load(p.y.data, p.y.dtype, p.y.at(b, h, mi));
+            /* 0 - x: +0 rather than -0 when nothing was far */
+            dms_store(p.grad_y.data, p.grad_y.dtype, p.grad_y.at(b, h, mi),
+                      0.0f - dms_sigmoid(yv) * total);
+        }
+    }
+    if (want_gy && kt == 0 && tid == 0)
+        dms_store(p.grad_y.data, p.grad_y.dtype, p.grad_y.at(b, h, 0), 0.0f);
+
+    for (int r = warp; r < BK; r += kWarps) {
+        const int64_t i = k0 + r;
+        if (i >= T)
+            break;
+        const bool ok = !p.pad.is_pad(b, i);
+        const int64_t koff = p.grad_k.at(b, h, i);
+        const int64_t voff = p.grad_v.at(b, h, i);
+        for (int d = lane; d < D; d += 32) {
+            dms_store(p.grad_k.data, p.grad_k.dtype, koff + d,
+                      ok ? p.scale * dKs[r * ld + d] : 0.0f);
+            dms_store(p.grad_v.data, p.grad_v.dtype, voff + d,
+                      ok ? dVs[r * ld + d] : 0.0f);
+        }
+    }
+}
+
+/* ---- host side ---------------------------------------------------------- */
+
+AttnParams make_params(const dms_attn_train_args *a)
+{
+    AttnParams p;
+    p.q = dms_view3(a->q);
+    p.k = dms_view3(a->k);
+    p.v = dms_view3(a->v);
+    p.y = dms_view3(a->y);
+    p.o = dms_view3(a->o);
+    p.lse = dms_view3(a->lse);
+    p.grad_o = dms_view3(a->grad_o);
+    p.grad_q = dms_view3(a->grad_q);
+    p.grad_k = dms_view3(a->grad_k);
+    p.grad_v = dms_view3(a->grad_v);
+    p.grad_y = dms_view3(a->grad_y);
+    if (a->key_padding != NULL) {
+        p.pad.data = (const uint8_t *)a->key_padding->data;
+        p.pad.s0 = a->key_padding->strides[0];
+        p.pad.s1 = a->key_padding->strides[1];
+    } else {
+        p.pad.data = nullptr;
+        p.pad.s0 = p.pad.s1 = 0;
+    }
+    p.H = a->H;
+    p.G = a->G;
+    p.T = a->T;
+    p.window = a->window;
+    p.n_tiles = 0;
+    p.D = (int)a->D;
+    p.ld = (int)(a->D % 2 == 0 ? a->D + 1 : a->D); /* odd: no bank conflicts */
+    p.scale = a->scale;
+    return p;
+}
+
+/* The largest dynamic shared memory a block of this device may opt in to. */
+dms_status smem_limit(const dms_tensor *t, int64_t *bytes)
+{
+    int value = 0;
+    DMS_CUDA_CHECK(cudaDeviceGetAttribute(
+        &value, cudaDevAttrMaxSharedMemoryPerBlockOptin, t->device_index));
+    *bytes = value;
+    return DMS_OK;
+}
+
+/* One block per (tile, batch and head): `outer` counts the latter. */
+dms_status launch(void (*kernel)(AttnParams), const AttnParams &p,
+                  int64_t tiles, int64_t outer, int64_t smem,
+                  cudaStream_t stream)
+{
+    const int64_t blocks = tiles * outer;
+    if (blocks > 2147483647)
+        return dms_fail(DMS_ERR_SHAPE, "training attention: %lld thread "
+                        "blocks exceed the CUDA grid limit",
+                        (long long)blocks);
+    if (smem > 48 * 1024)
+        DMS_CUDA_CHECK(cudaFuncSetAttribute(
+            kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem));
+    AttnParams args = p;
+    args.n_tiles = tiles;
+    kernel<<<(unsigned)blocks, kThreads, (size_t)smem, stream>>>(args);
+    DMS_CUDA_CHECK(cudaGetLastError());
+    return DMS_OK;
+}
+
+dms_status no_fit(const char *what, int64_t D, int64_t need, int64_t limit)
+{
+    return dms_fail(DMS_ERR_SHAPE, "q: head dim %lld needs %lld bytes of "
+                    "shared memory per block in the CUDA %s kernel, this "
+                    "GPU allows %lld", (long long)D, (long long)need, what,
+                    (long long)limit);
+}
+
+/*
+ * Launches the kernel with tile shape <R, C> (R rows per block along T) if
+ * its shared memory fits `limit`; returns false (launching nothing) if not.
+ * `outer` is the number of (batch, head) pairs of the grid.
+ */
+template <int R>
+bool try_launch(void (*kernel)(AttnParams), int64_t smem_floats,
+                const AttnParams &p, int64_t outer, int64_t limit,
+                cudaStream_t stream, dms_status *status)
+{
+    const int64_t smem = smem_floats * (int64_t)sizeof(float);
+    if (smem > limit)
+        return false;
+    *status = launch(kernel, p, (p.T + R - 1) / R, outer, smem, stream);
+    return true;
+}
+
+} // namespace
+
+extern "C" dms_status dms_attn_train_forward_cuda(
+    const dms_attn_train_args *args, void *stream)
+{
+    DmsDeviceGuard guard(args->q->device_index);
+    DMS_CUDA_CHECK(guard.status());
+    int64_t limit = 0;
+    DMS_TRY(smem_limit(args->q, &limit));
+    const AttnParams p = make_params(args);
+    const int64_t outer = args->B * args->H * args->G;
+    const cudaStream_t s = (cudaStream_t)stream;
+    dms_status status = DMS_OK;
+    /* largest tile shape first */
+    if (try_launch<64>(attn_fwd_kernel<64, 32>,
+                           fwd_smem_floats<64, 32>(p.ld), p, outer, limit, s,
+                           &status) ||
+        try_launch<32>(attn_fwd_kernel<32, 32>,
+                           fwd_smem_floats<32, 32>(p.ld), p, outer, limit, s,
+                           &status) ||
+        try_launch<16>(attn_fwd_kernel<16, 16>,
+                           fwd_smem_floats<16, 16>(p.ld), p, outer, limit, s,
+                           &status))
+        return status;
+    return no_fit("forward", args->D,
+                  fwd_smem_floats<16, 16>(p.ld) * (int64_t)sizeof(float),
+                  limit);
+}
+
+extern "C" dms_status dms_attn_train_backward_cuda(
+    const dms_attn_train_args *args, void *stream)
+{
+    DmsDeviceGuard guard(args->q->device_index);
+    DMS_CUDA_CHECK(guard.status());
+    int64_t limit = 0;
+    DMS_TRY(smem_limit(args->q, &limit));
+    const AttnParams p = make_params(args);
+    const cudaStream_t s = (cudaStream_t)stream;
+    dms_status status = DMS_OK;
+
+    /* grad_k, grad_v, grad_y: tiles of keys */
+    const int64_t kv_outer = args->B * args->H;
+    if (!(try_launch<32>(attn_bwd_dkv_kernel<32, 32>,
+                             dkv_smem_floats<32, 32>(p.ld), p, kv_outer,
+                             limit, s, &status) ||
+          try_launch<16>(attn_bwd_dkv_kernel<16, 32>,
+                             dkv_smem_floats<16, 32>(p.ld), p, kv_outer,
+                             limit, s, &status) ||
+          try_launch<16>(attn_bwd_dkv_kernel<16, 16>,
+                             dkv_smem_floats<16, 16>(p.ld), p, kv_outer,
+                             limit, s, &status)))
+        return no_fit("backward (dk, dv)", args->D,
+                      dkv_smem_floats<16, 16>(p.ld) * (int64_t)sizeof(float),
+                      limit);
+    DMS_TRY(status);
+
+    /* grad_q: tiles of queries */
+    const int64_t q_outer = args->B * args->H * args->G;
+    if (try_launch<64>(attn_bwd_dq_kernel<64, 32>,
+                           dq_smem_floats<64, 32>(p.ld), p, q_outer, limit,
+                           s, &status) ||
+        try_launch<32>(attn_bwd_dq_kernel<32, 16>,
+                           dq_smem_floats<32, 16>(p.ld), p, q_outer, limit,
+                           s, &status) ||
+        try_launch<16>(attn_bwd_dq_kernel<16, 16>,
+                           dq_smem_floats<16, 16>(p.ld), p, q_outer, limit,
+                           s, &status))
+        return status;
+    return no_fit("backward (dq)", args->D,
+                  dq_smem_floats<16, 16>(p.ld) * (int64_t)sizeof(float),
+                  limit);
+}
