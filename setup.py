@@ -8,6 +8,8 @@ Environment switches (all optional):
                     the highest one is embedded too, for newer GPUs
   DMS_CUBLAS=0|1    skip / require linking cuBLAS (default: link when found)
   DMS_DEBUG=1       -O0 -g, for gdb
+  DMS_SANITIZE=1    build the C code with AddressSanitizer + UBSan (tests
+                    only: load with LD_PRELOAD=libasan.so; no SIMD clones)
   CUDA_HOME         where the CUDA toolkit lives (else nvcc on PATH, else
                     /usr/local/cuda)
 
@@ -167,15 +169,20 @@ def _extension():
     # -std=c11 alone would turn off FMA contraction (-ffp-contract=off).
     compile_args = ["-std=c11", "-O0" if debug else "-O3", "-ffp-contract=fast", "-fopenmp", "-fvisibility=hidden",
                     "-Wall", "-Wextra", "-Werror", "-Wno-unused-parameter"]
+    link_args = ["-fopenmp"]
     if debug:
         compile_args.append("-g")
+    if _env_flag("DMS_SANITIZE"):
+        sanitize = ["-fsanitize=address,undefined", "-fno-sanitize-recover=all", "-fno-omit-frame-pointer", "-g"]
+        compile_args += sanitize
+        link_args += sanitize
     return Extension(
         "dms._C",
         sources=sources,
         include_dirs=[str(CSRC), numpy.get_include()],
         define_macros=[("DMS_VERSION", f'"{VERSION}"'), ("NPY_NO_DEPRECATED_API", "NPY_1_22_API_VERSION")],
         extra_compile_args=compile_args,
-        extra_link_args=["-fopenmp"],
+        extra_link_args=link_args,
         libraries=[],
         language="c",
     )

@@ -49,5 +49,6 @@ def build_info() -> dict:
     """What this build of dms contains: version, CUDA (archs, runtime, driver,
     cuBLAS, visible devices), CPU features detected at run time and the code
     path each CPU kernel takes with them, OpenMP and the default thread count,
-    the compiler, the DLPack version consumed."""
+    the compiler, the DLPack version consumed, and whether this is a
+    sanitizer build (DMS_SANITIZE=1, for tests)."""
     return dict(_C.build_info())

@@ -458,10 +458,11 @@ void dms_attn_train_forward_cpu(const dms_attn_train_args *a,
 
 /* ---- backward ---------------------------------------------------------- */
 
-/* Per-thread scratch of the backward. */
+/* Per-thread scratch of the backward. The query side (q, dout, lse,
+ * delta) has G slots: pass B keeps a whole GQA group's queries loaded. */
 typedef struct bwd_scratch {
-    float *q, *dout, *kt, *vt, *k, *s, *dp, *acc, *acc2, *row;
-    float lse[BQ], delta[BQ];
+    float *q, *dout, *lse, *delta; /* G x BQ x ld (twice), G x BQ (twice) */
+    float *kt, *vt, *k, *s, *dp, *acc, *acc2, *row;
 } bwd_scratch;
 
 /*
@@ -497,22 +498,24 @@ static void compute_delta(const dms_attn_train_args *a, float *delta,
     }
 }
 
-/* Query-side tile state: scaled q, grad_o, lse (-inf for padding and rows
- * past T: probability 0, no gradient) and delta. */
+/* Query-side tile state into `slot`: scaled q, grad_o, lse (-inf for
+ * padding and rows past T: probability 0, no gradient) and delta. */
 static void load_query_side(const dms_attn_train_args *a, const float *delta,
                             int64_t b, int64_t qh, int64_t q0, int64_t qn,
-                            bwd_scratch *w)
+                            bwd_scratch *w, int64_t slot)
 {
     const int64_t D = a->D, ld = padded_dim(D);
     const float *drow = delta + (b * a->H * a->G + qh) * a->T;
-    load_rows(a->q, b, qh, q0, qn, BQ, D, ld, a->scale, w->q);
-    load_rows(a->grad_o, b, qh, q0, qn, BQ, D, ld, 1.0f, w->dout);
+    float *lse = w->lse + slot * BQ, *dl = w->delta + slot * BQ;
+    load_rows(a->q, b, qh, q0, qn, BQ, D, ld, a->scale, w->q + slot * BQ * ld);
+    load_rows(a->grad_o, b, qh, q0, qn, BQ, D, ld, 1.0f,
+              w->dout + slot * BQ * ld);
     for (int r = 0; r < BQ; ++r) {
         const int visible = r < qn && !is_padding(a, b, q0 + r);
-        w->lse[r] = visible ? ((const float *)a->lse->data)[off3(
-                                  a->lse, b, qh, q0 + r)]
-                            : -INFINITY;
-        w->delta[r] = visible ? drow[q0 + r] : 0.0f;
+        lse[r] = visible ? ((const float *)a->lse->data)[off3(a->lse, b, qh,
+                                                               q0 + r)]
+                         : -INFINITY;
+        dl[r] = visible ? drow[q0 + r] : 0.0f;
     }
 }
 
@@ -550,19 +553,20 @@ static void window_grad(int64_t q0, int64_t k0, int64_t window,
 }
 
 /*
- * For the query tile in w and the key tile tk (kt, vt loaded): P into w->s
- * and dS = P * (dP - delta) into w->dp.
+ * For the query tile in `slot` and the key tile tk (kt, vt loaded): P into
+ * w->s and dS = P * (dP - delta) into w->dp.
  */
 static void probs_and_dscores(const dms_attn_train_args *a, int64_t q0,
-                              int64_t qn, const tile_keys *tk, bwd_scratch *w)
+                              int64_t qn, const tile_keys *tk, bwd_scratch *w,
+                              int64_t slot)
 {
     const int64_t ld = padded_dim(a->D);
-    matmul_nt(w->q, w->kt, ld, w->s);
+    matmul_nt(w->q + slot * BQ * ld, w->kt, ld, w->s);
     if (!tile_is_full(a, q0, qn, tk))
         apply_masks(q0, tk->k0, a->y ? a->window : INT64_MAX, tk->penalty,
                     tk->hidden_bias, w->s);
-    matmul_nt(w->dout, w->vt, ld, w->dp);
-    softmax_grad(w->s, w->dp, w->lse, w->delta);
+    matmul_nt(w->dout + slot * BQ * ld, w->vt, ld, w->dp);
+    softmax_grad(w->s, w->dp, w->lse + slot * BQ, w->delta + slot * BQ);
 }
 
 /* Pass A: grad_k, grad_v, grad_y for one key tile of kv head (b, h). */
@@ -583,8 +587,8 @@ static void backward_key_tile(const dms_attn_train_args *a,
         const int64_t qh = h * a->G + g;
         for (int64_t q0 = (k0 / BQ) * BQ; q0 < a->T; q0 += BQ) {
             const int64_t qn = a->T - q0 < BQ ? a->T - q0 : BQ;
-            load_query_side(a, delta, b, qh, q0, qn, w);
-            probs_and_dscores(a, q0, qn, &tk, w);
+            load_query_side(a, delta, b, qh, q0, qn, w, 0);
+            probs_and_dscores(a, q0, qn, &tk, w, 0);
             matmul_acc_tn(w->s, w->dout, ld, dv);
             matmul_acc_tn(w->dp, w->q, ld, dk); /* q is pre-scaled */
             if (a->grad_y && q0 + qn - 1 - k0 > a->window)
@@ -621,6 +625,8 @@ static void backward_query_tile(const dms_attn_train_args *a,
     const int64_t D = a->D, ld = padded_dim(D), G = a->G;
     const int64_t qn = a->T - q0 < BQ ? a->T - q0 : BQ;
     memset(w->acc, 0, sizeof(float) * (size_t)(G * BQ * ld));
+    for (int64_t g = 0; g < G; ++g)
+        load_query_side(a, delta, b, h * G + g, q0, qn, w, g);
     for (int64_t k0 = 0; k0 <= q0 + qn - 1; k0 += BK) {
         tile_keys tk;
         load_keys(a, b, h, k0, &tk);
@@ -628,10 +634,7 @@ static void backward_query_tile(const dms_attn_train_args *a,
         load_cols(a->v, b, h, k0, tk.kn, D, ld, w->row, w->vt);
         load_rows(a->k, b, h, k0, tk.kn, BK, D, ld, 1.0f, w->k);
         for (int64_t g = 0; g < G; ++g) {
-            /* Reloading the query side per key tile keeps scratch at one
-             * query tile; it costs O(BQ x D) against O(BQ x BK x D). */
-            load_query_side(a, delta, b, h * G + g, q0, qn, w);
-            probs_and_dscores(a, q0, qn, &tk, w);
+            probs_and_dscores(a, q0, qn, &tk, w, g);
             matmul_acc_nn(w->dp, w->k, ld, w->acc + g * BQ * ld);
         }
     }
@@ -655,8 +658,10 @@ void dms_attn_train_backward_cpu(const dms_attn_train_args *a,
     {
         bwd_scratch w;
         const size_t tile = (size_t)(BQ > BK ? BQ : BK) * (size_t)ld;
-        w.q = alloc_floats(tile);
-        w.dout = alloc_floats(tile);
+        w.q = alloc_floats(tile * (size_t)G);
+        w.dout = alloc_floats(tile * (size_t)G);
+        w.lse = alloc_floats((size_t)(G * BQ));
+        w.delta = alloc_floats((size_t)(G * BQ));
         w.kt = alloc_floats(tile);
         w.vt = alloc_floats(tile);
         w.k = alloc_floats(tile);
@@ -685,6 +690,8 @@ void dms_attn_train_backward_cpu(const dms_attn_train_args *a,
         }
         free(w.q);
         free(w.dout);
+        free(w.lse);
+        free(w.delta);
         free(w.kt);
         free(w.vt);
         free(w.k);

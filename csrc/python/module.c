@@ -762,6 +762,11 @@ static PyObject *py_build_info(PyObject *module, PyObject *unused)
             return raise_status(module, status);
         }
     }
+#if defined(__SANITIZE_ADDRESS__)
+    PyObject *sanitized = Py_True;
+#else
+    PyObject *sanitized = Py_False;
+#endif
 #ifdef _OPENMP
     PyObject *openmp = Py_True;
     int openmp_version = _OPENMP;
@@ -777,7 +782,7 @@ static PyObject *py_build_info(PyObject *module, PyObject *unused)
     const char *compiler = "unknown";
 #endif
     return Py_BuildValue(
-        "{s:s,s:O,s:s,s:i,s:i,s:i,s:i,s:N,s:N,s:O,s:i,s:i,s:s,s:(ii)}",
+        "{s:s,s:O,s:s,s:i,s:i,s:i,s:i,s:N,s:N,s:O,s:i,s:i,s:s,s:(ii),s:O}",
         "version", DMS_VERSION, "cuda", dms_has_cuda() ? Py_True : Py_False,
         "cuda_archs", DMS_CUDA_ARCHS, "cuda_runtime_version", runtime,
         "cuda_driver_version", driver, "cublas_version", cublas,
@@ -785,7 +790,7 @@ static PyObject *py_build_info(PyObject *module, PyObject *unused)
         kernels, "openmp", openmp,
         "openmp_version", openmp_version, "default_num_threads",
         dms_default_num_threads(), "compiler", compiler, "dlpack_version",
-        DMS_DLPACK_MAJOR, DMS_DLPACK_MINOR);
+        DMS_DLPACK_MAJOR, DMS_DLPACK_MINOR, "sanitized", sanitized);
 }
 
 /* ---- module ----------------------------------------------------------- */
