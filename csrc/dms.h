@@ -39,6 +39,7 @@ typedef enum dms_status {
     DMS_ERR_READONLY,  /* an output tensor is read-only                   */
     DMS_ERR_NO_CUDA,   /* a CUDA tensor reached a build without CUDA      */
     DMS_ERR_CUDA,      /* the CUDA runtime reported an error              */
+    DMS_ERR_POOL,      /* the page pool has too few free pages: grow it   */
     DMS_ERR_INTERNAL   /* a bug in dms: please report it                  */
 } dms_status;
 
@@ -236,6 +237,108 @@ dms_status dms_attn_train_backward(
     const dms_tensor *grad_o, const dms_tensor *grad_q,
     const dms_tensor *grad_k, const dms_tensor *grad_v,
     const dms_tensor *grad_y, const dms_exec *exec);
+
+/* ---- paged inference cache (SPEC.md sections 4 and 5) ----------------- */
+
+/*
+ * The paged DMS cache of one layer. Every piece of state is a tensor the
+ * caller owns (on the device the kernels run on), so a decode step needs no
+ * host round trip. A row is one (batch element b, KV head h), r = b*H + h.
+ *
+ *   k_pages, v_pages : [n_pages, P, D] float32 | float16 | bfloat16, the
+ *                      pool; page p holds P consecutive slots of one row
+ *   slot_limit       : [n_pages, P] int32; a stored key is visible to a
+ *                      query at row position j iff j < slot_limit (a key
+ *                      flagged for eviction at position i gets i + w + 1,
+ *                      every other key INT32_MAX)
+ *   page_table       : [R, max_pages] int32, row r's pages in slot order
+ *   row_slots        : [R] int32, slots in use; slots 0 .. row_slots - 1 of
+ *                      a row are all occupied (an evicted slot is reused by
+ *                      the very token whose arrival evicts it)
+ *   row_seen         : [R] int32, tokens appended (the next row position;
+ *                      padding tokens are not tokens of the row)
+ *   window           : [R, w + 1] int32, the slot (page * P + offset) of
+ *                      each of the last w + 1 tokens, at position % (w + 1)
+ *   free_pages       : [n_pages] int32, a stack of free page ids, of which
+ *                      free_count[0] are valid (bottom first)
+ *   free_count       : [1] int32
+ *   window_size      : w >= 0, any page size P >= 1 (the model's config
+ *                      keeps SPEC's P < w; the kernels do not need it)
+ */
+typedef struct dms_cache {
+    const dms_tensor *k_pages, *v_pages, *slot_limit, *page_table;
+    const dms_tensor *row_slots, *row_seen, *window, *free_pages, *free_count;
+    int64_t window_size;
+} dms_cache;
+
+/*
+ * Appends n tokens per row (SPEC section 4), in order. For each non-padding
+ * token at row position t with decision a[t]:
+ *   - a[t] is the eviction flag of token t - 1 (the decision concerns the
+ *     token before it; the first token's decision has nothing to flag);
+ *   - the token at t - w - 1 leaves the window: if it is flagged its slot
+ *     is reused by token t, else token t takes a fresh slot (a new page is
+ *     popped from free_pages when the row's last page is full).
+ * k_new/v_new rows of tokens whose slot is reused later in the same call
+ * are not copied. Nothing is modified if the pool cannot supply the pages
+ * the call needs: the call fails with DMS_ERR_POOL and the message says how
+ * many pages are missing (grow the pool and retry).
+ *
+ *   k_new, v_new  : [B, H, n, D], the dtype of k_pages; last dim contiguous
+ *   decisions     : [B, H, n] bool | uint8 (0 or 1)
+ *   key_padding   : [B, n] bool | uint8, nonzero = padding, or NULL
+ *   token_slots   : [B, H, n] int32 output: each token's slot, -1 for
+ *                   padding and for tokens evicted within the call
+ */
+dms_status dms_cache_append(const dms_cache *cache, const dms_tensor *k_new,
+                            const dms_tensor *v_new,
+                            const dms_tensor *decisions,
+                            const dms_tensor *key_padding,
+                            const dms_tensor *token_slots,
+                            const dms_exec *exec);
+
+/*
+ * Prefill attention (SPEC sections 3 and 5): n new queries per row against
+ * the cache as it is *before* dms_cache_append of the same tokens, plus the
+ * n new keys, with the hard visibility rule. A query at row position j
+ * sees a cached slot iff j < its slot_limit (the last cached token's flag
+ * is taken from the first non-padding decision of this call), and a new
+ * key at position i iff i <= j, it is not padding, and (its flag is 0 or
+ * j - i <= w). Padding queries give o = 0 and lse = -inf.
+ *
+ *   q            : [B, H*G, n, D] (dtype of the pages), last dim contiguous
+ *   k_new, v_new : [B, H, n, D]
+ *   decisions, key_padding : as for dms_cache_append
+ *   scale        : softmax scale, finite and > 0
+ *   o            : [B, H*G, n, D] floating output
+ *   lse          : [B, H*G, n] float32 output
+ */
+dms_status dms_attn_prefill(const dms_cache *cache, const dms_tensor *q,
+                            const dms_tensor *k_new, const dms_tensor *v_new,
+                            const dms_tensor *decisions,
+                            const dms_tensor *key_padding, float scale,
+                            const dms_tensor *o, const dms_tensor *lse,
+                            const dms_exec *exec);
+
+/*
+ * Decode attention: one query per row (G query heads per KV head) over
+ * every stored slot of the row, after dms_cache_append of the query's own
+ * token (at decode time every stored key is visible: flagged keys are
+ * overwritten the moment they leave the window). Rows with no stored slot
+ * (an all-padding batch element) give o = 0, lse = -inf.
+ *
+ *   q         : [B, H*G, 1, D], last dim contiguous
+ *   o         : [B, H*G, 1, D] floating output
+ *   lse       : [B, H*G, 1] float32 output
+ *   workspace : [B * H * G, S, D + 2] float32 scratch, or NULL: long rows
+ *               are split into up to S key ranges processed in parallel
+ *               (flash-decoding) and merged by log-sum-exp; NULL = S = 1.
+ *               Results do not depend on S beyond float rounding.
+ */
+dms_status dms_attn_decode(const dms_cache *cache, const dms_tensor *q,
+                           float scale, const dms_tensor *o,
+                           const dms_tensor *lse, const dms_tensor *workspace,
+                           const dms_exec *exec);
 
 #ifdef __cplusplus
 }

@@ -6,7 +6,7 @@ its kernels for PyTorch (autograd) and NumPy.
 """
 
 from dms._ext import _C
-from dms._C import CudaError, CudaUnavailableError, DMSError
+from dms._C import CudaError, CudaUnavailableError, DMSError, PoolExhaustedError
 from dms.runtime import build_info, get_num_threads, set_num_threads
 
 __version__ = _C.build_info()["version"]
@@ -15,6 +15,7 @@ __all__ = [
     "CudaError",
     "CudaUnavailableError",
     "DMSError",
+    "PoolExhaustedError",
     "build_info",
     "get_num_threads",
     "set_num_threads",

@@ -14,10 +14,20 @@ export PYTHONUNBUFFERED=1
 PY=${PYTHON:-python3}
 declare -a NAMES STATUS DETAIL
 
+# Everything must fit one device call (at most 600 s): steps run in order of
+# importance, and a step that would start past the budget is skipped.
+BUDGET=${GPU_CHECK_BUDGET:-540}
+
 step() {  # step NAME TIMEOUT_S COMMAND...
     local name=$1 limit=$2
     shift 2
     local log="$OUT/$name.log"
+    local left=$((BUDGET - SECONDS))
+    if [ "$left" -lt 20 ]; then
+        NAMES+=("$name"); STATUS+=(skipped); DETAIL+=("out of time budget (${BUDGET}s)")
+        return 0
+    fi
+    [ "$limit" -gt "$left" ] && limit=$left
     echo "=== $name: $*"
     local start=$SECONDS
     timeout "$limit" "$@" >"$log" 2>&1
@@ -36,22 +46,25 @@ if ! step build 400 "$PY" -m pip install --no-build-isolation --no-deps -e .; th
 fi
 step selfcheck 120 "$PY" -m dms
 step cuda_tests 300 "$PY" -m pytest -q -m cuda tests
-step all_tests 400 "$PY" -m pytest -q tests
 if command -v compute-sanitizer >/dev/null; then
-    step memcheck 400 compute-sanitizer --tool memcheck --error-exitcode 9 \
-        "$PY" -m pytest -q -m cuda -p no:cacheprovider tests/test_gate.py tests/test_attn_train.py
-    step racecheck 300 compute-sanitizer --tool racecheck --error-exitcode 9 \
-        "$PY" -m pytest -q -m cuda -p no:cacheprovider tests/test_attn_train.py -k "float32"
+    step memcheck 200 compute-sanitizer --tool memcheck --error-exitcode 9 \
+        "$PY" -m pytest -q -m cuda -p no:cacheprovider tests/test_gate.py tests/test_attn_train.py tests/test_cache.py
 else
     NAMES+=(memcheck); STATUS+=(skipped); DETAIL+=("compute-sanitizer not on PATH")
 fi
-step bench_gate_f32 200 "$PY" bench/gate.py --device cuda --dtype float32
-step bench_gate_bf16 200 "$PY" bench/gate.py --device cuda --dtype bfloat16
-step bench_attn_train 400 "$PY" bench/attention_train.py --device cuda --seq 1024,4096,16384 --dtype bfloat16,float32
+step bench_attn_train 200 "$PY" bench/attention_train.py --device cuda --seq 1024,4096,16384 --dtype bfloat16,float32
+step bench_decode 120 "$PY" bench/decode.py --device cuda
+step bench_prefill 120 "$PY" bench/prefill.py --device cuda --seq 4096,16384 --chunk 4096
+step bench_gate 60 "$PY" bench/gate.py --device cuda --dtype bfloat16
+if command -v compute-sanitizer >/dev/null; then
+    step racecheck 120 compute-sanitizer --tool racecheck --error-exitcode 9 \
+        "$PY" -m pytest -q -m cuda -p no:cacheprovider tests/test_attn_train.py tests/test_cache.py -k "float32"
+fi
+step all_tests 300 "$PY" -m pytest -q -x tests --ignore=tests/test_sanitized.py
 
 echo
 echo "=== benchmark tables"
-cat "$OUT"/bench_*.log 2>/dev/null | grep -E '^(\||gate|attn_train)'
+cat "$OUT"/bench_*.log 2>/dev/null | grep -E '^(\||gate|attn_train|decode|prefill)'
 echo
 echo "=== summary ($(cat "$OUT/gpu.txt"))"
 printf '| %-16s | %-8s | %s\n' step status "last line [time]"

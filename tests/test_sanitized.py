@@ -46,8 +46,8 @@ def test_extension_under_sanitizers(tmp_path):
     where = subprocess.run([sys.executable, "-S", "-c", "import dms; print(dms._C.__file__)"], env=run_env,
                            cwd=tmp_path, capture_output=True, text=True)
     assert where.returncode == 0 and where.stdout.strip().startswith(str(pkg)), where.stdout + where.stderr
-    tests = [str(ROOT / "tests" / name) for name in ("test_gate.py", "test_attn_train.py", "test_dlpack.py",
-                                                       "test_build.py")]
+    tests = [str(ROOT / "tests" / name) for name in ("test_gate.py", "test_attn_train.py", "test_cache.py",
+                                                       "test_dlpack.py", "test_build.py")]
     run = subprocess.run([sys.executable, "-S", "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider",
                           "--import-mode=append", "-k", "not leak and not numpy_alone and not missing_extension",
                           *tests], cwd=tmp_path, env=run_env, capture_output=True, text=True, timeout=1200)

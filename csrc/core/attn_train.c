@@ -13,45 +13,6 @@
     "got a CUDA tensor, but dms was built without CUDA kernels; rebuild "  \
     "with nvcc available and DMS_CUDA=1: pip install -e ."
 
-static dms_status check_shape4(const dms_tensor *t, const char *name,
-                               int64_t b, int64_t h, int64_t n, int64_t d)
-{
-    if (t->shape[0] != b || t->shape[1] != h || t->shape[2] != n ||
-        t->shape[3] != d)
-        return dms_fail(DMS_ERR_SHAPE, "%s: expected shape (%lld, %lld, "
-                        "%lld, %lld), got (%lld, %lld, %lld, %lld)", name,
-                        (long long)b, (long long)h, (long long)n,
-                        (long long)d, (long long)t->shape[0],
-                        (long long)t->shape[1], (long long)t->shape[2],
-                        (long long)t->shape[3]);
-    if (t->strides[3] != 1 && d > 1)
-        return dms_fail(DMS_ERR_LAYOUT, "%s: the last (head) dim must be "
-                        "contiguous (stride 1), got stride %lld", name,
-                        (long long)t->strides[3]);
-    return DMS_OK;
-}
-
-static dms_status check_shape_n(const dms_tensor *t, const char *name,
-                                int ndim, const int64_t *want)
-{
-    for (int d = 0; d < ndim; ++d) {
-        if (t->shape[d] != want[d]) {
-            if (ndim == 2)
-                return dms_fail(DMS_ERR_SHAPE, "%s: expected shape (%lld, "
-                                "%lld), got (%lld, %lld)", name,
-                                (long long)want[0], (long long)want[1],
-                                (long long)t->shape[0],
-                                (long long)t->shape[1]);
-            return dms_fail(DMS_ERR_SHAPE, "%s: expected shape (%lld, %lld, "
-                            "%lld), got (%lld, %lld, %lld)", name,
-                            (long long)want[0], (long long)want[1],
-                            (long long)want[2], (long long)t->shape[0],
-                            (long long)t->shape[1], (long long)t->shape[2]);
-        }
-    }
-    return DMS_OK;
-}
-
 /* A [.., T, D] tensor of the call: rank 4, floating, same device as q. */
 static dms_status check4(const dms_tensor *t, const char *name,
                          const dms_tensor *q, int is_output, int64_t b,
@@ -59,7 +20,7 @@ static dms_status check4(const dms_tensor *t, const char *name,
 {
     DMS_TRY(dms_check_tensor(t, name, DMS_FLOATING, 4, is_output));
     DMS_TRY(dms_check_same_device(t, name, q, "q"));
-    return check_shape4(t, name, b, h, n, d);
+    return dms_check_heads(t, name, b, h, n, d);
 }
 
 /* Everything both directions share; fills `a`. */
@@ -84,9 +45,9 @@ static dms_status check_common(dms_attn_train_args *a, const dms_tensor *q,
     if (D > DMS_ATTN_MAX_HEAD_DIM)
         return dms_fail(DMS_ERR_SHAPE, "q: head dim %lld is larger than the "
                         "supported %d", (long long)D, DMS_ATTN_MAX_HEAD_DIM);
-    DMS_TRY(check_shape4(q, "q", B, HG, T, D));
+    DMS_TRY(dms_check_heads(q, "q", B, HG, T, D));
     DMS_TRY(dms_check_same_device(k, "k", q, "q"));
-    DMS_TRY(check_shape4(k, "k", B, H, T, D));
+    DMS_TRY(dms_check_heads(k, "k", B, H, T, D));
     DMS_TRY(check4(v, "v", q, 0, B, H, T, D));
     if (v->dtype != q->dtype)
         return dms_fail(DMS_ERR_DTYPE, "v: expected dtype %s (the dtype of "
@@ -96,7 +57,7 @@ static dms_status check_common(dms_attn_train_args *a, const dms_tensor *q,
         const int64_t want[3] = {B, H, T};
         DMS_TRY(dms_check_tensor(y, "y", DMS_FLOATING, 3, 0));
         DMS_TRY(dms_check_same_device(y, "y", q, "q"));
-        DMS_TRY(check_shape_n(y, "y", 3, want));
+        DMS_TRY(dms_check_shape(y, "y", 3, want));
     }
     if (key_padding != NULL) {
         const int64_t want[2] = {B, T};
@@ -105,7 +66,7 @@ static dms_status check_common(dms_attn_train_args *a, const dms_tensor *q,
                                      DMS_DTYPE_BIT(DMS_UINT8),
                                  2, 0));
         DMS_TRY(dms_check_same_device(key_padding, "key_padding", q, "q"));
-        DMS_TRY(check_shape_n(key_padding, "key_padding", 2, want));
+        DMS_TRY(dms_check_shape(key_padding, "key_padding", 2, want));
     }
     if (window < 0)
         return dms_fail(DMS_ERR_VALUE, "window: expected a delay >= 0, got "
@@ -135,7 +96,7 @@ static dms_status check_lse(const dms_tensor *lse, const dms_tensor *q,
     DMS_TRY(dms_check_tensor(lse, "lse", DMS_DTYPE_BIT(DMS_FLOAT32), 3,
                              is_output));
     DMS_TRY(dms_check_same_device(lse, "lse", q, "q"));
-    return check_shape_n(lse, "lse", 3, want);
+    return dms_check_shape(lse, "lse", 3, want);
 }
 
 dms_status dms_attn_train_forward(const dms_tensor *q, const dms_tensor *k,
@@ -187,7 +148,7 @@ dms_status dms_attn_train_backward(
                             "gate, no gradient)");
         DMS_TRY(dms_check_tensor(grad_y, "grad_y", DMS_FLOATING, 3, 1));
         DMS_TRY(dms_check_same_device(grad_y, "grad_y", q, "q"));
-        DMS_TRY(check_shape_n(grad_y, "grad_y", 3, want));
+        DMS_TRY(dms_check_shape(grad_y, "grad_y", 3, want));
     }
     a.o = o;
     a.lse = lse;

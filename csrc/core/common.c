@@ -41,6 +41,7 @@ const char *dms_status_name(dms_status status)
     case DMS_ERR_READONLY: return "DMS_ERR_READONLY";
     case DMS_ERR_NO_CUDA: return "DMS_ERR_NO_CUDA";
     case DMS_ERR_CUDA: return "DMS_ERR_CUDA";
+    case DMS_ERR_POOL: return "DMS_ERR_POOL";
     case DMS_ERR_INTERNAL: return "DMS_ERR_INTERNAL";
     }
     return "DMS_ERR_UNKNOWN";
@@ -176,6 +177,38 @@ dms_status dms_check_same_shape(const dms_tensor *t, const char *name,
         return dms_fail(DMS_ERR_SHAPE, "%s: expected shape %s (the shape of "
                         "%s), got %s", name, want, ref_name, got);
     }
+    return DMS_OK;
+}
+
+dms_status dms_check_shape(const dms_tensor *t, const char *name, int ndim,
+                           const int64_t *want)
+{
+    int same = t->ndim == ndim;
+    for (int d = 0; same && d < ndim; ++d)
+        same = t->shape[d] == want[d];
+    if (!same) {
+        dms_tensor expected = *t;
+        char got[160], wanted[160];
+        expected.ndim = ndim;
+        for (int d = 0; d < ndim; ++d)
+            expected.shape[d] = want[d];
+        format_shape(t, got, sizeof got);
+        format_shape(&expected, wanted, sizeof wanted);
+        return dms_fail(DMS_ERR_SHAPE, "%s: expected shape %s, got %s", name,
+                        wanted, got);
+    }
+    return DMS_OK;
+}
+
+dms_status dms_check_heads(const dms_tensor *t, const char *name, int64_t b,
+                           int64_t heads, int64_t n, int64_t d)
+{
+    const int64_t want[4] = {b, heads, n, d};
+    DMS_TRY(dms_check_shape(t, name, 4, want));
+    if (t->strides[3] != 1 && d > 1)
+        return dms_fail(DMS_ERR_LAYOUT, "%s: the last (head) dim must be "
+                        "contiguous (stride 1), got stride %lld", name,
+                        (long long)t->strides[3]);
     return DMS_OK;
 }
 

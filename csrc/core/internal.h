@@ -43,6 +43,12 @@ dms_status dms_check_tensor(const dms_tensor *t, const char *name,
 /* Same shape as `ref`. */
 dms_status dms_check_same_shape(const dms_tensor *t, const char *name,
                                 const dms_tensor *ref, const char *ref_name);
+/* Shape exactly `want` (ndim dims). */
+dms_status dms_check_shape(const dms_tensor *t, const char *name, int ndim,
+                           const int64_t *want);
+/* A [b, heads, n, d] tensor whose last (head) dim is contiguous. */
+dms_status dms_check_heads(const dms_tensor *t, const char *name, int64_t b,
+                           int64_t heads, int64_t n, int64_t d);
 /* Same device (type and index) as `ref`. */
 dms_status dms_check_same_device(const dms_tensor *t, const char *name,
                                  const dms_tensor *ref, const char *ref_name);
@@ -104,7 +110,44 @@ void dms_attn_train_forward_cpu(const dms_attn_train_args *args,
 void dms_attn_train_backward_cpu(const dms_attn_train_args *args,
                                  int num_threads);
 
+/*
+ * A checked dms_cache (every cache tensor C-contiguous, on one device) and
+ * the per-call tensors of the cache ops, as the CPU and CUDA kernels take
+ * them. Row r = b * H + h.
+ */
+typedef struct dms_cache_view {
+    void *k_pages, *v_pages;      /* [n_pages, P, D]                       */
+    dms_dtype dtype;              /* of the pages and of k_new / v_new / q */
+    int32_t *slot_limit;          /* [n_pages, P]                          */
+    int32_t *page_table;          /* [R, max_pages]                        */
+    int32_t *row_slots, *row_seen; /* [R]                                  */
+    int32_t *window;              /* [R, w + 1]                            */
+    int32_t *free_pages;          /* [n_pages]                             */
+    int32_t *free_count;          /* [1]                                   */
+    int64_t n_pages, P, D, R, max_pages, w;
+} dms_cache_view;
+
+typedef struct dms_cache_call {
+    dms_cache_view c;
+    int64_t B, H, G, n;           /* n new tokens per row                  */
+    const dms_tensor *q;          /* [B, H*G, n, D] (attention only)       */
+    const dms_tensor *k_new, *v_new; /* [B, H, n, D]                       */
+    const dms_tensor *decisions;  /* [B, H, n] bool | uint8                */
+    const dms_tensor *key_padding; /* [B, n] or NULL                       */
+    const dms_tensor *token_slots; /* [B, H, n] int32 (append)             */
+    const dms_tensor *o, *lse;    /* attention outputs                     */
+    const dms_tensor *workspace;  /* decode: [B*H*G, S, D + 2] or NULL     */
+    float scale;
+} dms_cache_call;
+
+dms_status dms_cache_append_cpu(const dms_cache_call *call);
+void dms_attn_prefill_cpu(const dms_cache_call *call, int num_threads);
+void dms_attn_decode_cpu(const dms_cache_call *call, int num_threads);
+
 #ifdef DMS_WITH_CUDA
+dms_status dms_cache_append_cuda(const dms_cache_call *call, void *stream);
+dms_status dms_attn_prefill_cuda(const dms_cache_call *call, void *stream);
+dms_status dms_attn_decode_cuda(const dms_cache_call *call, void *stream);
 dms_status dms_attn_train_forward_cuda(const dms_attn_train_args *args,
                                        void *stream);
 dms_status dms_attn_train_backward_cuda(const dms_attn_train_args *args,

@@ -9,16 +9,17 @@
  * (queries pre-multiplied by the softmax scale, keys/values transposed
  * where a product wants them so), and every product is a loop the compiler
  * vectorises over a contiguous dimension (DMS_SIMD_CLONES: AVX-512, AVX2,
- * baseline). Masks are compile-time variants of one tile routine:
- *   TILE_FULL     every pair visible, none penalised (below the diagonal,
- *                 inside the window, no padding key);
- *   TILE_MASKED   causal / padding / window masks applied per pair.
+ * baseline), in tiles.h. The mask pass runs only on tiles that need it:
+ * a tile below the diagonal, inside the window and free of padding keys
+ * goes straight from the product to the softmax.
  *
  * Work split (deterministic, no atomics):
- *   forward     one task per (batch, query head, query tile);
+ *   forward     one task per (batch, kv head, query tile), all G query
+ *               heads of the group against each key tile loaded once;
  *   backward A  one task per (batch, kv head, key tile): grad_k, grad_v and
  *               grad_y of those keys, over all G query heads;
- *   backward B  one task per (batch, query head, query tile): grad_q.
+ *   backward B  one task per (batch, kv head, query tile): grad_q of the G
+ *               query heads.
  */
 #include <math.h>
 #include <stdlib.h>
@@ -27,202 +28,7 @@
 #include "../core/internal.h"
 #include "../core/scalar.h"
 #include "simd_math.h"
-
-#define BQ 64 /* queries per tile */
-#define BK 64 /* keys per tile    */
-
-enum { TILE_FULL = 0, TILE_MASKED = 1 };
-
-/* Head dim rounded up to whole accumulator blocks (DC, below). */
-static int64_t padded_dim(int64_t d)
-{
-    return (d + 31) & ~(int64_t)31;
-}
-
-static inline int64_t off4(const dms_tensor *t, int64_t b, int64_t h,
-                           int64_t i)
-{
-    return b * t->strides[0] + h * t->strides[1] + i * t->strides[2];
-}
-
-static inline int64_t off3(const dms_tensor *t, int64_t b, int64_t h,
-                           int64_t i)
-{
-    return b * t->strides[0] + h * t->strides[1] + i * t->strides[2];
-}
-
-/*
- * Rows [i0, i0 + n) of head (b, h) of a [B, heads, T, D] tensor as float32
- * rows of length ld (times `mul`), zero-filled past D and for rows >= T.
- */
-static void load_rows(const dms_tensor *t, int64_t b, int64_t h, int64_t i0,
-                      int64_t n, int64_t rows, int64_t D, int64_t ld,
-                      float mul, float *dst)
-{
-    for (int64_t r = 0; r < rows; ++r) {
-        float *out = dst + r * ld;
-        if (r >= n) {
-            memset(out, 0, sizeof(float) * (size_t)ld);
-            continue;
-        }
-        const int64_t base = off4(t, b, h, i0 + r);
-        switch (t->dtype) {
-        case DMS_FLOAT32: {
-            const float *src = (const float *)t->data + base;
-            for (int64_t d = 0; d < D; ++d)
-                out[d] = src[d] * mul;
-            break;
-        }
-        case DMS_BFLOAT16: {
-            const uint16_t *src = (const uint16_t *)t->data + base;
-            for (int64_t d = 0; d < D; ++d)
-                out[d] = dms_bf16_to_f32(src[d]) * mul;
-            break;
-        }
-        default: {
-            const uint16_t *src = (const uint16_t *)t->data + base;
-            for (int64_t d = 0; d < D; ++d)
-                out[d] = dms_f16_to_f32(src[d]) * mul;
-            break;
-        }
-        }
-        for (int64_t d = D; d < ld; ++d)
-            out[d] = 0.0f;
-    }
-}
-
-/* The transpose of load_rows: dst[d * BK + r], d < ld. */
-static void load_cols(const dms_tensor *t, int64_t b, int64_t h, int64_t i0,
-                      int64_t n, int64_t D, int64_t ld, float *row_buf,
-                      float *dst)
-{
-    for (int64_t r = 0; r < BK; ++r) {
-        load_rows(t, b, h, i0 + r, r < n ? 1 : 0, 1, D, ld, 1.0f, row_buf);
-        for (int64_t d = 0; d < ld; ++d)
-            dst[d * BK + r] = row_buf[d];
-    }
-}
-
-static void store_rows(const dms_tensor *t, int64_t b, int64_t h, int64_t i0,
-                       int64_t n, int64_t D, int64_t ld, const float *src,
-                       float mul)
-{
-    for (int64_t r = 0; r < n; ++r) {
-        const int64_t base = off4(t, b, h, i0 + r);
-        const float *in = src + r * ld;
-        switch (t->dtype) {
-        case DMS_FLOAT32: {
-            float *out = (float *)t->data + base;
-            for (int64_t d = 0; d < D; ++d)
-                out[d] = in[d] * mul;
-            break;
-        }
-        case DMS_BFLOAT16: {
-            uint16_t *out = (uint16_t *)t->data + base;
-            for (int64_t d = 0; d < D; ++d)
-                out[d] = dms_f32_to_bf16(in[d] * mul);
-            break;
-        }
-        default: {
-            uint16_t *out = (uint16_t *)t->data + base;
-            for (int64_t d = 0; d < D; ++d)
-                out[d] = dms_f32_to_f16(in[d] * mul);
-            break;
-        }
-        }
-    }
-}
-
-/* ---- products on packed tiles ----------------------------------------- */
-
-/*
- * The three products, register-blocked: each inner loop updates a 4 x DC
- * block of accumulators (a few vector registers in every clone) from one
- * streamed row, so loads stay well below the multiply-adds.
- */
-#define DC 32 /* columns of an accumulator block; ld is a multiple */
-
-/* s[r][c] = sum_d a[r][d] * bt[d][c] for r < BQ, c < BK (a: BQ x ld). */
-DMS_SIMD_CLONES
-static void matmul_nt(const float *restrict a, const float *restrict bt,
-                      int64_t ld, float *restrict s)
-{
-    for (int r = 0; r < BQ; r += 4) {
-        for (int c0 = 0; c0 < BK; c0 += DC) {
-            float acc[4][DC];
-            for (int rr = 0; rr < 4; ++rr)
-                for (int e = 0; e < DC; ++e)
-                    acc[rr][e] = 0.0f;
-            for (int64_t d = 0; d < ld; ++d) {
-                const float *brow = bt + d * BK + c0;
-                const float a0 = a[(r + 0) * ld + d], a1 = a[(r + 1) * ld + d];
-                const float a2 = a[(r + 2) * ld + d], a3 = a[(r + 3) * ld + d];
-                for (int e = 0; e < DC; ++e) {
-                    acc[0][e] += a0 * brow[e];
-                    acc[1][e] += a1 * brow[e];
-                    acc[2][e] += a2 * brow[e];
-                    acc[3][e] += a3 * brow[e];
-                }
-            }
-            for (int rr = 0; rr < 4; ++rr)
-                memcpy(s + (r + rr) * BK + c0, acc[rr], sizeof acc[rr]);
-        }
-    }
-}
-
-/* out[r][:] += sum_c p[r][c] * v[c][:]  (p: BQ x BK, v: BK x ld). */
-DMS_SIMD_CLONES
-static void matmul_acc_nn(const float *restrict p, const float *restrict v,
-                          int64_t ld, float *restrict out)
-{
-    for (int r = 0; r < BQ; r += 4) {
-        for (int64_t d0 = 0; d0 < ld; d0 += DC) {
-            float acc[4][DC];
-            for (int rr = 0; rr < 4; ++rr)
-                memcpy(acc[rr], out + (r + rr) * ld + d0, sizeof acc[rr]);
-            for (int c = 0; c < BK; ++c) {
-                const float *vr = v + c * ld + d0;
-                const float p0 = p[(r + 0) * BK + c], p1 = p[(r + 1) * BK + c];
-                const float p2 = p[(r + 2) * BK + c], p3 = p[(r + 3) * BK + c];
-                for (int e = 0; e < DC; ++e) {
-                    acc[0][e] += p0 * vr[e];
-                    acc[1][e] += p1 * vr[e];
-                    acc[2][e] += p2 * vr[e];
-                    acc[3][e] += p3 * vr[e];
-                }
-            }
-            for (int rr = 0; rr < 4; ++rr)
-                memcpy(out + (r + rr) * ld + d0, acc[rr], sizeof acc[rr]);
-        }
-    }
-}
-
-/* out[c][:] += sum_r p[r][c] * x[r][:]  (p: BQ x BK, x: BQ x ld). */
-DMS_SIMD_CLONES
-static void matmul_acc_tn(const float *restrict p, const float *restrict x,
-                          int64_t ld, float *restrict out)
-{
-    for (int c = 0; c < BK; c += 4) {
-        for (int64_t d0 = 0; d0 < ld; d0 += DC) {
-            float acc[4][DC];
-            for (int cc = 0; cc < 4; ++cc)
-                memcpy(acc[cc], out + (c + cc) * ld + d0, sizeof acc[cc]);
-            for (int r = 0; r < BQ; ++r) {
-                const float *xr = x + r * ld + d0;
-                const float *pr = p + r * BK + c;
-                const float p0 = pr[0], p1 = pr[1], p2 = pr[2], p3 = pr[3];
-                for (int e = 0; e < DC; ++e) {
-                    acc[0][e] += p0 * xr[e];
-                    acc[1][e] += p1 * xr[e];
-                    acc[2][e] += p2 * xr[e];
-                    acc[3][e] += p3 * xr[e];
-                }
-            }
-            for (int cc = 0; cc < 4; ++cc)
-                memcpy(out + (c + cc) * ld + d0, acc[cc], sizeof acc[cc]);
-        }
-    }
-}
+#include "tiles.h"
 
 /* ---- masks ------------------------------------------------------------- */
 
@@ -300,54 +106,6 @@ static void apply_masks(int64_t q0, int64_t k0, int64_t window,
     }
 }
 
-/*
- * One step of the online softmax for BQ rows against a tile of scores s:
- * s becomes the unnormalised probabilities exp(s - m_new), m and l (row max
- * and sum) are updated, and the accumulated output rows o are rescaled.
- * Max and sum run in 16 lanes so they vectorise without reassociation.
- */
-DMS_SIMD_CLONES
-static void online_softmax(float *restrict s, float *restrict m,
-                           float *restrict l, float *restrict o, int64_t ld)
-{
-    for (int r = 0; r < BQ; ++r) {
-        float *row = s + r * BK;
-        float lanes[16];
-        for (int e = 0; e < 16; ++e)
-            lanes[e] = -INFINITY;
-        for (int c = 0; c < BK; c += 16)
-            for (int e = 0; e < 16; ++e)
-                lanes[e] = row[c + e] > lanes[e] ? row[c + e] : lanes[e];
-        float mx = m[r];
-        for (int e = 0; e < 16; ++e)
-            mx = lanes[e] > mx ? lanes[e] : mx;
-        if (mx == -INFINITY) { /* nothing visible yet */
-            for (int c = 0; c < BK; ++c)
-                row[c] = 0.0f;
-            continue;
-        }
-        for (int e = 0; e < 16; ++e)
-            lanes[e] = 0.0f;
-        for (int c = 0; c < BK; c += 16)
-            for (int e = 0; e < 16; ++e) {
-                const float p = exp_nonpositive(row[c + e] - mx);
-                row[c + e] = p;
-                lanes[e] += p;
-            }
-        float sum = 0.0f;
-        for (int e = 0; e < 16; ++e)
-            sum += lanes[e];
-        const float corr = exp_nonpositive(m[r] - mx);
-        l[r] = l[r] * corr + sum;
-        m[r] = mx;
-        if (corr != 1.0f) {
-            float *orow = o + r * ld;
-            for (int64_t d = 0; d < ld; ++d)
-                orow[d] *= corr;
-        }
-    }
-}
-
 /* ---- forward ----------------------------------------------------------- */
 
 /* Per-thread scratch; per query head of the group: q, o, m, l. */
@@ -384,7 +142,7 @@ static void forward_tile(const dms_attn_train_args *a, int64_t b, int64_t h,
             if (!full)
                 apply_masks(q0, k0, a->y ? a->window : INT64_MAX, tk.penalty,
                             tk.hidden_bias, w->s);
-            online_softmax(w->s, w->m + g * BQ, w->l + g * BQ, o, ld);
+            online_softmax(w->s, BQ, w->m + g * BQ, w->l + g * BQ, o, ld);
             matmul_acc_nn(w->s, w->v, ld, o);
         }
     }
@@ -411,11 +169,6 @@ static void forward_tile(const dms_attn_train_args *a, int64_t b, int64_t h,
     }
 }
 
-static float *alloc_floats(size_t n)
-{
-    size_t bytes = (sizeof(float) * n + 63) & ~(size_t)63;
-    return aligned_alloc(64, bytes ? bytes : 64);
-}
 
 void dms_attn_train_forward_cpu(const dms_attn_train_args *a,
                                 int num_threads)

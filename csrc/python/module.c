@@ -34,6 +34,7 @@ typedef struct {
     PyObject *dms_error;              /* base of the errors below        */
     PyObject *cuda_error;             /* the CUDA runtime failed         */
     PyObject *cuda_unavailable_error; /* CUDA tensor, CPU-only build     */
+    PyObject *pool_error;             /* the page pool must grow         */
 } module_state;
 
 static module_state *get_state(PyObject *module)
@@ -57,6 +58,9 @@ static PyObject *raise_status(PyObject *module, dms_status status)
     case DMS_ERR_VALUE:
     case DMS_ERR_READONLY:
         type = PyExc_ValueError;
+        break;
+    case DMS_ERR_POOL:
+        type = st->pool_error;
         break;
     case DMS_ERR_NO_CUDA:
         type = st->cuda_unavailable_error;
@@ -658,6 +662,152 @@ static PyObject *py_logistic_noise(PyObject *module, PyObject *args,
                               &exec));
 }
 
+/* ---- paged cache ------------------------------------------------------ */
+
+/* The cache tensors, in the order Python passes them (dms/cache.py). */
+static const tensor_spec cache_specs[] = {
+    {"cache.k_pages", 1, 0},    {"cache.v_pages", 1, 0},
+    {"cache.slot_limit", 1, 0}, {"cache.page_table", 1, 0},
+    {"cache.row_slots", 1, 0},  {"cache.row_seen", 1, 0},
+    {"cache.window", 1, 0},     {"cache.free_pages", 1, 0},
+    {"cache.free_count", 1, 0}};
+#define CACHE_TENSORS 9
+
+/* Imports the cache tuple into t (first CACHE_TENSORS entries) and the
+ * op's other tensors after it; fills `cache`. */
+static int import_cache_call(PyObject *state, long long window_size,
+                             const tensor_spec *specs, PyObject *const *objs,
+                             int n, unsigned long long stream, tensor_args *t,
+                             dms_cache *cache)
+{
+    memset(t, 0, sizeof *t);
+    if (!PyTuple_Check(state) || PyTuple_GET_SIZE(state) != CACHE_TENSORS) {
+        PyErr_Format(PyExc_TypeError, "cache: expected a tuple of %d tensors "
+                     "(k_pages, v_pages, slot_limit, page_table, row_slots, "
+                     "row_seen, window, free_pages, free_count)",
+                     CACHE_TENSORS);
+        return -1;
+    }
+    tensor_spec all_specs[MAX_TENSOR_ARGS];
+    PyObject *all_objs[MAX_TENSOR_ARGS];
+    for (int i = 0; i < CACHE_TENSORS; ++i) {
+        all_specs[i] = cache_specs[i];
+        all_objs[i] = PyTuple_GET_ITEM(state, i);
+    }
+    for (int i = 0; i < n; ++i) {
+        all_specs[CACHE_TENSORS + i] = specs[i];
+        all_objs[CACHE_TENSORS + i] = objs[i];
+    }
+    if (import_all(all_specs, all_objs, CACHE_TENSORS + n, stream, t) < 0)
+        return -1;
+    const dms_tensor *const *v = t->views;
+    cache->k_pages = v[0];
+    cache->v_pages = v[1];
+    cache->slot_limit = v[2];
+    cache->page_table = v[3];
+    cache->row_slots = v[4];
+    cache->row_seen = v[5];
+    cache->window = v[6];
+    cache->free_pages = v[7];
+    cache->free_count = v[8];
+    cache->window_size = (int64_t)window_size;
+    return 0;
+}
+
+static PyObject *py_cache_append(PyObject *module, PyObject *args,
+                                 PyObject *kwargs)
+{
+    static char *keywords[] = {"cache", "window_size", "k_new", "v_new",
+                               "decisions", "key_padding", "token_slots",
+                               EXEC_KEYWORDS, NULL};
+    static const tensor_spec specs[] = {{"k_new", 0, 0}, {"v_new", 0, 0},
+                                        {"decisions", 0, 0},
+                                        {"key_padding", 0, 1},
+                                        {"token_slots", 1, 0}};
+    PyObject *state, *o[5];
+    long long window_size;
+    int num_threads = 0;
+    unsigned long long stream = 0;
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "OLOOOOO|$iK:cache_append",
+                                     keywords, &state, &window_size, &o[0],
+                                     &o[1], &o[2], &o[3], &o[4], &num_threads,
+                                     &stream))
+        return NULL;
+    tensor_args t;
+    dms_cache cache;
+    if (import_cache_call(state, window_size, specs, o, 5, stream, &t,
+                          &cache) < 0) {
+        release_all(&t);
+        return NULL;
+    }
+    dms_exec exec = {num_threads, (void *)(uintptr_t)stream};
+    RUN_OP(module, t,
+           dms_cache_append(&cache, v[9], v[10], v[11], v[12], v[13], &exec));
+}
+
+static PyObject *py_attn_prefill(PyObject *module, PyObject *args,
+                                 PyObject *kwargs)
+{
+    static char *keywords[] = {"cache", "window_size", "q", "k_new", "v_new",
+                               "decisions", "key_padding", "scale", "o",
+                               "lse", EXEC_KEYWORDS, NULL};
+    static const tensor_spec specs[] = {
+        {"q", 0, 0},         {"k_new", 0, 0},       {"v_new", 0, 0},
+        {"decisions", 0, 0}, {"key_padding", 0, 1}, {"o", 1, 0},
+        {"lse", 1, 0}};
+    PyObject *state, *o[7];
+    long long window_size;
+    double scale;
+    int num_threads = 0;
+    unsigned long long stream = 0;
+    if (!PyArg_ParseTupleAndKeywords(
+            args, kwargs, "OLOOOOOdOO|$iK:attn_prefill", keywords, &state,
+            &window_size, &o[0], &o[1], &o[2], &o[3], &o[4], &scale, &o[5],
+            &o[6], &num_threads, &stream))
+        return NULL;
+    tensor_args t;
+    dms_cache cache;
+    if (import_cache_call(state, window_size, specs, o, 7, stream, &t,
+                          &cache) < 0) {
+        release_all(&t);
+        return NULL;
+    }
+    dms_exec exec = {num_threads, (void *)(uintptr_t)stream};
+    RUN_OP(module, t,
+           dms_attn_prefill(&cache, v[9], v[10], v[11], v[12], v[13],
+                            (float)scale, v[14], v[15], &exec));
+}
+
+static PyObject *py_attn_decode(PyObject *module, PyObject *args,
+                                PyObject *kwargs)
+{
+    static char *keywords[] = {"cache", "window_size", "q", "scale", "o",
+                               "lse", "workspace", EXEC_KEYWORDS, NULL};
+    static const tensor_spec specs[] = {{"q", 0, 0}, {"o", 1, 0},
+                                        {"lse", 1, 0}, {"workspace", 1, 1}};
+    PyObject *state, *o[4];
+    long long window_size;
+    double scale;
+    int num_threads = 0;
+    unsigned long long stream = 0;
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "OLOdOOO|$iK:attn_decode",
+                                     keywords, &state, &window_size, &o[0],
+                                     &scale, &o[1], &o[2], &o[3], &num_threads,
+                                     &stream))
+        return NULL;
+    tensor_args t;
+    dms_cache cache;
+    if (import_cache_call(state, window_size, specs, o, 4, stream, &t,
+                          &cache) < 0) {
+        release_all(&t);
+        return NULL;
+    }
+    dms_exec exec = {num_threads, (void *)(uintptr_t)stream};
+    RUN_OP(module, t,
+           dms_attn_decode(&cache, v[9], (float)scale, v[10], v[11], v[12],
+                           &exec));
+}
+
 /* ---- introspection ---------------------------------------------------- */
 
 static PyObject *int_tuple(const int64_t *values, int n)
@@ -826,6 +976,21 @@ static PyMethodDef methods[] = {
      "attn_train_backward(q, k, v, y, key_padding, window, scale, o, lse,\n"
      "grad_o, grad_q, grad_k, grad_v, grad_y, *, num_threads=0, stream=0)\n"
      "Gradients of attn_train_forward; see dms_attn_train_backward."},
+    {"cache_append", (PyCFunction)(void (*)(void))py_cache_append,
+     METH_VARARGS | METH_KEYWORDS,
+     "cache_append(cache, window_size, k_new, v_new, decisions, key_padding,\n"
+     "token_slots, *, num_threads=0, stream=0)\nAppends n tokens per row "
+     "with delayed eviction; see dms_cache_append."},
+    {"attn_prefill", (PyCFunction)(void (*)(void))py_attn_prefill,
+     METH_VARARGS | METH_KEYWORDS,
+     "attn_prefill(cache, window_size, q, k_new, v_new, decisions,\n"
+     "key_padding, scale, o, lse, *, num_threads=0, stream=0)\nAttention of "
+     "new queries over the cache and the new keys; see dms_attn_prefill."},
+    {"attn_decode", (PyCFunction)(void (*)(void))py_attn_decode,
+     METH_VARARGS | METH_KEYWORDS,
+     "attn_decode(cache, window_size, q, scale, o, lse, workspace, *,\n"
+     "num_threads=0, stream=0)\nOne query per row over the stored slots; "
+     "see dms_attn_decode."},
     {"aligned_empty", (PyCFunction)(void (*)(void))py_aligned_empty,
      METH_VARARGS | METH_KEYWORDS,
      "aligned_empty(shape, dtype, alignment=64)\nAn uninitialised NumPy "
@@ -865,6 +1030,13 @@ static int module_exec(PyObject *module)
         PyModule_AddObjectRef(module, "CudaUnavailableError",
                               st->cuda_unavailable_error) < 0)
         return -1;
+    st->pool_error = PyErr_NewExceptionWithDoc(
+        "dms.PoolExhaustedError",
+        "The cache's page pool (or page table) is too small for the call; "
+        "nothing was changed.", st->dms_error, NULL);
+    if (st->pool_error == NULL ||
+        PyModule_AddObjectRef(module, "PoolExhaustedError", st->pool_error) < 0)
+        return -1;
     return 0;
 }
 
@@ -874,6 +1046,7 @@ static int module_traverse(PyObject *module, visitproc visit, void *arg)
     Py_VISIT(st->dms_error);
     Py_VISIT(st->cuda_error);
     Py_VISIT(st->cuda_unavailable_error);
+    Py_VISIT(st->pool_error);
     return 0;
 }
 
@@ -883,6 +1056,7 @@ static int module_clear(PyObject *module)
     Py_CLEAR(st->dms_error);
     Py_CLEAR(st->cuda_error);
     Py_CLEAR(st->cuda_unavailable_error);
+    Py_CLEAR(st->pool_error);
     return 0;
 }
 

@@ -1,0 +1,621 @@
+/*
+ * cpu/cache.c - CPU kernels of the paged DMS cache (SPEC.md sections 4 and
+ * 5; contract in dms.h): append with delayed eviction, prefill attention
+ * against the cache plus the new tokens, and decode attention over the
+ * stored slots. The reference the CUDA kernels in cuda/cache.cu are tested
+ * against.
+ *
+ * Append runs rows in order (deterministic page ids) after a dry run that
+ * checks the pool and the page table can take the call, so a rejected call
+ * changes nothing; the K/V copies then run in parallel. Prefill uses the
+ * tiles of tiles.h (one task per (batch, kv head, query tile), G query
+ * heads sharing each key tile). Decode is memory-bound: one pass over the
+ * row's slots per (batch, kv head), K/V converted on the fly, rows split
+ * into key ranges merged by log-sum-exp when there are fewer rows than
+ * threads.
+ */
+#include <math.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "../core/internal.h"
+#include "../core/scalar.h"
+#include "simd_math.h"
+#include "tiles.h"
+
+/* ---- the new tokens of a call ------------------------------------------ */
+
+static int pad_at(const dms_cache_call *x, int64_t b, int64_t t)
+{
+    const dms_tensor *kp = x->key_padding;
+    return kp && ((const uint8_t *)kp->data)[b * kp->strides[0] +
+                                             t * kp->strides[1]] != 0;
+}
+
+static int decision_at(const dms_cache_call *x, int64_t b, int64_t h,
+                       int64_t t)
+{
+    const dms_tensor *d = x->decisions;
+    return ((const uint8_t *)d->data)[b * d->strides[0] + h * d->strides[1] +
+                                      t * d->strides[2]] != 0;
+}
+
+/*
+ * The call's tokens of row (b, h) in row terms: idx[k] is the k-th
+ * non-padding token, flag[k] its eviction flag (the next non-padding
+ * token's decision, 0 for the last), first_decision that of idx[0].
+ * Returns m, the number of non-padding tokens.
+ */
+static int64_t row_tokens(const dms_cache_call *x, int64_t b, int64_t h,
+                          int64_t *idx, unsigned char *flag,
+                          int *first_decision)
+{
+    int64_t m = 0;
+    for (int64_t t = 0; t < x->n; ++t)
+        if (!pad_at(x, b, t))
+            idx[m++] = t;
+    for (int64_t k = 0; k < m; ++k)
+        flag[k] = k + 1 < m ? (unsigned char)decision_at(x, b, h, idx[k + 1])
+                            : 0;
+    *first_decision = m > 0 ? decision_at(x, b, h, idx[0]) : 0;
+    return m;
+}
+
+static inline int32_t limit_for(int flagged, int64_t position, int64_t w)
+{
+    const int64_t until = position + w + 1;
+    return flagged && until < INT32_MAX ? (int32_t)until : INT32_MAX;
+}
+
+/* ---- append ------------------------------------------------------------ */
+
+static inline int64_t slot_of(const dms_cache_view *c, int64_t r, int64_t i)
+{
+    return (int64_t)c->page_table[r * c->max_pages + i / c->P] * c->P +
+           i % c->P;
+}
+
+/*
+ * Dry run of one row: the slots the row will use after the call, from the
+ * cache state and the call's flags alone (nothing is written).
+ */
+static int64_t slots_after(const dms_cache_view *c, int64_t r, int64_t m,
+                           const unsigned char *flag, int first_decision)
+{
+    const int64_t seen = c->row_seen[r], w = c->w;
+    int64_t slots = c->row_slots[r];
+    for (int64_t k = 0; k < m; ++k) {
+        const int64_t p = seen + k, leaving = p - w - 1;
+        int flagged = 0;
+        if (leaving >= seen)
+            flagged = flag[leaving - seen];
+        else if (leaving == seen - 1 && leaving >= 0)
+            flagged = first_decision;
+        else if (leaving >= 0)
+            flagged = c->slot_limit[c->window[r * (w + 1) + p % (w + 1)]] <= p;
+        slots += !flagged;
+    }
+    return slots;
+}
+
+dms_status dms_cache_append_cpu(const dms_cache_call *x)
+{
+    const dms_cache_view *c = &x->c;
+    const int64_t w = c->w, P = c->P, n = x->n;
+    int64_t *idx = malloc(sizeof(int64_t) * (size_t)(n ? n : 1));
+    unsigned char *flag = malloc((size_t)(n ? n : 1));
+    int64_t pages_needed = 0;
+    dms_status status = DMS_OK;
+
+    /* Dry run: pages the call pops, and page-table room. */
+    for (int64_t r = 0; r < c->R && status == DMS_OK; ++r) {
+        int first;
+        const int64_t m = row_tokens(x, r / x->H, r % x->H, idx, flag, &first);
+        const int64_t before = c->row_slots[r];
+        const int64_t after = slots_after(c, r, m, flag, first);
+        const int64_t pages_after = (after + P - 1) / P;
+        if (pages_after > c->max_pages)
+            status = dms_fail(DMS_ERR_POOL, "cache.page_table: row %lld needs "
+                              "%lld pages, the table has room for %lld; grow "
+                              "it and retry", (long long)r,
+                              (long long)pages_after, (long long)c->max_pages);
+        pages_needed += pages_after - (before + P - 1) / P;
+    }
+    if (status == DMS_OK && pages_needed > *c->free_count)
+        status = dms_fail(DMS_ERR_POOL, "cache.free_pages: the call needs "
+                          "%lld new pages, %d are free; grow the pool by at "
+                          "least %lld pages and retry", (long long)pages_needed,
+                          (int)*c->free_count,
+                          (long long)(pages_needed - *c->free_count));
+    if (status != DMS_OK) {
+        free(idx);
+        free(flag);
+        return status;
+    }
+
+    /* Commit, row by row in order, so page ids are deterministic. */
+    const dms_tensor *ts = x->token_slots;
+    int32_t *token_slots = (int32_t *)ts->data;
+    for (int64_t r = 0; r < c->R; ++r) {
+        const int64_t b = r / x->H, h = r % x->H;
+        int first;
+        const int64_t m = row_tokens(x, b, h, idx, flag, &first);
+        const int64_t seen = c->row_seen[r];
+        int64_t slots = c->row_slots[r];
+        int32_t *ring = c->window + r * (w + 1);
+        const int64_t ts_row = b * ts->strides[0] + h * ts->strides[1];
+        for (int64_t t = 0; t < n; ++t)
+            token_slots[ts_row + t * ts->strides[2]] = -1;
+        for (int64_t k = 0; k < m; ++k) {
+            const int64_t p = seen + k;
+            const int a = decision_at(x, b, h, idx[k]);
+            if (p > 0) /* the decision flags the token before */
+                c->slot_limit[ring[(p - 1) % (w + 1)]] = limit_for(a, p - 1, w);
+            int64_t s = -1;
+            if (p >= w + 1) {
+                const int64_t leaving = ring[p % (w + 1)];
+                if (c->slot_limit[leaving] <= p) {
+                    s = leaving; /* evicted: its slot is reused */
+                    const int64_t gone = p - w - 1 - seen; /* this call's? */
+                    if (gone >= 0)
+                        token_slots[ts_row + idx[gone] * ts->strides[2]] = -1;
+                }
+            }
+            if (s < 0) {
+                const int64_t i = slots++;
+                if (i % P == 0)
+                    c->page_table[r * c->max_pages + i / P] =
+                        c->free_pages[--*c->free_count];
+                s = slot_of(c, r, i);
+            }
+            ring[p % (w + 1)] = (int32_t)s;
+            c->slot_limit[s] = INT32_MAX;
+            token_slots[ts_row + idx[k] * ts->strides[2]] = (int32_t)s;
+        }
+        c->row_seen[r] = (int32_t)(seen + m);
+        c->row_slots[r] = (int32_t)slots;
+    }
+    free(idx);
+    free(flag);
+
+    /* Copy the surviving tokens' keys and values into their slots. */
+    const int64_t D = c->D, esize = (int64_t)dms_dtype_size(c->dtype);
+    const int64_t rows = c->R * n;
+#ifdef _OPENMP
+#pragma omp parallel for schedule(static) if (rows * D > 65536)
+#endif
+    for (int64_t rt = 0; rt < rows; ++rt) {
+        const int64_t r = rt / n, t = rt % n, b = r / x->H, h = r % x->H;
+        const int32_t s = token_slots[b * ts->strides[0] + h * ts->strides[1] +
+                                      t * ts->strides[2]];
+        if (s < 0)
+            continue;
+        const dms_tensor *k = x->k_new, *v = x->v_new;
+        memcpy((char *)c->k_pages + (int64_t)s * D * esize,
+               (const char *)k->data + (b * k->strides[0] + h * k->strides[1] +
+                                        t * k->strides[2]) * esize,
+               (size_t)(D * esize));
+        memcpy((char *)c->v_pages + (int64_t)s * D * esize,
+               (const char *)v->data + (b * v->strides[0] + h * v->strides[1] +
+                                        t * v->strides[2]) * esize,
+               (size_t)(D * esize));
+    }
+    return DMS_OK;
+}
+
+/* ---- prefill attention -------------------------------------------------- */
+
+/* Rows of the pool ([n_slots, D], the pages' dtype) as float32 tiles. */
+static void gather_rows(const void *pool, dms_dtype dtype, const int64_t *slot,
+                        int64_t n, int64_t D, int64_t ld, float *dst)
+{
+    for (int64_t r = 0; r < BK; ++r) {
+        float *out = dst + r * ld;
+        memset(out, 0, sizeof(float) * (size_t)ld);
+        if (r >= n)
+            continue;
+        for (int64_t d = 0; d < D; ++d)
+            out[d] = dms_load(pool, dtype, slot[r] * D + d);
+    }
+}
+
+static void transpose_tile(const float *src, int64_t ld, float *dst)
+{
+    for (int64_t r = 0; r < BK; ++r)
+        for (int64_t d = 0; d < ld; ++d)
+            dst[d * BK + r] = src[r * ld + d];
+}
+
+/* Queries of a tile see key c iff their position < limit[c]. */
+DMS_SIMD_CLONES
+static void mask_by_limit(const int64_t *restrict qpos,
+                          const int64_t *restrict limit, float *restrict s)
+{
+    for (int r = 0; r < BQ; ++r) {
+        float *row = s + r * BK;
+        for (int c = 0; c < BK; ++c)
+            row[c] = qpos[r] < limit[c] ? row[c] : -INFINITY;
+    }
+}
+
+typedef struct prefill_scratch {
+    float *q, *o, *m, *l;    /* G x BQ x ld, G x BQ x ld, G x BQ, G x BQ */
+    float *k, *kt, *v, *s;   /* BK x ld, ld x BK, BK x ld, BQ x BK       */
+    int64_t *idx, *pos;      /* n: the call's non-padding tokens, positions */
+    unsigned char *flag;     /* n */
+} prefill_scratch;
+
+/* Queries of a tile see key c only from its position on (causality). */
+DMS_SIMD_CLONES
+static void mask_causal(const int64_t *restrict qpos,
+                        const int64_t *restrict kpos, float *restrict s)
+{
+    for (int r = 0; r < BQ; ++r) {
+        float *row = s + r * BK;
+        for (int c = 0; c < BK; ++c)
+            row[c] = kpos[c] <= qpos[r] ? row[c] : -INFINITY;
+    }
+}
+
+/*
+ * One key tile (w->k, w->v) against the G query tiles: scores, masks (by
+ * limit; by position too when kpos is given), softmax, P.V.
+ */
+static void prefill_key_tile(const dms_cache_call *x, prefill_scratch *w,
+                             const int64_t *qpos, const int64_t *limit,
+                             const int64_t *kpos)
+{
+    const int64_t ld = padded_dim(x->c.D);
+    transpose_tile(w->k, ld, w->kt);
+    for (int64_t g = 0; g < x->G; ++g) {
+        float *o = w->o + g * BQ * ld;
+        matmul_nt(w->q + g * BQ * ld, w->kt, ld, w->s);
+        mask_by_limit(qpos, limit, w->s);
+        if (kpos != NULL)
+            mask_causal(qpos, kpos, w->s);
+        online_softmax(w->s, BQ, w->m + g * BQ, w->l + g * BQ, o, ld);
+        matmul_acc_nn(w->s, w->v, ld, o);
+    }
+}
+
+/*
+ * Queries [q0, q0 + BQ) (call indices) of the G query heads of row (b, h)
+ * against the cached slots and the call's tokens.
+ */
+static void prefill_tile(const dms_cache_call *x, int64_t b, int64_t h,
+                         int64_t q0, prefill_scratch *w)
+{
+    const dms_cache_view *c = &x->c;
+    const int64_t D = c->D, ld = padded_dim(D), G = x->G, r = b * x->H + h;
+    const int64_t qn = x->n - q0 < BQ ? x->n - q0 : BQ;
+    const int64_t seen = c->row_seen[r], slots = c->row_slots[r];
+    int first;
+    const int64_t m = row_tokens(x, b, h, w->idx, w->flag, &first);
+    /* Row positions of the call's tokens (-1: padding). */
+    for (int64_t t = 0, k = 0; t < x->n; ++t)
+        w->pos[t] = (k < m && w->idx[k] == t) ? seen + k++ : -1;
+    int64_t qpos[BQ];
+    for (int64_t j = 0; j < BQ; ++j)
+        qpos[j] = j < qn && w->pos[q0 + j] >= 0 ? w->pos[q0 + j] : -1;
+    int64_t q_last = -1; /* the last query position of the tile */
+    for (int64_t j = 0; j < qn; ++j)
+        q_last = qpos[j] > q_last ? qpos[j] : q_last;
+
+    for (int64_t g = 0; g < G; ++g) {
+        load_rows(x->q, b, h * G + g, q0, qn, BQ, D, ld, x->scale,
+                  w->q + g * BQ * ld);
+        for (int j = 0; j < BQ; ++j) {
+            w->m[g * BQ + j] = -INFINITY;
+            w->l[g * BQ + j] = 0.0f;
+        }
+    }
+    memset(w->o, 0, sizeof(float) * (size_t)(G * BQ * ld));
+    int64_t slot[BK], limit[BK];
+
+    /* The cached slots; the last cached token's flag is this call's first
+     * decision. A padding query (position -1 < any limit) is masked at the
+     * end, so it does no harm here. */
+    const int64_t last_slot =
+        seen > 0 ? c->window[r * (c->w + 1) + (seen - 1) % (c->w + 1)] : -1;
+    for (int64_t k0 = 0; k0 < slots && q_last >= 0; k0 += BK) {
+        const int64_t kn = slots - k0 < BK ? slots - k0 : BK;
+        for (int64_t i = 0; i < BK; ++i) {
+            limit[i] = INT64_MIN; /* past the row's slots: invisible */
+            if (i >= kn)
+                continue;
+            slot[i] = slot_of(c, r, k0 + i);
+            limit[i] = slot[i] == last_slot
+                           ? limit_for(first, seen - 1, c->w)
+                           : c->slot_limit[slot[i]];
+        }
+        gather_rows(c->k_pages, c->dtype, slot, kn, D, ld, w->k);
+        gather_rows(c->v_pages, c->dtype, slot, kn, D, ld, w->v);
+        prefill_key_tile(x, w, qpos, limit, NULL);
+    }
+
+    /* The call's own tokens, with the hard rule of SPEC section 3. */
+    for (int64_t k0 = 0; k0 <= q0 + qn - 1 && q_last >= 0; k0 += BK) {
+        const int64_t kn = x->n - k0 < BK ? x->n - k0 : BK;
+        load_rows(x->k_new, b, h, k0, kn, BK, D, ld, 1.0f, w->k);
+        load_rows(x->v_new, b, h, k0, kn, BK, D, ld, 1.0f, w->v);
+        /* A key at position p is visible to positions [p, limit). */
+        int64_t kpos[BK];
+        for (int64_t i = 0; i < BK; ++i) {
+            kpos[i] = -1;
+            limit[i] = INT64_MIN;
+            if (i >= kn || w->pos[k0 + i] < 0)
+                continue;
+            const int64_t p = w->pos[k0 + i];
+            kpos[i] = p;
+            limit[i] = limit_for(w->flag[p - seen], p, c->w);
+        }
+        prefill_key_tile(x, w, qpos, limit, kpos);
+    }
+
+    float *lse = (float *)x->lse->data;
+    for (int64_t g = 0; g < G; ++g) {
+        const int64_t qh = h * G + g;
+        float *o = w->o + g * BQ * ld;
+        for (int64_t j = 0; j < qn; ++j) {
+            const float l = w->l[g * BQ + j];
+            float *orow = o + j * ld;
+            const int64_t at = b * x->lse->strides[0] +
+                               qh * x->lse->strides[1] +
+                               (q0 + j) * x->lse->strides[2];
+            if (qpos[j] < 0 || l == 0.0f) {
+                memset(orow, 0, sizeof(float) * (size_t)ld);
+                lse[at] = -INFINITY;
+                continue;
+            }
+            for (int64_t d = 0; d < ld; ++d)
+                orow[d] /= l;
+            lse[at] = w->m[g * BQ + j] + logf(l);
+        }
+        store_rows(x->o, b, qh, q0, qn, D, ld, o, 1.0f);
+    }
+}
+
+void dms_attn_prefill_cpu(const dms_cache_call *x, int num_threads)
+{
+    const int64_t tiles = (x->n + BQ - 1) / BQ, G = x->G;
+    const int64_t tasks = x->B * x->H * tiles, ld = padded_dim(x->c.D);
+    (void)num_threads;
+#ifdef _OPENMP
+#pragma omp parallel num_threads(num_threads) if (tasks > 1)
+#endif
+    {
+        prefill_scratch w;
+        w.q = alloc_floats((size_t)(G * BQ * ld));
+        w.o = alloc_floats((size_t)(G * BQ * ld));
+        w.m = alloc_floats((size_t)(G * BQ));
+        w.l = alloc_floats((size_t)(G * BQ));
+        w.k = alloc_floats((size_t)(BK * ld));
+        w.kt = alloc_floats((size_t)(ld * BK));
+        w.v = alloc_floats((size_t)(BK * ld));
+        w.s = alloc_floats(BQ * BK);
+        w.idx = malloc(sizeof(int64_t) * (size_t)x->n);
+        w.pos = malloc(sizeof(int64_t) * (size_t)x->n);
+        w.flag = malloc((size_t)x->n);
+#ifdef _OPENMP
+#pragma omp for schedule(dynamic, 1)
+#endif
+        for (int64_t task = 0; task < tasks; ++task) {
+            const int64_t tile = tiles - 1 - task % tiles, bh = task / tiles;
+            prefill_tile(x, bh / x->H, bh % x->H, tile * BQ, &w);
+        }
+        free(w.q);
+        free(w.o);
+        free(w.m);
+        free(w.l);
+        free(w.k);
+        free(w.kt);
+        free(w.v);
+        free(w.s);
+        free(w.idx);
+        free(w.pos);
+        free(w.flag);
+    }
+}
+
+/* ---- decode attention --------------------------------------------------- */
+
+/* Converts pool row `slot` (the pages' dtype) to float32. */
+static inline void pool_row(const void *pool, dms_dtype dtype, int64_t slot,
+                            int64_t D, float *restrict out)
+{
+    switch (dtype) {
+    case DMS_FLOAT32:
+        memcpy(out, (const float *)pool + slot * D, sizeof(float) * (size_t)D);
+        break;
+    case DMS_BFLOAT16: {
+        const uint16_t *src = (const uint16_t *)pool + slot * D;
+        for (int64_t d = 0; d < D; ++d)
+            out[d] = dms_bf16_to_f32(src[d]);
+        break;
+    }
+    default: {
+        const uint16_t *src = (const uint16_t *)pool + slot * D;
+        for (int64_t d = 0; d < D; ++d)
+            out[d] = dms_f16_to_f32(src[d]);
+        break;
+    }
+    }
+}
+
+/*
+ * scores[g][c] = q[g] . k[c] for a tile of BK slots (k: BK x ld, q: G x ld,
+ * ld a multiple of 16, zero-padded): 16 partial sums per dot product, so
+ * the loop vectorises without reassociating a reduction.
+ */
+DMS_SIMD_CLONES
+static void decode_scores(const float *restrict q, const float *restrict k,
+                          int64_t G, int64_t ld, int64_t kn,
+                          float *restrict scores)
+{
+    for (int64_t c = 0; c < BK; ++c) {
+        const float *kr = k + c * ld;
+        for (int64_t g = 0; g < G; ++g) {
+            const float *qr = q + g * ld;
+            float part[16];
+            for (int e = 0; e < 16; ++e)
+                part[e] = 0.0f;
+            for (int64_t d0 = 0; d0 < ld; d0 += 16)
+                for (int e = 0; e < 16; ++e)
+                    part[e] += qr[d0 + e] * kr[d0 + e];
+            float sum = 0.0f;
+            for (int e = 0; e < 16; ++e)
+                sum += part[e];
+            scores[g * BK + c] = c < kn ? sum : -INFINITY;
+        }
+    }
+}
+
+/* acc[g][:] += sum_c p[g][c] * v[c][:] (v: BK x ld), 32 columns at a time
+ * so the accumulator block stays in registers over the tile. */
+DMS_SIMD_CLONES
+static void decode_values(const float *restrict p, const float *restrict v,
+                          int64_t G, int64_t ld, float *restrict acc)
+{
+    for (int64_t g = 0; g < G; ++g) {
+        for (int64_t d0 = 0; d0 < ld; d0 += 32) {
+            float blk[32];
+            memcpy(blk, acc + g * ld + d0, sizeof blk);
+            for (int c = 0; c < BK; ++c) {
+                const float w = p[g * BK + c];
+                const float *vr = v + c * ld + d0;
+                for (int e = 0; e < 32; ++e)
+                    blk[e] += w * vr[e];
+            }
+            memcpy(acc + g * ld + d0, blk, sizeof blk);
+        }
+    }
+}
+
+typedef struct decode_scratch {
+    float *q, *k, *v, *scores; /* G x ld, BK x ld, BK x ld, G x BK */
+} decode_scratch;
+
+/*
+ * Slots [i0, i1) of row r for the G query heads (q pre-scaled, G x ld):
+ * the unnormalised output acc (G x ld), running max m and sum l per head,
+ * BK slots at a time.
+ */
+static void decode_range(const dms_cache_view *c, int64_t r, int64_t i0,
+                         int64_t i1, int64_t G, decode_scratch *w,
+                         float *acc, float *m, float *l)
+{
+    const int64_t D = c->D, ld = padded_dim(D);
+    for (int64_t g = 0; g < G; ++g) {
+        m[g] = -INFINITY;
+        l[g] = 0.0f;
+    }
+    memset(acc, 0, sizeof(float) * (size_t)(G * ld));
+    for (int64_t k0 = i0; k0 < i1; k0 += BK) {
+        const int64_t kn = i1 - k0 < BK ? i1 - k0 : BK;
+        for (int64_t i = 0; i < BK; ++i) {
+            float *kr = w->k + i * ld, *vr = w->v + i * ld;
+            if (i < kn) {
+                const int64_t s = slot_of(c, r, k0 + i);
+                pool_row(c->k_pages, c->dtype, s, D, kr);
+                pool_row(c->v_pages, c->dtype, s, D, vr);
+            } else { /* past the range: weight 0, keep the tile finite */
+                memset(kr, 0, sizeof(float) * (size_t)D);
+                memset(vr, 0, sizeof(float) * (size_t)D);
+            }
+            for (int64_t d = D; d < ld; ++d)
+                kr[d] = vr[d] = 0.0f;
+        }
+        decode_scores(w->q, w->k, G, ld, kn, w->scores);
+        online_softmax(w->scores, G, m, l, acc, ld);
+        decode_values(w->scores, w->v, G, ld, acc);
+    }
+}
+
+void dms_attn_decode_cpu(const dms_cache_call *x, int num_threads)
+{
+    const dms_cache_view *c = &x->c;
+    const int64_t G = x->G, D = c->D, R = c->R, ld = padded_dim(D);
+    /* Enough key ranges for every thread, each at least 256 slots. */
+    int64_t max_slots = 0;
+    for (int64_t r = 0; r < R; ++r)
+        max_slots = c->row_slots[r] > max_slots ? c->row_slots[r] : max_slots;
+    int64_t splits = (2 * (int64_t)num_threads + R - 1) / R;
+    const int64_t by_size = (max_slots + 255) / 256;
+    splits = splits < by_size ? splits : by_size;
+    splits = splits < 1 ? 1 : splits;
+    /* Partial results per (row, split): acc (G x ld), m (G), l (G). */
+    const int64_t part_size = G * (ld + 2);
+    float *part = alloc_floats((size_t)(R * splits * part_size));
+    (void)num_threads;
+#ifdef _OPENMP
+#pragma omp parallel num_threads(num_threads) if (R * splits > 1)
+#endif
+    {
+        decode_scratch w;
+        w.q = alloc_floats((size_t)(G * ld));
+        w.k = alloc_floats((size_t)(BK * ld));
+        w.v = alloc_floats((size_t)(BK * ld));
+        w.scores = alloc_floats((size_t)(G * BK));
+#ifdef _OPENMP
+#pragma omp for schedule(dynamic, 1)
+#endif
+        for (int64_t task = 0; task < R * splits; ++task) {
+            const int64_t r = task / splits, sp = task % splits;
+            const int64_t b = r / x->H, h = r % x->H, n = c->row_slots[r];
+            const int64_t i0 = n * sp / splits, i1 = n * (sp + 1) / splits;
+            float *base = part + task * part_size;
+            for (int64_t g = 0; g < G; ++g) {
+                const dms_tensor *t = x->q;
+                const int64_t off = b * t->strides[0] +
+                                    (h * G + g) * t->strides[1];
+                for (int64_t d = 0; d < ld; ++d)
+                    w.q[g * ld + d] = d < D ? dms_load(t->data, t->dtype,
+                                                       off + d) * x->scale
+                                            : 0.0f;
+            }
+            decode_range(c, r, i0, i1, G, &w, base, base + G * ld,
+                         base + G * ld + G);
+        }
+        free(w.q);
+        free(w.k);
+        free(w.v);
+        free(w.scores);
+    }
+    /* Merge the splits by log-sum-exp; write o and lse. */
+    float *lse = (float *)x->lse->data;
+    float *out = alloc_floats((size_t)ld);
+    for (int64_t r = 0; r < R; ++r) {
+        const int64_t b = r / x->H, h = r % x->H;
+        for (int64_t g = 0; g < G; ++g) {
+            float mx = -INFINITY;
+            for (int64_t sp = 0; sp < splits; ++sp) {
+                const float *base = part + (r * splits + sp) * part_size;
+                mx = base[G * ld + g] > mx ? base[G * ld + g] : mx;
+            }
+            float l = 0.0f;
+            for (int64_t d = 0; d < ld; ++d)
+                out[d] = 0.0f;
+            for (int64_t sp = 0; sp < splits && mx > -INFINITY; ++sp) {
+                const float *base = part + (r * splits + sp) * part_size;
+                const float wgt = exp_nonpositive(base[G * ld + g] - mx);
+                l += wgt * base[G * ld + G + g];
+                for (int64_t d = 0; d < ld; ++d)
+                    out[d] += wgt * base[g * ld + d];
+            }
+            const int64_t qh = h * G + g;
+            const int64_t at = b * x->lse->strides[0] + qh * x->lse->strides[1];
+            if (l == 0.0f) {
+                for (int64_t d = 0; d < ld; ++d)
+                    out[d] = 0.0f;
+                lse[at] = -INFINITY;
+            } else {
+                for (int64_t d = 0; d < ld; ++d)
+                    out[d] /= l;
+                lse[at] = mx + logf(l);
+            }
+            store_rows(x->o, b, qh, 0, 1, D, ld, out, 1.0f);
+        }
+    }
+    free(out);
+    free(part);
+}

@@ -1,0 +1,439 @@
+"""The paged DMS cache (SPEC §4–§5) on top of the C engine: one layer's
+`PagedLayerCache`, and `DMSCache`, a Hugging Face `Cache` made of
+`DMSCacheLayer`s that `generate` and `Qwen3ForCausalLMDMS` use.
+
+Every row (batch element b, KV head h) keeps its own slots: all keys whose
+eviction flag is 0 plus the last w + 1 tokens. Storage is a pool of pages of
+P slots shared by the layer's rows, a page table per row, and the per-row
+window record; all of it lives in tensors this object owns (on the model's
+device), which the C/CUDA kernels read and update in place
+(`dms._C.cache_append`, `attn_prefill`, `attn_decode`).
+
+Shapes: B batch, H KV heads, G query heads per KV head, n new tokens, D head
+dim, P page size, w window.
+"""
+
+import math
+
+import torch
+from transformers.cache_utils import Cache, CacheLayerMixin
+
+from dms._ext import _C
+from dms.runtime import exec_kwargs
+
+__all__ = ["DMSCache", "DMSCacheLayer", "PagedLayerCache"]
+
+_INT32_MAX = 2**31 - 1
+
+
+class PagedLayerCache:
+    """Paged DMS cache of one attention layer.
+
+    Args:
+        batch_size: B.
+        num_kv_heads: H.
+        head_dim: D.
+        window_size: eviction delay w (SPEC: `dms_window_size`, default 512).
+        page_size: P slots per page (default 256).
+        dtype: dtype of the stored keys/values (default bfloat16).
+        device: where the cache lives (default "cpu").
+        preallocate_for_tokens: reserve pages for this many tokens per row up
+            front (default None: start with one page per row and grow).
+        growth: factor by which the pool grows when it runs out (default 2).
+        allow_growth: if False, a call that needs more pages than the pool has
+            raises `dms.PoolExhaustedError` and changes nothing.
+    """
+
+    def __init__(self, batch_size, num_kv_heads, head_dim, window_size=512, *, page_size=256,
+                 dtype=torch.bfloat16, device="cpu", preallocate_for_tokens=None, growth=2.0, allow_growth=True):
+        for name, value, low in (("batch_size", batch_size, 1), ("num_kv_heads", num_kv_heads, 1),
+                                 ("head_dim", head_dim, 1), ("window_size", window_size, 0),
+                                 ("page_size", page_size, 1)):
+            if not isinstance(value, int) or isinstance(value, bool) or value < low:
+                raise ValueError(f"{name}: expected an int >= {low}, got {value!r}")
+        if not growth > 1:
+            raise ValueError(f"growth: expected a factor > 1, got {growth!r}")
+        self.batch_size, self.num_kv_heads, self.head_dim = batch_size, num_kv_heads, head_dim
+        self.window_size, self.page_size = window_size, page_size
+        self.dtype, self.device = dtype, torch.device(device)
+        self.growth, self.allow_growth = float(growth), allow_growth
+        rows = batch_size * num_kv_heads
+        per_row = max(1, math.ceil((preallocate_for_tokens or 0) / page_size))
+        self._allocate(rows * per_row, per_row)
+
+    # ---- state -----------------------------------------------------------
+
+    @property
+    def rows(self) -> int:
+        return self.batch_size * self.num_kv_heads
+
+    def _allocate(self, n_pages, max_pages):
+        P, D, R, dev = self.page_size, self.head_dim, self.rows, self.device
+        self.k_pages = torch.zeros(n_pages, P, D, dtype=self.dtype, device=dev)
+        self.v_pages = torch.zeros(n_pages, P, D, dtype=self.dtype, device=dev)
+        self.slot_limit = torch.full((n_pages, P), _INT32_MAX, dtype=torch.int32, device=dev)
+        self.page_table = torch.full((R, max_pages), -1, dtype=torch.int32, device=dev)
+        self.row_slots = torch.zeros(R, dtype=torch.int32, device=dev)
+        self.row_seen = torch.zeros(R, dtype=torch.int32, device=dev)
+        self.window = torch.full((R, self.window_size + 1), -1, dtype=torch.int32, device=dev)
+        # Pop from the top: page 0 is handed out first.
+        self.free_pages = torch.arange(n_pages - 1, -1, -1, dtype=torch.int32, device=dev)
+        self.free_count = torch.tensor([n_pages], dtype=torch.int32, device=dev)
+        self._free_lower_bound = n_pages  # CUDA: free pages known without a sync
+        self._seen_upper_bound = 0  # tokens any row may have seen (padding included)
+
+    def _state(self):
+        return (self.k_pages, self.v_pages, self.slot_limit, self.page_table, self.row_slots, self.row_seen,
+                self.window, self.free_pages, self.free_count)
+
+    def reset(self):
+        """Forget every token; all pages return to the pool (kept allocated)."""
+        n_pages = self.k_pages.shape[0]
+        self.slot_limit.fill_(_INT32_MAX)
+        self.page_table.fill_(-1)
+        self.row_slots.zero_()
+        self.row_seen.zero_()
+        self.window.fill_(-1)
+        self.free_pages.copy_(torch.arange(n_pages - 1, -1, -1, dtype=torch.int32))
+        self.free_count.fill_(n_pages)
+        self._free_lower_bound = n_pages
+        self._seen_upper_bound = 0
+
+    def grow_pool(self, extra_pages):
+        """Adds `extra_pages` free pages; page ids (and so every slot) stay valid."""
+        if extra_pages <= 0:
+            return
+        old = self.k_pages.shape[0]
+        new = old + extra_pages
+        P, D, dev = self.page_size, self.head_dim, self.device
+        self.k_pages = torch.cat([self.k_pages, torch.zeros(extra_pages, P, D, dtype=self.dtype, device=dev)])
+        self.v_pages = torch.cat([self.v_pages, torch.zeros(extra_pages, P, D, dtype=self.dtype, device=dev)])
+        self.slot_limit = torch.cat([self.slot_limit, torch.full((extra_pages, P), _INT32_MAX, dtype=torch.int32,
+                                                                  device=dev)])
+        # The stack's valid part is free_pages[:free_count]; new ids go on top.
+        free = torch.empty(new, dtype=torch.int32, device=dev)
+        free[:old] = self.free_pages
+        count = self._read_free_count()
+        free[count:count + extra_pages] = torch.arange(new - 1, old - 1, -1, dtype=torch.int32, device=dev)
+        self.free_pages = free
+        self.free_count.fill_(count + extra_pages)
+        self._free_lower_bound = count + extra_pages
+
+    def _read_free_count(self) -> int:
+        """The free-page count (on CUDA a sync: done only when the headroom
+        bound runs low or the pool grows). A negative count means a CUDA
+        append ran out of pages and was applied in part: the cache no longer
+        matches the sequence."""
+        count = int(self.free_count.item())
+        if count < 0:
+            raise _C.DMSError("cache: a CUDA append found the page pool exhausted and was applied in part "
+                              "(free_count < 0); this cache no longer matches its sequence: reset it")
+        return count
+
+    def _ensure_page_table(self, max_tokens):
+        need = math.ceil(max_tokens / self.page_size)
+        have = self.page_table.shape[1]
+        if need > have:
+            cols = max(need, int(have * self.growth))
+            extra = torch.full((self.rows, cols - have), -1, dtype=torch.int32, device=self.device)
+            self.page_table = torch.cat([self.page_table, extra], dim=1)
+
+    def _grow_for(self, missing):
+        if not self.allow_growth:
+            raise _C.PoolExhaustedError(
+                f"cache: the page pool ({self.k_pages.shape[0]} pages) needs {missing} more and allow_growth is False")
+        self.grow_pool(max(missing, int(self.k_pages.shape[0] * (self.growth - 1))))
+
+    # ---- ops ---------------------------------------------------------------
+
+    def append(self, k_new, v_new, decisions, key_padding=None):
+        """Stores n new tokens per row with delayed eviction (SPEC §4).
+
+        Args:
+            k_new, v_new: [B, H, n, D] keys (RoPE applied) and values.
+            decisions: [B, H, n] bool, the eviction decision of each token
+                (it flags the token before it).
+            key_padding: [B, n] bool, True = padding (never stored), or None.
+
+        Returns:
+            token_slots: [B, H, n] int32, each token's slot (-1 for padding
+            and for tokens evicted within the call).
+        """
+        B, H, n = k_new.shape[:3]
+        token_slots = torch.empty(B, H, n, dtype=torch.int32, device=self.device)
+        self._ensure_page_table(self._seen_upper_bound + n)  # capacity only: no token moves
+        if self.device.type == "cuda":
+            # No sync in steady state: keep a lower bound of the free pages
+            # against the most this call can pop (a page per P tokens + 1).
+            worst = self.rows * (math.ceil(n / self.page_size) + 1)
+            if self._free_lower_bound < worst:
+                exact = self._read_free_count()
+                if exact < worst:
+                    self._grow_for(worst - exact)
+                else:
+                    self._free_lower_bound = exact
+            _C.cache_append(self._state(), self.window_size, k_new, v_new, decisions, key_padding, token_slots,
+                            **exec_kwargs(k_new))
+            self._free_lower_bound -= worst
+            self._seen_upper_bound += n
+            return token_slots
+        while True:  # CPU: the C dry run refuses a call the pool cannot take
+            try:
+                _C.cache_append(self._state(), self.window_size, k_new, v_new, decisions, key_padding, token_slots,
+                                **exec_kwargs(k_new))
+                self._seen_upper_bound += n
+                return token_slots
+            except _C.PoolExhaustedError as exc:
+                if "page_table" in str(exc):
+                    self._ensure_page_table(self.page_table.shape[1] * self.page_size * 2)
+                    continue
+                self._grow_for(max(1, self.rows))
+
+    def prefill_attention(self, q, k_new, v_new, decisions, key_padding=None, scale=None):
+        """Attention of n new queries per row over the cache (as it is before
+        `append` of the same tokens) and the new keys (SPEC §3 hard rule, §5).
+
+        q: [B, H*G, n, D]; k_new, v_new: [B, H, n, D]; decisions: [B, H, n]
+        bool; key_padding: [B, n] bool or None. Returns (o [B, H*G, n, D] in
+        q's dtype, lse [B, H*G, n] float32).
+        """
+        scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+        o = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+        lse = torch.empty(q.shape[:3], dtype=torch.float32, device=q.device)
+        _C.attn_prefill(self._state(), self.window_size, q, k_new, v_new, decisions, key_padding, scale, o, lse,
+                        **exec_kwargs(q))
+        return o, lse
+
+    def decode_attention(self, q, scale=None):
+        """Attention of one query per row over every stored slot, after
+        `append` of the query's own token. q: [B, H*G, 1, D]. Returns (o, lse).
+        On CUDA long rows are split over the GPU's multiprocessors
+        (flash-decoding) through a workspace kept between calls."""
+        scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+        o = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+        lse = torch.empty(q.shape[:3], dtype=torch.float32, device=q.device)
+        _C.attn_decode(self._state(), self.window_size, q, scale, o, lse, self._decode_workspace(q),
+                       **exec_kwargs(q))
+        return o, lse
+
+    def _decode_workspace(self, q):
+        """[B*H*G, S, D + 2] float32 for S key ranges per row, enough to give
+        every multiprocessor two blocks; None on CPU (it splits by itself)."""
+        if self.device.type != "cuda":
+            return None
+        rows = q.shape[0] * q.shape[1]
+        sms = torch.cuda.get_device_properties(self.device).multi_processor_count
+        splits = max(1, min(64, -(-2 * sms // (q.shape[0] * self.num_kv_heads))))
+        shape = (rows, splits, self.head_dim + 2)
+        ws = getattr(self, "_workspace", None)
+        if ws is None or tuple(ws.shape) != shape:
+            ws = self._workspace = torch.empty(shape, dtype=torch.float32, device=self.device)
+        return ws
+
+    def select_rows(self, batch_index):
+        """Keeps batch elements `batch_index` ([B'] ints, repeats allowed), in
+        that order: beam-search reordering, dropping finished sequences. Each
+        new row gets its own copy of its pages (rows keep writing into their
+        last page and reuse evicted slots in place, so pages cannot be
+        shared). Costs one host sync to size the new pool."""
+        H, P, dev = self.num_kv_heads, self.page_size, self.device
+        index = torch.as_tensor(batch_index, dtype=torch.long, device=dev).reshape(-1)
+        if index.numel() == 0:
+            raise ValueError("batch_index: expected at least one batch element")
+        if int(index.min()) < 0 or int(index.max()) >= self.batch_size:
+            raise ValueError(f"batch_index: expected values in [0, {self.batch_size}), got {index.tolist()}")
+        rows = (index[:, None] * H + torch.arange(H, device=dev)).reshape(-1)
+        pages_per_row = (self.row_slots[rows].long() + P - 1) // P
+        max_pages = self.page_table.shape[1]
+        used = torch.arange(max_pages, device=dev)[None, :] < pages_per_row[:, None]
+        old_table = self.page_table[rows].long()
+        old_pages = old_table[used]
+        total = int(old_pages.numel())
+        n_pages = max(total + rows.numel(), 1)  # headroom: a page per row
+        new_table = torch.full((rows.numel(), max_pages), -1, dtype=torch.int64, device=dev)
+        new_table[used] = torch.arange(total, device=dev)
+        # Window slots: find each one's page in its row's old table.
+        ring = self.window[rows].long()
+        hit = (old_table[:, None, :] == (ring // P)[:, :, None]) & used[:, None, :]
+        column = hit.int().argmax(dim=2)
+        new_ring = torch.where(ring >= 0, new_table.gather(1, column) * P + ring % P, ring)
+
+        k_pages = torch.zeros(n_pages, P, self.head_dim, dtype=self.dtype, device=dev)
+        v_pages = torch.zeros_like(k_pages)
+        slot_limit = torch.full((n_pages, P), _INT32_MAX, dtype=torch.int32, device=dev)
+        k_pages[:total] = self.k_pages[old_pages]
+        v_pages[:total] = self.v_pages[old_pages]
+        slot_limit[:total] = self.slot_limit[old_pages]
+        self.k_pages, self.v_pages, self.slot_limit = k_pages, v_pages, slot_limit
+        self.page_table = new_table.int()
+        self.window = new_ring.int()
+        self.row_slots = self.row_slots[rows].clone()
+        self.row_seen = self.row_seen[rows].clone()
+        self.free_pages = torch.arange(n_pages - 1, -1, -1, dtype=torch.int32, device=dev)
+        self.free_count = torch.tensor([n_pages - total], dtype=torch.int32, device=dev)
+        self._free_lower_bound = n_pages - total
+        self.batch_size = int(index.numel())
+
+    # ---- accounting --------------------------------------------------------
+
+    def tokens_seen(self):
+        """[B, H] int: tokens each row has seen (padding excluded)."""
+        return self.row_seen.view(self.batch_size, self.num_kv_heads)
+
+    def tokens_stored(self):
+        """[B, H] int: tokens each row stores now."""
+        return self.row_slots.view(self.batch_size, self.num_kv_heads)
+
+    def compression_ratio(self) -> float:
+        """Tokens seen / tokens stored, averaged over rows that hold tokens (1.0 if none)."""
+        seen, stored = self.row_seen.double(), self.row_slots.double()
+        live = stored > 0
+        if not bool(live.any()):
+            return 1.0
+        return float((seen[live] / stored[live]).mean())
+
+    def bytes_in_use(self) -> int:
+        """Bytes of keys and values in the pages that hold tokens."""
+        pages = int(((self.row_slots.long() + self.page_size - 1) // self.page_size).sum())
+        return 2 * pages * self.page_size * self.head_dim * self.k_pages.element_size()
+
+    def bytes_reserved(self) -> int:
+        """Bytes of the whole pool (K and V), free pages included."""
+        return 2 * self.k_pages.numel() * self.k_pages.element_size()
+
+
+class DMSCacheLayer(CacheLayerMixin):
+    """One layer of `DMSCache`: a `PagedLayerCache` created on first use from
+    the shapes it is fed. The model's attention calls `attend`; the generic
+    `update` of Hugging Face caches cannot be served (rows hold different
+    numbers of tokens, so there is no dense [B, H, T, D] to return).
+
+    Args (all optional, see `PagedLayerCache`): window_size (512), page_size
+    (256), preallocate_for_tokens (None), allow_growth (True).
+    """
+
+    is_compileable = False
+    is_sliding = False
+
+    def __init__(self, window_size=512, page_size=256, preallocate_for_tokens=None, allow_growth=True):
+        super().__init__()
+        self.window_size, self.page_size = window_size, page_size
+        self.preallocate_for_tokens, self.allow_growth = preallocate_for_tokens, allow_growth
+        self.paged = None
+        self.tokens_fed = 0  # positions fed, padding included: what HF masks and positions count
+
+    def lazy_initialization(self, key_states, value_states=None):
+        B, H, _, D = key_states.shape
+        self.paged = PagedLayerCache(B, H, D, self.window_size, page_size=self.page_size, dtype=key_states.dtype,
+                                     device=key_states.device, preallocate_for_tokens=self.preallocate_for_tokens,
+                                     allow_growth=self.allow_growth)
+        self.is_initialized = True
+
+    def attend(self, q, k, v, decisions, key_padding=None, scale=None):
+        """Attention of the new tokens over this layer's cache, then their
+        storage (SPEC §5): one token per row takes the decode path (append,
+        then attention over the stored slots), more take the prefill path
+        (attention over cache + new keys, then append).
+
+        q: [B, H*G, n, D]; k, v: [B, H, n, D] (RoPE applied); decisions:
+        [B, H, n] bool; key_padding: [B, n] bool (True = padding) or None.
+        Returns o [B, H*G, n, D]."""
+        if not self.is_initialized:
+            self.lazy_initialization(k, v)
+        n = k.shape[2]
+        if n == 1:
+            self.paged.append(k, v, decisions, key_padding)
+            o, _ = self.paged.decode_attention(q, scale)
+            if key_padding is not None:  # a padding position is not a token: its output is 0
+                o = o.masked_fill(key_padding.view(-1, 1, 1, 1), 0)
+        else:
+            o, _ = self.paged.prefill_attention(q, k, v, decisions, key_padding, scale)
+            self.paged.append(k, v, decisions, key_padding)
+        self.tokens_fed += n
+        return o
+
+    def update(self, key_states, value_states, *args, **kwargs):
+        raise NotImplementedError(
+            "DMSCacheLayer.update: a DMS cache keeps a different number of tokens per (batch, head) row, so it has no "
+            "dense key/value tensor to return; DMS attention calls DMSCacheLayer.attend (Qwen3ForCausalLMDMS does)")
+
+    def get_seq_length(self) -> int:
+        return self.tokens_fed
+
+    def get_mask_sizes(self, query_length, *args, **kwargs):
+        if not isinstance(query_length, int):  # older transformers pass cache_position
+            query_length = int(query_length.shape[-1])
+        return self.tokens_fed + query_length, 0
+
+    def get_max_length(self) -> int:
+        return -1
+
+    def get_max_cache_shape(self) -> int:
+        return -1
+
+    def reset(self):
+        if self.is_initialized:
+            self.paged.reset()
+        self.tokens_fed = 0
+
+    def reorder_cache(self, beam_idx):
+        if self.is_initialized:
+            self.paged.select_rows(beam_idx)
+
+    def batch_select_indices(self, indices):
+        self.reorder_cache(indices)
+
+    def batch_repeat_interleave(self, repeats):
+        if self.is_initialized:
+            index = torch.arange(self.paged.batch_size, device=self.paged.device).repeat_interleave(repeats)
+            self.paged.select_rows(index)
+
+    def crop(self, max_length):
+        raise NotImplementedError(
+            "DMSCacheLayer.crop: evicted tokens cannot be restored, so a DMS cache cannot be rolled back "
+            "(assisted decoding needs that); generate without an assistant model")
+
+    def compression_ratio(self) -> float:
+        return self.paged.compression_ratio() if self.is_initialized else 1.0
+
+
+class DMSCache(Cache):
+    """Hugging Face cache of a DMS model: one `DMSCacheLayer` per decoder layer.
+
+    Args:
+        num_layers: decoder layers (`config.num_hidden_layers`).
+        window_size: eviction delay w (`config.dms_window_size`, default 512).
+        page_size: slots per page (`config.dms_paged_attention_block_size`, default 256).
+        preallocate_for_tokens: reserve pages for this many tokens per row (default None).
+        allow_growth: grow the page pools on demand (default True).
+    """
+
+    def __init__(self, num_layers, window_size=512, page_size=256, preallocate_for_tokens=None, allow_growth=True):
+        if not isinstance(num_layers, int) or num_layers < 1:
+            raise ValueError(f"num_layers: expected an int >= 1, got {num_layers!r}")
+        layers = [DMSCacheLayer(window_size, page_size, preallocate_for_tokens, allow_growth)
+                  for _ in range(num_layers)]
+        super().__init__(layers=layers)
+
+    @classmethod
+    def from_config(cls, config, preallocate_for_tokens=None):
+        """The cache `config` (a DMS model config) asks for."""
+        return cls(config.num_hidden_layers, window_size=getattr(config, "dms_window_size", 512),
+                   page_size=getattr(config, "dms_paged_attention_block_size", 256),
+                   preallocate_for_tokens=preallocate_for_tokens
+                   if preallocate_for_tokens is not None else getattr(config, "dms_preallocate_for_tokens", None))
+
+    def compression_ratios(self) -> list:
+        """Tokens seen / tokens stored per layer (1.0 for a layer not used yet)."""
+        return [layer.compression_ratio() for layer in self.layers]
+
+    def compression_ratio(self) -> float:
+        """The mean of `compression_ratios` over the layers that hold tokens."""
+        used = [layer.compression_ratio() for layer in self.layers if layer.is_initialized]
+        return sum(used) / len(used) if used else 1.0
+
+    def bytes_in_use(self) -> int:
+        return sum(layer.paged.bytes_in_use() for layer in self.layers if layer.is_initialized)
+
+    def bytes_reserved(self) -> int:
+        return sum(layer.paged.bytes_reserved() for layer in self.layers if layer.is_initialized)
