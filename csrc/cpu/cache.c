@@ -205,17 +205,35 @@ dms_status dms_cache_append_cpu(const dms_cache_call *x)
 
 /* ---- prefill attention -------------------------------------------------- */
 
-/* Rows of the pool ([n_slots, D], the pages' dtype) as float32 tiles. */
-static void gather_rows(const void *pool, dms_dtype dtype, const int64_t *slot,
-                        int64_t n, int64_t D, int64_t ld, float *dst)
+/* Rows `slot[0..kn)` of a pool as float32 rows of length ld (zero past D and
+ * past kn), converted in vector code. */
+DMS_SIMD_CLONES
+static void gather_tile(const void *pool, dms_dtype dtype,
+                        const int64_t *restrict slot, int64_t kn, int64_t D,
+                        int64_t ld, float *restrict out)
 {
-    for (int64_t r = 0; r < BK; ++r) {
-        float *out = dst + r * ld;
-        memset(out, 0, sizeof(float) * (size_t)ld);
-        if (r >= n)
+    for (int64_t i = 0; i < BK; ++i) {
+        float *o = out + i * ld;
+        if (i >= kn) {
+            for (int64_t d = 0; d < ld; ++d)
+                o[d] = 0.0f;
             continue;
-        for (int64_t d = 0; d < D; ++d)
-            out[d] = dms_load(pool, dtype, slot[r] * D + d);
+        }
+        if (dtype == DMS_FLOAT32) {
+            const float *src = (const float *)pool + slot[i] * D;
+            for (int64_t d = 0; d < D; ++d)
+                o[d] = src[d];
+        } else if (dtype == DMS_BFLOAT16) {
+            const uint16_t *src = (const uint16_t *)pool + slot[i] * D;
+            for (int64_t d = 0; d < D; ++d)
+                o[d] = dms_bits_float((uint32_t)src[d] << 16);
+        } else {
+            const uint16_t *src = (const uint16_t *)pool + slot[i] * D;
+            for (int64_t d = 0; d < D; ++d)
+                o[d] = dms_f16_to_f32(src[d]);
+        }
+        for (int64_t d = D; d < ld; ++d)
+            o[d] = 0.0f;
     }
 }
 
@@ -328,8 +346,8 @@ static void prefill_tile(const dms_cache_call *x, int64_t b, int64_t h,
                            ? limit_for(first, seen - 1, c->w)
                            : c->slot_limit[slot[i]];
         }
-        gather_rows(c->k_pages, c->dtype, slot, kn, D, ld, w->k);
-        gather_rows(c->v_pages, c->dtype, slot, kn, D, ld, w->v);
+        gather_tile(c->k_pages, c->dtype, slot, kn, D, ld, w->k);
+        gather_tile(c->v_pages, c->dtype, slot, kn, D, ld, w->v);
         prefill_key_tile(x, w, qpos, limit, NULL);
     }
 
@@ -419,33 +437,22 @@ void dms_attn_prefill_cpu(const dms_cache_call *x, int num_threads)
 
 /* ---- decode attention --------------------------------------------------- */
 
-/* Converts pool row `slot` (the pages' dtype) to float32. */
-static inline void pool_row(const void *pool, dms_dtype dtype, int64_t slot,
-                            int64_t D, float *restrict out)
+/* The sum of 16 partial sums, as a tree (4 dependent adds, not 15). */
+static inline float sum16(const float *restrict part)
 {
-    switch (dtype) {
-    case DMS_FLOAT32:
-        memcpy(out, (const float *)pool + slot * D, sizeof(float) * (size_t)D);
-        break;
-    case DMS_BFLOAT16: {
-        const uint16_t *src = (const uint16_t *)pool + slot * D;
-        for (int64_t d = 0; d < D; ++d)
-            out[d] = dms_bf16_to_f32(src[d]);
-        break;
-    }
-    default: {
-        const uint16_t *src = (const uint16_t *)pool + slot * D;
-        for (int64_t d = 0; d < D; ++d)
-            out[d] = dms_f16_to_f32(src[d]);
-        break;
-    }
-    }
+    float s8[8], s4[4];
+    for (int e = 0; e < 8; ++e)
+        s8[e] = part[e] + part[e + 8];
+    for (int e = 0; e < 4; ++e)
+        s4[e] = s8[e] + s8[e + 4];
+    return (s4[0] + s4[2]) + (s4[1] + s4[3]);
 }
 
 /*
  * scores[g][c] = q[g] . k[c] for a tile of BK slots (k: BK x ld, q: G x ld,
- * ld a multiple of 16, zero-padded): 16 partial sums per dot product, so
- * the loop vectorises without reassociating a reduction.
+ * ld a multiple of 16, zero-padded). Four heads at a time share each
+ * loaded key chunk; each dot product keeps 16 partial sums so the loop
+ * vectorises without reassociating a reduction.
  */
 DMS_SIMD_CLONES
 static void decode_scores(const float *restrict q, const float *restrict k,
@@ -454,7 +461,27 @@ static void decode_scores(const float *restrict q, const float *restrict k,
 {
     for (int64_t c = 0; c < BK; ++c) {
         const float *kr = k + c * ld;
-        for (int64_t g = 0; g < G; ++g) {
+        int64_t g = 0;
+        for (; g + 4 <= G; g += 4) {
+            const float *q0 = q + g * ld, *q1 = q0 + ld, *q2 = q1 + ld,
+                        *q3 = q2 + ld;
+            float p0[16], p1[16], p2[16], p3[16];
+            for (int e = 0; e < 16; ++e)
+                p0[e] = p1[e] = p2[e] = p3[e] = 0.0f;
+            for (int64_t d0 = 0; d0 < ld; d0 += 16)
+                for (int e = 0; e < 16; ++e) {
+                    const float kv = kr[d0 + e];
+                    p0[e] += q0[d0 + e] * kv;
+                    p1[e] += q1[d0 + e] * kv;
+                    p2[e] += q2[d0 + e] * kv;
+                    p3[e] += q3[d0 + e] * kv;
+                }
+            scores[(g + 0) * BK + c] = c < kn ? sum16(p0) : -INFINITY;
+            scores[(g + 1) * BK + c] = c < kn ? sum16(p1) : -INFINITY;
+            scores[(g + 2) * BK + c] = c < kn ? sum16(p2) : -INFINITY;
+            scores[(g + 3) * BK + c] = c < kn ? sum16(p3) : -INFINITY;
+        }
+        for (; g < G; ++g) {
             const float *qr = q + g * ld;
             float part[16];
             for (int e = 0; e < 16; ++e)
@@ -462,21 +489,42 @@ static void decode_scores(const float *restrict q, const float *restrict k,
             for (int64_t d0 = 0; d0 < ld; d0 += 16)
                 for (int e = 0; e < 16; ++e)
                     part[e] += qr[d0 + e] * kr[d0 + e];
-            float sum = 0.0f;
-            for (int e = 0; e < 16; ++e)
-                sum += part[e];
-            scores[g * BK + c] = c < kn ? sum : -INFINITY;
+            scores[g * BK + c] = c < kn ? sum16(part) : -INFINITY;
         }
     }
 }
 
-/* acc[g][:] += sum_c p[g][c] * v[c][:] (v: BK x ld), 32 columns at a time
- * so the accumulator block stays in registers over the tile. */
+/*
+ * acc[g][:] += sum_c p[g][c] * v[c][:] (v: BK x ld), for 4 heads and 32
+ * columns at a time: 8 independent accumulator vectors hide the latency of
+ * the multiply-adds, and each value row is loaded once per 4 heads.
+ */
 DMS_SIMD_CLONES
 static void decode_values(const float *restrict p, const float *restrict v,
                           int64_t G, int64_t ld, float *restrict acc)
 {
-    for (int64_t g = 0; g < G; ++g) {
+    int64_t g = 0;
+    for (; g + 4 <= G; g += 4) {
+        for (int64_t d0 = 0; d0 < ld; d0 += 32) {
+            float blk[4][32];
+            for (int h = 0; h < 4; ++h)
+                memcpy(blk[h], acc + (g + h) * ld + d0, sizeof blk[h]);
+            for (int c = 0; c < BK; ++c) {
+                const float *vr = v + c * ld + d0;
+                const float w0 = p[(g + 0) * BK + c], w1 = p[(g + 1) * BK + c];
+                const float w2 = p[(g + 2) * BK + c], w3 = p[(g + 3) * BK + c];
+                for (int e = 0; e < 32; ++e) {
+                    blk[0][e] += w0 * vr[e];
+                    blk[1][e] += w1 * vr[e];
+                    blk[2][e] += w2 * vr[e];
+                    blk[3][e] += w3 * vr[e];
+                }
+            }
+            for (int h = 0; h < 4; ++h)
+                memcpy(acc + (g + h) * ld + d0, blk[h], sizeof blk[h]);
+        }
+    }
+    for (; g < G; ++g) {
         for (int64_t d0 = 0; d0 < ld; d0 += 32) {
             float blk[32];
             memcpy(blk, acc + g * ld + d0, sizeof blk);
@@ -505,6 +553,7 @@ static void decode_range(const dms_cache_view *c, int64_t r, int64_t i0,
                          float *acc, float *m, float *l)
 {
     const int64_t D = c->D, ld = padded_dim(D);
+    const int64_t row_bytes = D * (int64_t)dms_dtype_size(c->dtype);
     for (int64_t g = 0; g < G; ++g) {
         m[g] = -INFINITY;
         l[g] = 0.0f;
@@ -512,19 +561,20 @@ static void decode_range(const dms_cache_view *c, int64_t r, int64_t i0,
     memset(acc, 0, sizeof(float) * (size_t)(G * ld));
     for (int64_t k0 = i0; k0 < i1; k0 += BK) {
         const int64_t kn = i1 - k0 < BK ? i1 - k0 : BK;
-        for (int64_t i = 0; i < BK; ++i) {
-            float *kr = w->k + i * ld, *vr = w->v + i * ld;
-            if (i < kn) {
-                const int64_t s = slot_of(c, r, k0 + i);
-                pool_row(c->k_pages, c->dtype, s, D, kr);
-                pool_row(c->v_pages, c->dtype, s, D, vr);
-            } else { /* past the range: weight 0, keep the tile finite */
-                memset(kr, 0, sizeof(float) * (size_t)D);
-                memset(vr, 0, sizeof(float) * (size_t)D);
+        int64_t slot[BK];
+        for (int64_t i = 0; i < kn; ++i)
+            slot[i] = slot_of(c, r, k0 + i);
+        /* Ask for the next tile's rows now: the memory system fetches them
+         * while this tile is computed (decode is bound by memory). */
+        for (int64_t i = k0 + BK; i < k0 + 2 * BK && i < i1; ++i) {
+            const int64_t s = slot_of(c, r, i);
+            for (int64_t byte = 0; byte < row_bytes; byte += 64) {
+                __builtin_prefetch((const char *)c->k_pages + s * row_bytes + byte);
+                __builtin_prefetch((const char *)c->v_pages + s * row_bytes + byte);
             }
-            for (int64_t d = D; d < ld; ++d)
-                kr[d] = vr[d] = 0.0f;
         }
+        gather_tile(c->k_pages, c->dtype, slot, kn, D, ld, w->k);
+        gather_tile(c->v_pages, c->dtype, slot, kn, D, ld, w->v);
         decode_scores(w->q, w->k, G, ld, kn, w->scores);
         online_softmax(w->scores, G, m, l, acc, ld);
         decode_values(w->scores, w->v, G, ld, acc);
