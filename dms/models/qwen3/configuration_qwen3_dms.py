@@ -1,0 +1,95 @@
+"""`Qwen3ConfigDMS`: transformers' `Qwen3Config` plus the DMS fields of
+SPEC.md, with the names, defaults and meaning of the reference implementation
+(so its checkpoints' config.json files load unchanged), validated at
+construction."""
+
+import math
+
+from transformers import Qwen3Config
+
+__all__ = ["Qwen3ConfigDMS"]
+
+
+def _require(condition, field, expected, value):
+    if not condition:
+        raise ValueError(f"{field}: expected {expected}, got {value!r}")
+
+
+def _is_int(value):
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+class Qwen3ConfigDMS(Qwen3Config):
+    """Qwen3 configuration with DMS (SPEC.md §1–§7).
+
+    Args:
+        dms_alpha_scale: s, scale of the decision logits (default 100.0).
+        dms_initial_alpha_offset: o, offset subtracted from them (default 5.0):
+            a fresh adapter gives every logit -o, i.e. keeps everything.
+        dms_window_size: w, the eviction delay in tokens (default 512).
+        dms_paged_attention_block_size: P, slots per cache page (default 256);
+            must be smaller than w.
+        dms_cr: the compression ratio the model was trained for; informative
+            (default 8).
+        dms_disable_eviction: never evict (the teacher / vanilla model;
+            default False).
+        dms_separate_alpha: True: decisions come from a separate adapter
+            (`dms_proj_alpha_norm`, `dms_proj_alpha`); False: from the last
+            component of the first query head of each group (default False,
+            as in the reference).
+        dms_alpha_per: "head" (a decision per KV head) or "layer" (head 0's
+            decision for all heads of a layer) (default "head").
+        dms_tau: Gumbel-sigmoid temperature while training (default 0.1).
+        dms_compile_limit: accepted for compatibility with the reference
+            (it sets torch.compile limits there); dms compiles nothing
+            (default 72).
+        dms_manual_inference_mode: accepted for compatibility (default False).
+        dms_chunked_prefill: split prompts into chunks of this many tokens
+            (default None: one prefill).
+        dms_preallocate_for_tokens: cache pages reserved per row up front,
+            in tokens (default 4096).
+        **kwargs: the fields of `Qwen3Config`.
+    """
+
+    def __init__(self, dms_alpha_scale=100.0, dms_initial_alpha_offset=5.0, dms_window_size=512,
+                 dms_paged_attention_block_size=256, dms_cr=8, dms_disable_eviction=False, dms_separate_alpha=False,
+                 dms_alpha_per="head", dms_tau=0.1, dms_compile_limit=72, dms_manual_inference_mode=False,
+                 dms_chunked_prefill=None, dms_preallocate_for_tokens=4096, **kwargs):
+        _require(isinstance(dms_alpha_scale, (int, float)) and math.isfinite(dms_alpha_scale),
+                 "dms_alpha_scale", "a finite number", dms_alpha_scale)
+        _require(isinstance(dms_initial_alpha_offset, (int, float)) and math.isfinite(dms_initial_alpha_offset),
+                 "dms_initial_alpha_offset", "a finite number", dms_initial_alpha_offset)
+        _require(_is_int(dms_paged_attention_block_size) and dms_paged_attention_block_size >= 1,
+                 "dms_paged_attention_block_size", "an int >= 1", dms_paged_attention_block_size)
+        _require(_is_int(dms_window_size) and dms_window_size > dms_paged_attention_block_size,
+                 "dms_window_size", f"an int larger than dms_paged_attention_block_size "
+                 f"({dms_paged_attention_block_size})", dms_window_size)
+        _require(isinstance(dms_cr, (int, float)) and dms_cr >= 1, "dms_cr", "a ratio >= 1", dms_cr)
+        _require(isinstance(dms_disable_eviction, bool), "dms_disable_eviction", "a bool", dms_disable_eviction)
+        _require(isinstance(dms_separate_alpha, bool), "dms_separate_alpha", "a bool", dms_separate_alpha)
+        _require(dms_alpha_per in ("head", "layer"), "dms_alpha_per", "'head' or 'layer'", dms_alpha_per)
+        _require(isinstance(dms_tau, (int, float)) and math.isfinite(dms_tau) and dms_tau > 0,
+                 "dms_tau", "a finite temperature > 0", dms_tau)
+        _require(dms_compile_limit is None or (_is_int(dms_compile_limit) and dms_compile_limit >= 1),
+                 "dms_compile_limit", "None or an int >= 1", dms_compile_limit)
+        _require(isinstance(dms_manual_inference_mode, bool), "dms_manual_inference_mode", "a bool",
+                 dms_manual_inference_mode)
+        _require(dms_chunked_prefill is None or (_is_int(dms_chunked_prefill) and dms_chunked_prefill >= 1),
+                 "dms_chunked_prefill", "None or an int >= 1", dms_chunked_prefill)
+        _require(dms_preallocate_for_tokens is None
+                 or (_is_int(dms_preallocate_for_tokens) and dms_preallocate_for_tokens >= 0),
+                 "dms_preallocate_for_tokens", "None or an int >= 0", dms_preallocate_for_tokens)
+        self.dms_alpha_scale = float(dms_alpha_scale)
+        self.dms_initial_alpha_offset = float(dms_initial_alpha_offset)
+        self.dms_window_size = dms_window_size
+        self.dms_paged_attention_block_size = dms_paged_attention_block_size
+        self.dms_cr = dms_cr
+        self.dms_disable_eviction = dms_disable_eviction
+        self.dms_separate_alpha = dms_separate_alpha
+        self.dms_alpha_per = dms_alpha_per
+        self.dms_tau = float(dms_tau)
+        self.dms_compile_limit = dms_compile_limit
+        self.dms_manual_inference_mode = dms_manual_inference_mode
+        self.dms_chunked_prefill = dms_chunked_prefill
+        self.dms_preallocate_for_tokens = dms_preallocate_for_tokens
+        super().__init__(**kwargs)

@@ -1,0 +1,63 @@
+"""`Qwen3ConfigDMS`: SPEC defaults, round trips through save_pretrained, a
+config.json written by the reference implementation, and invalid values
+rejected with the field named."""
+
+import json
+
+import pytest
+
+from dms.models.qwen3 import Qwen3ConfigDMS
+
+TINY = dict(num_hidden_layers=2, hidden_size=64, intermediate_size=128, num_attention_heads=4,
+            num_key_value_heads=2, head_dim=16, vocab_size=128)
+
+
+def test_spec_defaults():
+    c = Qwen3ConfigDMS(**TINY)
+    assert (c.dms_window_size, c.dms_paged_attention_block_size) == (512, 256)
+    assert (c.dms_alpha_scale, c.dms_initial_alpha_offset, c.dms_tau) == (100.0, 5.0, 0.1)
+    assert c.dms_alpha_per == "head" and c.dms_separate_alpha is False and c.dms_disable_eviction is False
+    assert c.dms_chunked_prefill is None and c.dms_preallocate_for_tokens == 4096
+    assert c.num_key_value_heads == 2  # the Qwen3 fields pass through
+
+
+def test_round_trip(tmp_path):
+    c = Qwen3ConfigDMS(dms_window_size=16, dms_paged_attention_block_size=4, dms_separate_alpha=True,
+                       dms_alpha_per="layer", dms_chunked_prefill=32, **TINY)
+    c.save_pretrained(tmp_path)
+    back = Qwen3ConfigDMS.from_pretrained(tmp_path)
+    for key in ("dms_window_size", "dms_paged_attention_block_size", "dms_separate_alpha", "dms_alpha_per",
+                "dms_chunked_prefill", "hidden_size"):
+        assert getattr(back, key) == getattr(c, key), key
+
+
+def test_reference_config_json_loads(tmp_path):
+    """The fields SPEC §7 lists, as the reference writes them."""
+    ref = {**TINY, "model_type": "qwen3", "architectures": ["Qwen3ForCausalLMDMS"], "dms_alpha_scale": 100.0,
+           "dms_initial_alpha_offset": 5.0, "dms_window_size": 512, "dms_paged_attention_block_size": 256,
+           "dms_cr": 8, "dms_disable_eviction": False, "dms_separate_alpha": True, "dms_alpha_per": "head",
+           "dms_tau": 0.1, "dms_compile_limit": 72, "dms_manual_inference_mode": False,
+           "dms_chunked_prefill": None, "dms_preallocate_for_tokens": 4096}
+    (tmp_path / "config.json").write_text(json.dumps(ref))
+    c = Qwen3ConfigDMS.from_pretrained(tmp_path)
+    assert c.dms_separate_alpha is True and c.dms_cr == 8 and c.dms_compile_limit == 72
+
+
+@pytest.mark.parametrize("override, field", [
+    (dict(dms_window_size=256), "dms_window_size"),
+    (dict(dms_window_size=100, dms_paged_attention_block_size=128), "dms_window_size"),
+    (dict(dms_paged_attention_block_size=0), "dms_paged_attention_block_size"),
+    (dict(dms_paged_attention_block_size=-4), "dms_paged_attention_block_size"),
+    (dict(dms_alpha_per="token"), "dms_alpha_per"),
+    (dict(dms_tau=0.0), "dms_tau"),
+    (dict(dms_tau=float("nan")), "dms_tau"),
+    (dict(dms_alpha_scale=float("inf")), "dms_alpha_scale"),
+    (dict(dms_chunked_prefill=0), "dms_chunked_prefill"),
+    (dict(dms_preallocate_for_tokens=-1), "dms_preallocate_for_tokens"),
+    (dict(dms_separate_alpha="yes"), "dms_separate_alpha"),
+    (dict(dms_cr=0.5), "dms_cr"),
+    (dict(dms_compile_limit=0), "dms_compile_limit"),
+])
+def test_invalid_values_name_the_field(override, field):
+    with pytest.raises(ValueError, match=f"^{field}: expected"):
+        Qwen3ConfigDMS(**{**TINY, **override})
