@@ -222,7 +222,9 @@ class PagedLayerCache:
         if self.device.type != "cuda":
             return None
         rows = q.shape[0] * q.shape[1]
-        sms = torch.cuda.get_device_properties(self.device).multi_processor_count
+        sms = getattr(self, "_sms", None)
+        if sms is None:
+            sms = self._sms = torch.cuda.get_device_properties(self.device).multi_processor_count
         splits = max(1, min(64, -(-2 * sms // (q.shape[0] * self.num_kv_heads))))
         shape = (rows, splits, self.head_dim + 2)
         ws = getattr(self, "_workspace", None)
