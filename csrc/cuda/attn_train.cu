@@ -38,18 +38,13 @@
 #include <stdint.h>
 
 #include "common.cuh"
+#include "tiles.cuh"
 #include "../core/scalar.h"
 
 namespace {
 
-constexpr int kThreads = 128;
-constexpr int kWarps = kThreads / 32;
-/*
- * Asking for 4 resident blocks caps registers at 128 per thread; without a
- * minimum ptxas settles on ~48 registers and spills in several kernels.
- */
-constexpr int kMinBlocks = 4;
-constexpr unsigned kFullMask = 0xffffffffu;
+/* kThreads, kWarps, kMinBlocks, the reductions, tile_dot, tile_accum, ... */
+using namespace dms_tiles;
 
 /* key_padding [B, T], one byte per element, nonzero = padding. */
 struct DmsPadView {
@@ -79,123 +74,6 @@ struct AttnParams {
 __device__ __forceinline__ float dms_logsigmoid(float x)
 {
     return fminf(x, 0.0f) - log1pf(expf(-fabsf(x)));
-}
-
-/* Reductions over the 8 lanes (same t / 8) that share a micro-tile row. */
-__device__ __forceinline__ float group8_max(float v)
-{
-    v = fmaxf(v, __shfl_xor_sync(kFullMask, v, 1));
-    v = fmaxf(v, __shfl_xor_sync(kFullMask, v, 2));
-    v = fmaxf(v, __shfl_xor_sync(kFullMask, v, 4));
-    return v;
-}
-
-__device__ __forceinline__ float group8_sum(float v)
-{
-    v += __shfl_xor_sync(kFullMask, v, 1);
-    v += __shfl_xor_sync(kFullMask, v, 2);
-    v += __shfl_xor_sync(kFullMask, v, 4);
-    return v;
-}
-
-__device__ __forceinline__ float warp_sum(float v)
-{
-    v += __shfl_xor_sync(kFullMask, v, 16);
-    v += __shfl_xor_sync(kFullMask, v, 8);
-    v += __shfl_xor_sync(kFullMask, v, 4);
-    v += __shfl_xor_sync(kFullMask, v, 2);
-    v += __shfl_xor_sync(kFullMask, v, 1);
-    return v;
-}
-
-/*
- * acc[a][b] = sum_{d < D} A[16 a][d] * Bm[8 b][d], both row-major in shared
- * memory with row stride ld; A and Bm already point at this thread's first
- * row (row t / 8 of the left tile, row t % 8 of the right tile).
- */
-template <int RA, int CB>
-__device__ __forceinline__ void tile_dot(const float *A, const float *Bm,
-                                         int ld, int D, float (&acc)[RA][CB])
-{
-#pragma unroll
-    for (int a = 0; a < RA; ++a)
-#pragma unroll
-        for (int b = 0; b < CB; ++b)
-            acc[a][b] = 0.0f;
-#pragma unroll 2
-    for (int d = 0; d < D; ++d) {
-        float av[RA], bv[CB];
-#pragma unroll
-        for (int a = 0; a < RA; ++a)
-            av[a] = A[a * 16 * ld + d];
-#pragma unroll
-        for (int b = 0; b < CB; ++b)
-            bv[b] = Bm[b * 8 * ld + d];
-#pragma unroll
-        for (int a = 0; a < RA; ++a)
-#pragma unroll
-            for (int b = 0; b < CB; ++b)
-                acc[a][b] = fmaf(av[a], bv[b], acc[a][b]);
-    }
-}
-
-/*
- * Acc[r][d] = Acc[r][d] * rowscale[a] + sum_{c < NC} P[r][c] * X[c][d]
- * for this thread's rows r = ty + 16 a and columns d = d0 + tx + 8 b of
- * every 32-wide chunk d0 of D (rowscale is ignored unless kScaleRows). P
- * has row stride NC + 1, Acc and X row stride ld. Each Acc element belongs
- * to one thread; the sum over c runs in a fixed order.
- */
-template <int RA, int NC, bool kScaleRows>
-__device__ __forceinline__ void tile_accum(float *Acc, int ld, const float *P,
-                                           const float *X, int D, int ty,
-                                           int tx, const float (&rowscale)[RA])
-{
-    constexpr int ldp = NC + 1;
-    for (int d0 = 0; d0 < D; d0 += 32) {
-        bool ok[4];
-        int col[4]; /* clamped into [0, D) so reads of X stay in the row */
-        float acc[RA][4];
-#pragma unroll
-        for (int b = 0; b < 4; ++b) {
-            const int d = d0 + tx + 8 * b;
-            ok[b] = d < D;
-            col[b] = ok[b] ? d : D - 1;
-        }
-#pragma unroll
-        for (int a = 0; a < RA; ++a) {
-            const float *row = Acc + (ty + 16 * a) * ld;
-#pragma unroll
-            for (int b = 0; b < 4; ++b) {
-                /* columns past D belong to nobody: never read them here */
-                const float old = ok[b] ? row[col[b]] : 0.0f;
-                acc[a][b] = kScaleRows ? old * rowscale[a] : old;
-            }
-        }
-#pragma unroll 4
-        for (int c = 0; c < NC; ++c) {
-            float pv[RA], xv[4];
-#pragma unroll
-            for (int a = 0; a < RA; ++a)
-                pv[a] = P[(ty + 16 * a) * ldp + c];
-#pragma unroll
-            for (int b = 0; b < 4; ++b)
-                xv[b] = X[c * ld + col[b]];
-#pragma unroll
-            for (int a = 0; a < RA; ++a)
-#pragma unroll
-                for (int b = 0; b < 4; ++b)
-                    acc[a][b] = fmaf(pv[a], xv[b], acc[a][b]);
-        }
-#pragma unroll
-        for (int a = 0; a < RA; ++a) {
-            float *row = Acc + (ty + 16 * a) * ld;
-#pragma unroll
-            for (int b = 0; b < 4; ++b)
-                if (ok[b])
-                    row[col[b]] = acc[a][b];
-        }
-    }
 }
 
 /*
@@ -291,13 +169,37 @@ __device__ __forceinline__ void load_query_tile(const AttnParams &p,
     }
 }
 
+/*
+ * The block of a kernel tiled along the queries (forward, dq): batch b,
+ * query head qh, its kv head h, and query rows q0 .. q_last (clipped to T).
+ * The heaviest (last) query tiles go first.
+ */
+struct QueryTile {
+    int64_t b, qh, h, q0, q_last;
+};
+
+template <int BQ>
+__device__ __forceinline__ QueryTile query_tile(const AttnParams &p)
+{
+    const int64_t HG = p.H * p.G, T = p.T;
+    const int64_t bid = blockIdx.x;
+    const int64_t qt = p.n_tiles - 1 - bid % p.n_tiles;
+    QueryTile t;
+    t.qh = (bid / p.n_tiles) % HG;
+    t.b = bid / p.n_tiles / HG;
+    t.h = t.qh / p.G;
+    t.q0 = qt * BQ;
+    t.q_last = (t.q0 + BQ < T ? t.q0 + BQ : T) - 1;
+    return t;
+}
+
 /* ---- forward ------------------------------------------------------------ */
 
 template <int BQ, int BK>
 constexpr int64_t fwd_smem_floats(int64_t ld)
 {
-    /* Qs, Ks, Vs, Os, Ps, kpen, kok, rinv */
-    return (2 * BQ + 2 * BK) * ld + BQ * (BK + 1) + 2 * BK + BQ;
+    /* Qs, Ks, Vs, Os, Ps, rinv; kpen, kok */
+    return fwd_tile_floats<BQ, BK>(ld) + 2 * BK;
 }
 
 template <int BQ, int BK>
@@ -319,27 +221,15 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks)
 
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
     const int ty = tid >> 3, tx = tid & 7;
-    const int64_t HG = p.H * p.G, T = p.T;
-    const int64_t bid = blockIdx.x;
-    /* the heaviest (last) query tiles first */
-    const int64_t qt = p.n_tiles - 1 - bid % p.n_tiles;
-    const int64_t qh = (bid / p.n_tiles) % HG;
-    const int64_t b = bid / p.n_tiles / HG;
-    const int64_t h = qh / p.G;
-    const int64_t q0 = qt * BQ;
-    const int64_t q_last = (q0 + BQ < T ? q0 + BQ : T) - 1;
+    const int64_t T = p.T;
+    const QueryTile qtile = query_tile<BQ>(p);
+    const int64_t b = qtile.b, qh = qtile.qh, h = qtile.h;
+    const int64_t q0 = qtile.q0, q_last = qtile.q_last;
 
     for (int r = warp; r < BQ; r += kWarps) {
         const int64_t j = q0 + r;
-        float *qrow = Qs + r * ld, *orow = Os + r * ld;
-        if (j < T) {
-            const int64_t off = p.q.at(b, qh, j);
-            for (int d = lane; d < D; d += 32)
-                qrow[d] = dms_load(p.q.data, p.q.dtype, off + d);
-        } else {
-            for (int d = lane; d < D; d += 32)
-                qrow[d] = 0.0f;
-        }
+        float *orow = Os + r * ld;
+        load_row_or_zero(Qs + r * ld, j < T, p.q, p.q.at(b, qh, j), D, lane);
         for (int d = lane; d < D; d += 32)
             orow[d] = 0.0f;
     }
@@ -417,11 +307,9 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks)
         const int64_t j = q0 + r;
         if (j >= T)
             break;
-        const int64_t off = p.o.at(b, qh, j);
         const float inv = rinv[r]; /* 0: padding query, o = 0 */
-        for (int d = lane; d < D; d += 32)
-            dms_store(p.o.data, p.o.dtype, off + d,
-                      inv != 0.0f ? Os[r * ld + d] * inv : 0.0f);
+        store_row_scaled(p.o, p.o.at(b, qh, j), Os + r * ld, inv,
+                         inv != 0.0f, D, lane);
     }
 }
 
@@ -456,14 +344,10 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks)
 
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
     const int ty = tid >> 3, tx = tid & 7;
-    const int64_t HG = p.H * p.G, T = p.T;
-    const int64_t bid = blockIdx.x;
-    const int64_t qt = p.n_tiles - 1 - bid % p.n_tiles;
-    const int64_t qh = (bid / p.n_tiles) % HG;
-    const int64_t b = bid / p.n_tiles / HG;
-    const int64_t h = qh / p.G;
-    const int64_t q0 = qt * BQ;
-    const int64_t q_last = (q0 + BQ < T ? q0 + BQ : T) - 1;
+    const int64_t T = p.T;
+    const QueryTile qtile = query_tile<BQ>(p);
+    const int64_t b = qtile.b, qh = qtile.qh, h = qtile.h;
+    const int64_t q0 = qtile.q0, q_last = qtile.q_last;
 
     load_query_tile<BQ>(p, b, qh, q0, Qs, dOs, dQs, rlse, rdelta, rok);
     __syncthreads();
@@ -701,19 +585,9 @@ AttnParams make_params(const dms_attn_train_args *a)
     p.window = a->window;
     p.n_tiles = 0;
     p.D = (int)a->D;
-    p.ld = (int)(a->D % 2 == 0 ? a->D + 1 : a->D); /* odd: no bank conflicts */
+    p.ld = odd_ld(a->D);
     p.scale = a->scale;
     return p;
-}
-
-/* The largest dynamic shared memory a block of this device may opt in to. */
-dms_status smem_limit(const dms_tensor *t, int64_t *bytes)
-{
-    int value = 0;
-    DMS_CUDA_CHECK(cudaDeviceGetAttribute(
-        &value, cudaDevAttrMaxSharedMemoryPerBlockOptin, t->device_index));
-    *bytes = value;
-    return DMS_OK;
 }
 
 /* One block per (tile, batch and head): `outer` counts the latter. */
@@ -722,10 +596,7 @@ dms_status launch(void (*kernel)(AttnParams), const AttnParams &p,
                   cudaStream_t stream)
 {
     const int64_t blocks = tiles * outer;
-    if (blocks > 2147483647)
-        return dms_fail(DMS_ERR_SHAPE, "training attention: %lld thread "
-                        "blocks exceed the CUDA grid limit",
-                        (long long)blocks);
+    DMS_TRY(grid_check(blocks, "training attention"));
     if (smem > 48 * 1024)
         DMS_CUDA_CHECK(cudaFuncSetAttribute(
             kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem));
@@ -769,7 +640,7 @@ extern "C" dms_status dms_attn_train_forward_cuda(
     DmsDeviceGuard guard(args->q->device_index);
     DMS_CUDA_CHECK(guard.status());
     int64_t limit = 0;
-    DMS_TRY(smem_limit(args->q, &limit));
+    DMS_TRY(smem_optin_limit(args->q->device_index, &limit));
     const AttnParams p = make_params(args);
     const int64_t outer = args->B * args->H * args->G;
     const cudaStream_t s = (cudaStream_t)stream;
@@ -796,7 +667,7 @@ extern "C" dms_status dms_attn_train_backward_cuda(
     DmsDeviceGuard guard(args->q->device_index);
     DMS_CUDA_CHECK(guard.status());
     int64_t limit = 0;
-    DMS_TRY(smem_limit(args->q, &limit));
+    DMS_TRY(smem_optin_limit(args->q->device_index, &limit));
     const AttnParams p = make_params(args);
     const cudaStream_t s = (cudaStream_t)stream;
     dms_status status = DMS_OK;

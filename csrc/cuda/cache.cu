@@ -36,22 +36,22 @@
  *   no longer matches the sequence: rebuild it. No out-of-bounds access
  *   happens on any of these paths.
  *
- * prefill (dms_attn_prefill_cuda): flash attention, SIMT, float32 inside,
- *   128 threads, the tile machinery of attn_train.cu. One block per (b,
- *   kv head h, tile of BQ "rows"), a row being a (query j, head g) pair
- *   ordered j-major, so the G query heads of a kv head share every K/V tile
- *   they load. Keys are the row's cached slots (tiles of BK local slots,
+ * prefill (dms_attn_prefill_cuda): flash attention, SIMT, float32 inside, 128
+ *   threads, the tile machinery of tiles.cuh (shared with attn_train.cu). One
+ *   block per (b, kv head h, tile of BQ "rows"), a row being a (query j, head
+ *   g) pair ordered j-major, so the G query heads of a kv head share every K/V
+ *   tile they load. Keys are the row's cached slots (tiles of BK local slots,
  *   gathered through the page table) followed by the call's keys up to the
- *   tile's last query. Every key carries (kpos, klim): query position pj
- *   sees it iff kpos <= pj < klim (cached: kpos = -1, klim = slot_limit or,
- *   for the last cached token, the limit its flag in this call gives; new
- *   key at position pt: kpos = pt, klim = pt + w + 1 if its flag is 1 else
- *   "never"; the flag of a new key is the decision of the next non-padding
- *   token, found with warp ballots). Warp 0 computes a tile's metadata
- *   while the block still works on the previous tile (two buffers). A key
- *   tile no query of the block can see is skipped (only its metadata is
- *   read), which is where evicted keys save compute. Queries' row
- *   positions come from a block-wide count of the padding before the tile.
+ *   tile's last query. Every key carries (kpos, klim): query position pj sees
+ *   it iff kpos <= pj < klim (cached: kpos = -1, klim = slot_limit or, for the
+ *   last cached token, the limit its flag in this call gives; new key at
+ *   position pt: kpos = pt, klim = pt + w + 1 if its flag is 1 else "never";
+ *   the flag of a new key is the decision of the next non-padding token, found
+ *   with warp ballots). Warp 0 computes a tile's metadata while the block
+ *   still works on the previous tile (two buffers). A key tile no query of the
+ *   block can see is skipped (only its metadata is read), which is where
+ *   evicted keys save compute. Queries' row positions come from a block-wide
+ *   count of the padding before the tile.
  *
  * decode (dms_attn_decode_cuda): one block per (row, key range), the G
  *   query heads of the kv head together, so every K/V byte of the range is
@@ -78,11 +78,13 @@
 #endif
 
 #include "common.cuh"
+#include "tiles.cuh"
 #include "../core/scalar.h"
 
 namespace {
 
-constexpr unsigned kFullMask = 0xffffffffu;
+/* kFullMask, kThreads, the reductions, tile_dot, tile_accum, ... */
+using namespace dms_tiles;
 
 __device__ __forceinline__ int64_t min64(int64_t a, int64_t b)
 {
@@ -171,22 +173,6 @@ __device__ __forceinline__ long long block_reduce(long long v, long long *sh,
         all = op(all, sh[i]);
     __syncthreads();
     return all;
-}
-
-__device__ __forceinline__ float warp_max_f(float v)
-{
-#pragma unroll
-    for (int off = 16; off > 0; off >>= 1)
-        v = fmaxf(v, __shfl_xor_sync(kFullMask, v, off));
-    return v;
-}
-
-__device__ __forceinline__ float warp_sum_f(float v)
-{
-#pragma unroll
-    for (int off = 16; off > 0; off >>= 1)
-        v += __shfl_xor_sync(kFullMask, v, off);
-    return v;
 }
 
 /* Byte flags: key_padding [B, n] (nullptr = none), decisions [B, H, n]. */
@@ -523,9 +509,6 @@ __global__ void __launch_bounds__(256) append_copy_kernel(CopyParams p)
 
 /* ---- prefill attention -------------------------------------------------- */
 
-constexpr int kThreads = 128;
-constexpr int kWarps = kThreads / 32;
-constexpr int kMinBlocks = 4; /* as attn_train.cu: caps registers at 128 */
 constexpr int64_t kNever = INT64_MAX;  /* kpos of a key nobody sees  */
 constexpr int64_t kGone = INT64_MIN;   /* klim of a key nobody sees  */
 
@@ -540,104 +523,6 @@ struct PrefillParams {
     int D, ld; /* head dim, shared-memory row stride (odd, >= D) */
     float scale;
 };
-
-/* Reductions over the 8 lanes (same t / 8) that share a micro-tile row. */
-__device__ __forceinline__ float group8_max(float v)
-{
-    v = fmaxf(v, __shfl_xor_sync(kFullMask, v, 1));
-    v = fmaxf(v, __shfl_xor_sync(kFullMask, v, 2));
-    v = fmaxf(v, __shfl_xor_sync(kFullMask, v, 4));
-    return v;
-}
-
-__device__ __forceinline__ float group8_sum(float v)
-{
-    v += __shfl_xor_sync(kFullMask, v, 1);
-    v += __shfl_xor_sync(kFullMask, v, 2);
-    v += __shfl_xor_sync(kFullMask, v, 4);
-    return v;
-}
-
-/* As attn_train.cu: acc[a][b] = sum_d A[16 a][d] * Bm[8 b][d]. */
-template <int RA, int CB>
-__device__ __forceinline__ void tile_dot(const float *A, const float *Bm,
-                                         int ld, int D, float (&acc)[RA][CB])
-{
-#pragma unroll
-    for (int a = 0; a < RA; ++a)
-#pragma unroll
-        for (int b = 0; b < CB; ++b)
-            acc[a][b] = 0.0f;
-#pragma unroll 2
-    for (int d = 0; d < D; ++d) {
-        float av[RA], bv[CB];
-#pragma unroll
-        for (int a = 0; a < RA; ++a)
-            av[a] = A[a * 16 * ld + d];
-#pragma unroll
-        for (int b = 0; b < CB; ++b)
-            bv[b] = Bm[b * 8 * ld + d];
-#pragma unroll
-        for (int a = 0; a < RA; ++a)
-#pragma unroll
-            for (int b = 0; b < CB; ++b)
-                acc[a][b] = fmaf(av[a], bv[b], acc[a][b]);
-    }
-}
-
-/*
- * As attn_train.cu: Acc[r][d] = Acc[r][d] * rowscale[a] + sum_c P[r][c] *
- * X[c][d] for this thread's rows r = ty + 16 a and columns d = d0 + tx +
- * 8 b of every 32-wide chunk d0 of D.
- */
-template <int RA, int NC>
-__device__ __forceinline__ void tile_accum(float *Acc, int ld, const float *P,
-                                           const float *X, int D, int ty,
-                                           int tx, const float (&rowscale)[RA])
-{
-    constexpr int ldp = NC + 1;
-    for (int d0 = 0; d0 < D; d0 += 32) {
-        bool ok[4];
-        int col[4];
-        float acc[RA][4];
-#pragma unroll
-        for (int b = 0; b < 4; ++b) {
-            const int d = d0 + tx + 8 * b;
-            ok[b] = d < D;
-            col[b] = ok[b] ? d : D - 1;
-        }
-#pragma unroll
-        for (int a = 0; a < RA; ++a) {
-            const float *row = Acc + (ty + 16 * a) * ld;
-#pragma unroll
-            for (int b = 0; b < 4; ++b)
-                acc[a][b] = (ok[b] ? row[col[b]] : 0.0f) * rowscale[a];
-        }
-#pragma unroll 4
-        for (int c = 0; c < NC; ++c) {
-            float pv[RA], xv[4];
-#pragma unroll
-            for (int a = 0; a < RA; ++a)
-                pv[a] = P[(ty + 16 * a) * ldp + c];
-#pragma unroll
-            for (int b = 0; b < 4; ++b)
-                xv[b] = X[c * ld + col[b]];
-#pragma unroll
-            for (int a = 0; a < RA; ++a)
-#pragma unroll
-                for (int b = 0; b < 4; ++b)
-                    acc[a][b] = fmaf(pv[a], xv[b], acc[a][b]);
-        }
-#pragma unroll
-        for (int a = 0; a < RA; ++a) {
-            float *row = Acc + (ty + 16 * a) * ld;
-#pragma unroll
-            for (int b = 0; b < 4; ++b)
-                if (ok[b])
-                    row[col[b]] = acc[a][b];
-        }
-    }
-}
 
 /* What warp 0 needs to describe a key tile (see prefill_meta). */
 struct MetaCtx {
@@ -716,10 +601,9 @@ template <int BQ, int BK>
 constexpr int64_t prefill_smem_bytes(int64_t ld)
 {
     /* int64: two key-metadata buffers of kpos, klim, ksrc (BK each), qpos
-     * (BQ), reductions (32); int32: jflag (BQ); float: Qs, Os (BQ x ld),
-     * Ks, Vs (BK x ld), Ps (BQ x (BK + 1)), rinv (BQ) */
-    return (6 * BK + BQ + 32) * 8 + BQ * 4 +
-           ((2 * BQ + 2 * BK) * ld + BQ * (BK + 1) + BQ) * 4;
+     * (BQ), reductions (32); int32: jflag (BQ); float: Qs, Os, Ks, Vs, Ps,
+     * rinv (fwd_tile_floats) */
+    return (6 * BK + BQ + 32) * 8 + BQ * 4 + fwd_tile_floats<BQ, BK>(ld) * 4;
 }
 
 template <int BQ, int BK>
@@ -791,15 +675,9 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks)
     /* Queries (zeros for padding rows) and the output accumulator. */
     for (int x = warp; x < BQ; x += kWarps) {
         const int64_t rho = rho0 + x;
-        float *qrow = Qs + x * ld, *orow = Os + x * ld;
-        if (qpos[x] >= 0) {
-            const int64_t off = p.q.at(b, h * G + rho % G, rho / G);
-            for (int d = lane; d < D; d += 32)
-                qrow[d] = dms_load(p.q.data, p.q.dtype, off + d);
-        } else {
-            for (int d = lane; d < D; d += 32)
-                qrow[d] = 0.0f;
-        }
+        float *orow = Os + x * ld;
+        load_row_or_zero(Qs + x * ld, qpos[x] >= 0, p.q,
+                         p.q.at(b, h * G + rho % G, rho / G), D, lane);
         for (int d = lane; d < D; d += 32)
             orow[d] = 0.0f;
     }
@@ -921,7 +799,7 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks)
             m[a] = m_new;
         }
         __syncthreads();
-        tile_accum<RA, BK>(Os, ld, Ps, Vs, D, ty, tx, alpha);
+        tile_accum<RA, BK, true>(Os, ld, Ps, Vs, D, ty, tx, alpha);
         /* Ks, Vs, Ps are rewritten next; the next meta buffer is ready */
         live = __syncthreads_or(lane_any);
     }
@@ -944,11 +822,9 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks)
         const int64_t rho = rho0 + x;
         if (rho >= NG)
             break;
-        const int64_t off = p.o.at(b, h * G + rho % G, rho / G);
         const float inv = rinv[x]; /* 0: padding query, o = 0 */
-        for (int d = lane; d < D; d += 32)
-            dms_store(p.o.data, p.o.dtype, off + d,
-                      inv != 0.0f ? Os[x * ld + d] * inv : 0.0f);
+        store_row_scaled(p.o, p.o.at(b, h * G + rho % G, rho / G),
+                         Os + x * ld, inv, inv != 0.0f, D, lane);
     }
 }
 
@@ -1072,33 +948,21 @@ __device__ __forceinline__ void decode_gather_any(const DecodeParams &p,
                                                   const int64_t *sslot,
                                                   int kc, float *Ks, float *Vs)
 {
-    if constexpr (DT == DMS_FLOAT32) {
-        switch (p.vb) {
-        case 16:
-            decode_gather<DT, 16>(p, sslot, kc, Ks, Vs);
-            break;
-        case 8:
-            decode_gather<DT, 8>(p, sslot, kc, Ks, Vs);
-            break;
-        default:
+    /* p.vb is never narrower than an element (widest_vector) */
+    constexpr int kNarrowest = (int)sizeof(typename Elem<DT>::raw);
+    switch (p.vb) {
+    case 16:
+        decode_gather<DT, 16>(p, sslot, kc, Ks, Vs);
+        break;
+    case 8:
+        decode_gather<DT, 8>(p, sslot, kc, Ks, Vs);
+        break;
+    default:
+        if (kNarrowest < 4 && p.vb == 4)
             decode_gather<DT, 4>(p, sslot, kc, Ks, Vs);
-            break;
-        }
-    } else {
-        switch (p.vb) {
-        case 16:
-            decode_gather<DT, 16>(p, sslot, kc, Ks, Vs);
-            break;
-        case 8:
-            decode_gather<DT, 8>(p, sslot, kc, Ks, Vs);
-            break;
-        case 4:
-            decode_gather<DT, 4>(p, sslot, kc, Ks, Vs);
-            break;
-        default:
-            decode_gather<DT, 2>(p, sslot, kc, Ks, Vs);
-            break;
-        }
+        else
+            decode_gather<DT, kNarrowest>(p, sslot, kc, Ks, Vs);
+        break;
     }
 }
 
@@ -1188,7 +1052,7 @@ __global__ void __launch_bounds__(kDecodeThreads)
             float mx = -INFINITY;
             for (int k = lane; k < KC; k += 32)
                 mx = fmaxf(mx, Ss[k * GP + g]);
-            mx = warp_max_f(mx);
+            mx = warp_max(mx);
             const float m_old = mst[g], m_new = fmaxf(m_old, mx);
             const float ref = m_new == -INFINITY ? 0.0f : m_new;
             const float alpha =
@@ -1199,7 +1063,7 @@ __global__ void __launch_bounds__(kDecodeThreads)
                 Ss[k * GP + g] = pr;
                 sum += pr;
             }
-            sum = warp_sum_f(sum);
+            sum = warp_sum(sum);
             if (lane == 0) {
                 mst[g] = m_new;
                 lst[g] = lst[g] * alpha + sum;
@@ -1295,24 +1159,6 @@ __global__ void __launch_bounds__(kDecodeThreads)
 DmsView3 view3(const dms_tensor *t)
 {
     return dms_view3(t);
-}
-
-/* The largest dynamic shared memory a block of this device may opt in to. */
-dms_status smem_limit(int device, int64_t *bytes)
-{
-    int value = 0;
-    DMS_CUDA_CHECK(cudaDeviceGetAttribute(
-        &value, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
-    *bytes = value;
-    return DMS_OK;
-}
-
-dms_status grid_check(int64_t blocks, const char *what)
-{
-    if (blocks > 2147483647)
-        return dms_fail(DMS_ERR_SHAPE, "%s: %lld thread blocks exceed the "
-                        "CUDA grid limit", what, (long long)blocks);
-    return DMS_OK;
 }
 
 /* The largest of 16, 8, 4, 2 bytes that divides every value (>= esize). */
@@ -1456,7 +1302,7 @@ extern "C" dms_status dms_attn_prefill_cuda(const dms_cache_call *x,
     DMS_CUDA_CHECK(guard.status());
     const dms_cache_view *c = &x->c;
     int64_t limit = 0;
-    DMS_TRY(smem_limit(call_device(x), &limit));
+    DMS_TRY(smem_optin_limit(call_device(x), &limit));
 
     PrefillParams p;
     p.q = view3(x->q);
@@ -1481,7 +1327,7 @@ extern "C" dms_status dms_attn_prefill_cuda(const dms_cache_call *x,
     p.max_pages = c->max_pages;
     p.n_tiles = 0;
     p.D = (int)c->D;
-    p.ld = (int)(c->D % 2 == 0 ? c->D + 1 : c->D); /* odd: no conflicts */
+    p.ld = odd_ld(c->D);
     p.scale = x->scale;
 
     const cudaStream_t s = (cudaStream_t)stream;
@@ -1506,7 +1352,7 @@ extern "C" dms_status dms_attn_decode_cuda(const dms_cache_call *x,
     DMS_CUDA_CHECK(guard.status());
     const dms_cache_view *c = &x->c;
     int64_t limit = 0;
-    DMS_TRY(smem_limit(device, &limit));
+    DMS_TRY(smem_optin_limit(device, &limit));
 
     DecodeParams p;
     p.q = view3(x->q);
@@ -1525,7 +1371,7 @@ extern "C" dms_status dms_attn_decode_cuda(const dms_cache_call *x,
                                               : nullptr;
     p.D = (int)c->D;
     p.GP = (int)((x->G + 3) / 4 * 4);
-    p.ldk = (int)(c->D % 2 == 0 ? c->D + 1 : c->D);
+    p.ldk = odd_ld(c->D);
     p.scale = x->scale;
     const int64_t esize = (int64_t)dms_dtype_size(c->dtype);
     const int64_t align[] = {ptr_bits(c->k_pages), ptr_bits(c->v_pages),
