@@ -108,9 +108,9 @@ static void apply_masks(int64_t q0, int64_t k0, int64_t window,
 
 /* ---- forward ----------------------------------------------------------- */
 
-/* Per-thread scratch; per query head of the group: q, o, m, l. */
+/* Per-thread scratch: the query group, and one key tile. */
 typedef struct fwd_scratch {
-    float *q, *o, *m, *l; /* G x BQ x ld, G x BQ x ld, G x BQ, G x BQ */
+    query_group qg;
     float *kt, *v, *s, *row;
 } fwd_scratch;
 
@@ -120,15 +120,7 @@ static void forward_tile(const dms_attn_train_args *a, int64_t b, int64_t h,
 {
     const int64_t D = a->D, ld = padded_dim(D), G = a->G;
     const int64_t qn = a->T - q0 < BQ ? a->T - q0 : BQ;
-    for (int64_t g = 0; g < G; ++g) {
-        load_rows(a->q, b, h * G + g, q0, qn, BQ, D, ld, a->scale,
-                  w->q + g * BQ * ld);
-        for (int r = 0; r < BQ; ++r) {
-            w->m[g * BQ + r] = -INFINITY;
-            w->l[g * BQ + r] = 0.0f;
-        }
-    }
-    memset(w->o, 0, sizeof(float) * (size_t)(G * BQ * ld));
+    start_query_group(a->q, b, h, G, q0, qn, D, a->scale, &w->qg);
     const int64_t last_key = q0 + qn - 1;
     for (int64_t k0 = 0; k0 <= last_key; k0 += BK) {
         tile_keys tk;
@@ -137,36 +129,20 @@ static void forward_tile(const dms_attn_train_args *a, int64_t b, int64_t h,
         load_rows(a->v, b, h, k0, tk.kn, BK, D, ld, 1.0f, w->v);
         const int full = tile_is_full(a, q0, qn, &tk);
         for (int64_t g = 0; g < G; ++g) {
-            float *o = w->o + g * BQ * ld;
-            matmul_nt(w->q + g * BQ * ld, w->kt, ld, w->s);
+            float *o = w->qg.o + g * BQ * ld;
+            matmul_nt(w->qg.q + g * BQ * ld, w->kt, ld, w->s);
             if (!full)
                 apply_masks(q0, k0, a->y ? a->window : INT64_MAX, tk.penalty,
                             tk.hidden_bias, w->s);
-            online_softmax(w->s, BQ, w->m + g * BQ, w->l + g * BQ, o, ld);
+            online_softmax(w->s, BQ, w->qg.m + g * BQ, w->qg.l + g * BQ, o,
+                           ld);
             matmul_acc_nn(w->s, w->v, ld, o);
         }
     }
-    float *lse = (float *)a->lse->data;
-    for (int64_t g = 0; g < G; ++g) {
-        const int64_t qh = h * G + g;
-        float *o = w->o + g * BQ * ld;
-        for (int r = 0; r < qn; ++r) {
-            const int64_t j = q0 + r;
-            const float l = w->l[g * BQ + r];
-            float *orow = o + r * ld;
-            const int64_t lse_at = off3(a->lse, b, qh, j);
-            if (is_padding(a, b, j) || l == 0.0f) {
-                memset(orow, 0, sizeof(float) * (size_t)ld);
-                lse[lse_at] = -INFINITY;
-                continue;
-            }
-            const float inv = 1.0f / l;
-            for (int64_t d = 0; d < ld; ++d)
-                orow[d] *= inv;
-            lse[lse_at] = w->m[g * BQ + r] + logf(l);
-        }
-        store_rows(a->o, b, qh, q0, qn, D, ld, o, 1.0f);
-    }
+    unsigned char silent[BQ];
+    for (int64_t r = 0; r < qn; ++r)
+        silent[r] = (unsigned char)is_padding(a, b, q0 + r);
+    finish_query_group(&w->qg, b, h, G, q0, qn, D, silent, a->o, a->lse);
 }
 
 
@@ -181,10 +157,10 @@ void dms_attn_train_forward_cpu(const dms_attn_train_args *a,
 #endif
     {
         fwd_scratch w;
-        w.q = alloc_floats((size_t)(G * BQ * ld));
-        w.o = alloc_floats((size_t)(G * BQ * ld));
-        w.m = alloc_floats((size_t)(G * BQ));
-        w.l = alloc_floats((size_t)(G * BQ));
+        w.qg.q = alloc_floats((size_t)(G * BQ * ld));
+        w.qg.o = alloc_floats((size_t)(G * BQ * ld));
+        w.qg.m = alloc_floats((size_t)(G * BQ));
+        w.qg.l = alloc_floats((size_t)(G * BQ));
         w.kt = alloc_floats((size_t)(ld * BK));
         w.v = alloc_floats((size_t)(BK * ld));
         w.s = alloc_floats(BQ * BK);
@@ -198,10 +174,10 @@ void dms_attn_train_forward_cpu(const dms_attn_train_args *a,
             const int64_t bh = task / tiles;
             forward_tile(a, bh / a->H, bh % a->H, tile * BQ, &w);
         }
-        free(w.q);
-        free(w.o);
-        free(w.m);
-        free(w.l);
+        free(w.qg.q);
+        free(w.qg.o);
+        free(w.qg.m);
+        free(w.qg.l);
         free(w.kt);
         free(w.v);
         free(w.s);

@@ -257,7 +257,7 @@ static void mask_by_limit(const int64_t *restrict qpos,
 }
 
 typedef struct prefill_scratch {
-    float *q, *o, *m, *l;    /* G x BQ x ld, G x BQ x ld, G x BQ, G x BQ */
+    query_group qg;          /* the G query heads of the tile            */
     float *k, *kt, *v, *s;   /* BK x ld, ld x BK, BK x ld, BQ x BK       */
     int64_t *idx, *pos;      /* n: the call's non-padding tokens, positions */
     unsigned char *flag;     /* n */
@@ -286,12 +286,12 @@ static void prefill_key_tile(const dms_cache_call *x, prefill_scratch *w,
     const int64_t ld = padded_dim(x->c.D);
     transpose_tile(w->k, ld, w->kt);
     for (int64_t g = 0; g < x->G; ++g) {
-        float *o = w->o + g * BQ * ld;
-        matmul_nt(w->q + g * BQ * ld, w->kt, ld, w->s);
+        float *o = w->qg.o + g * BQ * ld;
+        matmul_nt(w->qg.q + g * BQ * ld, w->kt, ld, w->s);
         mask_by_limit(qpos, limit, w->s);
         if (kpos != NULL)
             mask_causal(qpos, kpos, w->s);
-        online_softmax(w->s, BQ, w->m + g * BQ, w->l + g * BQ, o, ld);
+        online_softmax(w->s, BQ, w->qg.m + g * BQ, w->qg.l + g * BQ, o, ld);
         matmul_acc_nn(w->s, w->v, ld, o);
     }
 }
@@ -319,15 +319,7 @@ static void prefill_tile(const dms_cache_call *x, int64_t b, int64_t h,
     for (int64_t j = 0; j < qn; ++j)
         q_last = qpos[j] > q_last ? qpos[j] : q_last;
 
-    for (int64_t g = 0; g < G; ++g) {
-        load_rows(x->q, b, h * G + g, q0, qn, BQ, D, ld, x->scale,
-                  w->q + g * BQ * ld);
-        for (int j = 0; j < BQ; ++j) {
-            w->m[g * BQ + j] = -INFINITY;
-            w->l[g * BQ + j] = 0.0f;
-        }
-    }
-    memset(w->o, 0, sizeof(float) * (size_t)(G * BQ * ld));
+    start_query_group(x->q, b, h, G, q0, qn, D, x->scale, &w->qg);
     int64_t slot[BK], limit[BK];
 
     /* The cached slots; the last cached token's flag is this call's first
@@ -370,27 +362,10 @@ static void prefill_tile(const dms_cache_call *x, int64_t b, int64_t h,
         prefill_key_tile(x, w, qpos, limit, kpos);
     }
 
-    float *lse = (float *)x->lse->data;
-    for (int64_t g = 0; g < G; ++g) {
-        const int64_t qh = h * G + g;
-        float *o = w->o + g * BQ * ld;
-        for (int64_t j = 0; j < qn; ++j) {
-            const float l = w->l[g * BQ + j];
-            float *orow = o + j * ld;
-            const int64_t at = b * x->lse->strides[0] +
-                               qh * x->lse->strides[1] +
-                               (q0 + j) * x->lse->strides[2];
-            if (qpos[j] < 0 || l == 0.0f) {
-                memset(orow, 0, sizeof(float) * (size_t)ld);
-                lse[at] = -INFINITY;
-                continue;
-            }
-            for (int64_t d = 0; d < ld; ++d)
-                orow[d] /= l;
-            lse[at] = w->m[g * BQ + j] + logf(l);
-        }
-        store_rows(x->o, b, qh, q0, qn, D, ld, o, 1.0f);
-    }
+    unsigned char silent[BQ];
+    for (int64_t j = 0; j < qn; ++j)
+        silent[j] = qpos[j] < 0;
+    finish_query_group(&w->qg, b, h, G, q0, qn, D, silent, x->o, x->lse);
 }
 
 void dms_attn_prefill_cpu(const dms_cache_call *x, int num_threads)
@@ -403,10 +378,10 @@ void dms_attn_prefill_cpu(const dms_cache_call *x, int num_threads)
 #endif
     {
         prefill_scratch w;
-        w.q = alloc_floats((size_t)(G * BQ * ld));
-        w.o = alloc_floats((size_t)(G * BQ * ld));
-        w.m = alloc_floats((size_t)(G * BQ));
-        w.l = alloc_floats((size_t)(G * BQ));
+        w.qg.q = alloc_floats((size_t)(G * BQ * ld));
+        w.qg.o = alloc_floats((size_t)(G * BQ * ld));
+        w.qg.m = alloc_floats((size_t)(G * BQ));
+        w.qg.l = alloc_floats((size_t)(G * BQ));
         w.k = alloc_floats((size_t)(BK * ld));
         w.kt = alloc_floats((size_t)(ld * BK));
         w.v = alloc_floats((size_t)(BK * ld));
@@ -421,10 +396,10 @@ void dms_attn_prefill_cpu(const dms_cache_call *x, int num_threads)
             const int64_t tile = tiles - 1 - task % tiles, bh = task / tiles;
             prefill_tile(x, bh / x->H, bh % x->H, tile * BQ, &w);
         }
-        free(w.q);
-        free(w.o);
-        free(w.m);
-        free(w.l);
+        free(w.qg.q);
+        free(w.qg.o);
+        free(w.qg.m);
+        free(w.qg.l);
         free(w.k);
         free(w.kt);
         free(w.v);

@@ -265,6 +265,67 @@ DMS_TILE_FN void online_softmax(float *restrict s, int64_t rows,
     }
 }
 
+/*
+ * The query side of a tile task: the G query heads of one kv head, BQ
+ * queries each - queries pre-scaled (G x BQ x ld), output accumulators
+ * (G x BQ x ld) and the online-softmax state m, l (G x BQ).
+ */
+typedef struct query_group {
+    float *q, *o, *m, *l;
+} query_group;
+
+/* Loads queries [q0, q0 + qn) of heads h*G .. h*G + G - 1 of q [B, H*G, T,
+ * D] and resets the softmax state. */
+DMS_TILE_FN void start_query_group(const dms_tensor *q, int64_t b, int64_t h,
+                                   int64_t G, int64_t q0, int64_t qn,
+                                   int64_t D, float scale, query_group *w)
+{
+    const int64_t ld = padded_dim(D);
+    for (int64_t g = 0; g < G; ++g) {
+        load_rows(q, b, h * G + g, q0, qn, BQ, D, ld, scale, w->q + g * BQ * ld);
+        for (int r = 0; r < BQ; ++r) {
+            w->m[g * BQ + r] = -INFINITY;
+            w->l[g * BQ + r] = 0.0f;
+        }
+    }
+    memset(w->o, 0, sizeof(float) * (size_t)(G * BQ * ld));
+}
+
+/*
+ * Normalises the accumulated outputs and writes o [B, H*G, T, D] and lse
+ * [B, H*G, T] for queries [q0, q0 + qn). Rows with silent[r] set (padding
+ * queries) or that saw nothing get o = 0 and lse = -inf.
+ */
+DMS_TILE_FN void finish_query_group(const query_group *w, int64_t b,
+                                    int64_t h, int64_t G, int64_t q0,
+                                    int64_t qn, int64_t D,
+                                    const unsigned char *silent,
+                                    const dms_tensor *o,
+                                    const dms_tensor *lse)
+{
+    const int64_t ld = padded_dim(D);
+    float *lse_data = (float *)lse->data;
+    for (int64_t g = 0; g < G; ++g) {
+        const int64_t qh = h * G + g;
+        float *acc = w->o + g * BQ * ld;
+        for (int64_t r = 0; r < qn; ++r) {
+            const float l = w->l[g * BQ + r];
+            float *row = acc + r * ld;
+            const int64_t at = off3(lse, b, qh, q0 + r);
+            if (silent[r] || l == 0.0f) {
+                memset(row, 0, sizeof(float) * (size_t)ld);
+                lse_data[at] = -INFINITY;
+                continue;
+            }
+            const float inv = 1.0f / l;
+            for (int64_t d = 0; d < ld; ++d)
+                row[d] *= inv;
+            lse_data[at] = w->m[g * BQ + r] + logf(l);
+        }
+        store_rows(o, b, qh, q0, qn, D, ld, acc, 1.0f);
+    }
+}
+
 /* 64-byte aligned scratch of n floats (host memory, freed with free). */
 DMS_TILE_FN float *alloc_floats(size_t n)
 {
