@@ -11,11 +11,23 @@ from dms.runtime import build_info, get_num_threads, set_num_threads
 
 __version__ = _C.build_info()["version"]
 
+
+def __getattr__(name):
+    # The model pulls in torch and transformers; the C core must not need them.
+    if name in ("Qwen3ConfigDMS", "Qwen3ForCausalLMDMS", "Qwen3ModelDMS"):
+        from dms.models import qwen3
+
+        return getattr(qwen3, name)
+    raise AttributeError(f"module 'dms' has no attribute {name!r}")
+
 __all__ = [
     "CudaError",
     "CudaUnavailableError",
     "DMSError",
     "PoolExhaustedError",
+    "Qwen3ConfigDMS",
+    "Qwen3ForCausalLMDMS",
+    "Qwen3ModelDMS",
     "build_info",
     "get_num_threads",
     "set_num_threads",

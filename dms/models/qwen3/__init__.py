@@ -1,5 +1,6 @@
 """Qwen3 with Dynamic Memory Sparsification."""
 
 from dms.models.qwen3.configuration_qwen3_dms import Qwen3ConfigDMS
+from dms.models.qwen3.modeling_qwen3_dms import Qwen3ForCausalLMDMS, Qwen3ModelDMS
 
-__all__ = ["Qwen3ConfigDMS"]
+__all__ = ["Qwen3ConfigDMS", "Qwen3ForCausalLMDMS", "Qwen3ModelDMS"]

@@ -1,0 +1,211 @@
+"""`Qwen3ForCausalLMDMS`: transformers' Qwen3 with DMS attention (SPEC §1–§5).
+
+Only attention and the per-layer DMS adapter are ours; embeddings, MLPs,
+norms and RoPE are transformers' Qwen3 modules. In training mode attention
+is the fused soft-gate kernel (`dms.ops.attn_train`) over the whole batch;
+in eval mode every forward goes through a `DMSCache` (prefill, chunked
+prefill, decode and new turns alike), created on the fly when none is given.
+
+Shapes: B batch, T tokens, H KV heads, G query heads per KV head, D head dim.
+"""
+
+import torch
+from torch import nn
+from transformers.models.qwen3.modeling_qwen3 import (
+    Qwen3Attention,
+    Qwen3DecoderLayer,
+    Qwen3ForCausalLM,
+    Qwen3Model,
+    Qwen3RMSNorm,
+    apply_rotary_pos_emb,
+)
+from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
+
+from dms import ops
+from dms.cache import DMSCache, DMSCacheLayer
+from dms.models.qwen3.configuration_qwen3_dms import Qwen3ConfigDMS
+
+__all__ = ["Qwen3AttentionDMS", "Qwen3ForCausalLMDMS", "Qwen3ModelDMS"]
+
+
+def _output(cls, cache, **fields):
+    """An output dataclass with the cache under the name this transformers
+    version uses (`cache` from 5.2x, `past_key_values` before)."""
+    name = "cache" if "cache" in cls.__dataclass_fields__ else "past_key_values"
+    return cls(**fields, **{name: cache})
+
+
+def _cache_of(output):
+    return getattr(output, "cache", None) if "cache" in type(output).__dataclass_fields__ else output.past_key_values
+
+
+class Qwen3AttentionDMS(Qwen3Attention):
+    """Qwen3 attention whose keys are evicted by learned, delayed decisions."""
+
+    def __init__(self, config, layer_idx):
+        super().__init__(config, layer_idx)
+        self.num_kv_heads = config.num_key_value_heads
+        if config.dms_separate_alpha:
+            self.dms_proj_alpha_norm = Qwen3RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+            self.dms_proj_alpha = nn.Linear(config.hidden_size, config.num_key_value_heads,
+                                            bias=config.attention_bias)
+
+    def reset_dms_adapter(self):
+        """A fresh adapter: W = 0 (and b = 0), so every logit is -offset: keep everything."""
+        if self.config.dms_separate_alpha:
+            nn.init.zeros_(self.dms_proj_alpha.weight)
+            if self.dms_proj_alpha.bias is not None:
+                nn.init.zeros_(self.dms_proj_alpha.bias)
+            nn.init.ones_(self.dms_proj_alpha_norm.weight)
+
+    def _decision_logits(self, layer_input, q):
+        """z [B, H, T] (SPEC §1) and the queries to use (the borrowed neuron is
+        zeroed in them). layer_input: [B, T, hidden] before the input norm;
+        q: [B, H*G, T, D] after q-norm, before RoPE."""
+        c = self.config
+        if c.dms_separate_alpha:
+            raw = self.dms_proj_alpha(self.dms_proj_alpha_norm(layer_input)).transpose(1, 2)
+        else:
+            first = q[:, :: self.num_key_value_groups, :, -1]
+            raw = first
+            q = q.clone()
+            q[:, :: self.num_key_value_groups, :, -1] = 0
+        z = c.dms_alpha_scale * raw.float() - c.dms_initial_alpha_offset
+        if c.dms_alpha_per == "layer":
+            z = z[:, :1].expand_as(z)
+        return z.contiguous(), q
+
+    def forward(self, hidden_states, position_embeddings, layer_input, key_padding=None, cache_layer=None,
+                dms_noise_counters=None):
+        B, T, _ = hidden_states.shape
+        shape = (B, T, -1, self.head_dim)
+        q = self.q_norm(self.q_proj(hidden_states).view(shape)).transpose(1, 2)
+        k = self.k_norm(self.k_proj(hidden_states).view(shape)).transpose(1, 2)
+        v = self.v_proj(hidden_states).view(shape).transpose(1, 2)
+        z, q = self._decision_logits(layer_input, q)
+        cos, sin = position_embeddings
+        q, k = apply_rotary_pos_emb(q, k, cos, sin)
+        disabled = self.config.dms_disable_eviction
+        if self.training and cache_layer is None:
+            if disabled:
+                y = None
+            else:
+                counters = dms_noise_counters or {}
+                noise = ops.logistic_noise_like(z.detach(), seed=counters.get("seed", 0) + self.layer_idx,
+                                                process_index=counters.get("process_index", 0),
+                                                accum_step=counters.get("accum_step", 0),
+                                                global_step=counters.get("global_step", 0))
+                y, _, decisions = ops.gate(z, noise, self.config.dms_tau)
+                self.last_decisions = decisions  # for the compression loss
+            o = ops.attn_train(q, k.contiguous(), v.contiguous(), y, key_padding,
+                               window=self.config.dms_window_size, scale=self.scaling)
+        else:
+            decisions = torch.zeros_like(z, dtype=torch.bool) if disabled else z > 0
+            self.last_decisions = decisions
+            if cache_layer is None:  # no cache asked for: a private one, dropped after the call
+                cache_layer = DMSCacheLayer(self.config.dms_window_size, self.config.dms_paged_attention_block_size)
+            o = cache_layer.attend(q.contiguous(), k.contiguous(), v.contiguous(), decisions, key_padding,
+                                   self.scaling)
+        o = o.transpose(1, 2).reshape(B, T, -1)
+        return self.o_proj(o)
+
+
+class Qwen3DecoderLayerDMS(Qwen3DecoderLayer):
+    """A Qwen3 decoder layer that hands its input (before the input norm) to
+    the DMS adapter."""
+
+    def __init__(self, config, layer_idx):
+        super().__init__(config, layer_idx)
+        self.self_attn = Qwen3AttentionDMS(config, layer_idx)
+
+    def forward(self, hidden_states, position_embeddings, key_padding=None, cache_layer=None,
+                dms_noise_counters=None):
+        residual = hidden_states
+        attn = self.self_attn(self.input_layernorm(hidden_states), position_embeddings, layer_input=hidden_states,
+                              key_padding=key_padding, cache_layer=cache_layer,
+                              dms_noise_counters=dms_noise_counters)
+        hidden_states = residual + attn
+        return hidden_states + self.mlp(self.post_attention_layernorm(hidden_states))
+
+
+class Qwen3ModelDMS(Qwen3Model):
+    """Qwen3's decoder stack with DMS attention."""
+
+    config_class = Qwen3ConfigDMS
+
+    def __init__(self, config):
+        super().__init__(config)
+        self.layers = nn.ModuleList(Qwen3DecoderLayerDMS(config, i) for i in range(config.num_hidden_layers))
+        self.post_init()
+
+    def forward(self, input_ids=None, attention_mask=None, position_ids=None, cache=None, inputs_embeds=None,
+                use_cache=None, dms_noise_counters=None, past_key_values=None, **kwargs):
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("input_ids, inputs_embeds: give exactly one")
+        if inputs_embeds is None:
+            inputs_embeds = self.embed_tokens(input_ids)
+        cache = cache if cache is not None else past_key_values
+        use_cache = (not self.training) if use_cache is None else use_cache
+        if use_cache and not isinstance(cache, DMSCache):
+            if cache is not None and cache.get_seq_length() > 0:
+                raise ValueError("cache: expected a DMSCache (or none); got a filled "
+                                 f"{type(cache).__name__}, whose tokens a DMS model cannot take over")
+            cache = DMSCache.from_config(self.config)
+        B, T = inputs_embeds.shape[:2]
+        past = cache.get_seq_length() if use_cache else 0
+        key_padding = None
+        if attention_mask is not None:
+            if attention_mask.dim() != 2:
+                raise ValueError(f"attention_mask: expected [batch, tokens] (1 = token, 0 = padding), got shape "
+                                 f"{tuple(attention_mask.shape)}")
+            key_padding = attention_mask[:, -T:] == 0
+            if not bool(key_padding.any()):
+                key_padding = None
+        if position_ids is None:
+            if attention_mask is not None:  # left padding: positions count real tokens only
+                position_ids = (attention_mask.long().cumsum(-1) - 1).clamp_min(0)[:, -T:]
+            else:
+                position_ids = torch.arange(past, past + T, device=inputs_embeds.device).unsqueeze(0)
+        position_embeddings = self.rotary_emb(inputs_embeds, position_ids)
+        hidden_states = inputs_embeds
+        for i, layer in enumerate(self.layers):
+            hidden_states = layer(hidden_states, position_embeddings, key_padding=key_padding,
+                                  cache_layer=cache.layers[i] if use_cache else None,
+                                  dms_noise_counters=dms_noise_counters)
+        return _output(BaseModelOutputWithPast, cache if use_cache else None,
+                       last_hidden_state=self.norm(hidden_states))
+
+
+class Qwen3ForCausalLMDMS(Qwen3ForCausalLM):
+    """Qwen3 causal LM with DMS: `from_pretrained` takes a plain Qwen3 or a
+    DMS checkpoint; `generate` keeps a compressed `DMSCache`."""
+
+    config_class = Qwen3ConfigDMS
+
+    def __init__(self, config):
+        super().__init__(config)
+        self.model = Qwen3ModelDMS(config)
+        self.post_init()
+
+    def reset_dms_adapters(self):
+        """Every layer's adapter to its fresh state (keep everything)."""
+        for layer in self.model.layers:
+            layer.self_attn.reset_dms_adapter()
+
+    def get_cache(self, preallocate_for_tokens=None):
+        """An empty `DMSCache` for this model."""
+        return DMSCache.from_config(self.config, preallocate_for_tokens)
+
+    def forward(self, input_ids=None, attention_mask=None, position_ids=None, cache=None, inputs_embeds=None,
+                labels=None, use_cache=None, logits_to_keep=0, past_key_values=None, **kwargs):
+        out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                         cache=cache if cache is not None else past_key_values, inputs_embeds=inputs_embeds,
+                         use_cache=use_cache, dms_noise_counters=kwargs.pop("dms_noise_counters", None))
+        hidden = out.last_hidden_state
+        if isinstance(logits_to_keep, int) and logits_to_keep > 0:
+            hidden = hidden[:, -logits_to_keep:]
+        logits = self.lm_head(hidden)
+        loss = None
+        if labels is not None:
+            loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
+        return _output(CausalLMOutputWithPast, _cache_of(out), loss=loss, logits=logits)
