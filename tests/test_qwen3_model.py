@@ -20,8 +20,27 @@ def _model(seed=0, **dms):
 
 
 def _evicting(**dms):
-    """Adapters that evict a real fraction of tokens (offset 0, scale 1)."""
-    return _model(dms_separate_alpha=True, dms_initial_alpha_offset=0.0, dms_alpha_scale=1.0, **dms)
+    """Random adapters that evict a real fraction of tokens (offset 0, scale 1);
+    a fresh model's adapters are zero and keep everything."""
+    m = _model(dms_separate_alpha=True, dms_initial_alpha_offset=0.0, dms_alpha_scale=1.0, **dms)
+    with torch.no_grad():
+        for layer in m.model.layers:
+            torch.nn.init.normal_(layer.self_attn.dms_proj_alpha.weight, std=0.5)
+    return m
+
+
+def test_plain_qwen3_checkpoint_gets_keep_everything_adapters(tmp_path):
+    torch.manual_seed(1)
+    plain = Qwen3ForCausalLM(Qwen3Config(**TINY)).eval()
+    plain.save_pretrained(tmp_path)
+    m = Qwen3ForCausalLMDMS.from_pretrained(tmp_path, dms_separate_alpha=True, dms_window_size=4,
+                                            dms_paged_attention_block_size=2).eval()
+    assert all(float(layer.self_attn.dms_proj_alpha.weight.detach().abs().max()) == 0 for layer in m.model.layers)
+    ids = torch.randint(0, 128, (2, 20))
+    with torch.no_grad():
+        out = m(ids)
+        torch.testing.assert_close(out.logits, plain(ids).logits, rtol=1e-5, atol=1e-5)
+    assert out.compression_ratio == 1.0 and float(out.evicted_fraction.max()) == 0.0
 
 
 def test_fresh_adapters_are_plain_qwen3():
@@ -58,6 +77,18 @@ def test_cached_turns_equal_one_forward(dms):
     assert cache.get_seq_length() == 40
 
 
+def test_chunked_prefill_equals_one_prefill():
+    m = _evicting()
+    ids = torch.randint(0, 128, (2, 50))
+    with torch.no_grad():
+        whole = m(ids)
+        m.config.dms_chunked_prefill = 8
+        chunked = m(ids)
+    torch.testing.assert_close(chunked.logits, whole.logits, rtol=1e-4, atol=1e-5)
+    assert chunked.compression_ratios == pytest.approx(whole.compression_ratios)
+    assert chunked.compression_ratio > 1.0
+
+
 def test_borrowed_neuron_decisions():
     m = _model(dms_separate_alpha=False, dms_alpha_scale=1.0, dms_initial_alpha_offset=0.0)
     assert not any("dms_proj_alpha" in k for k in m.state_dict())
@@ -88,13 +119,14 @@ def test_left_padded_batch_generates_like_single_rows():
 
 
 def test_training_mode_trains_the_adapters():
-    m = _model(dms_separate_alpha=True, dms_alpha_scale=1.0).train()
+    m = _model(dms_separate_alpha=True).train()
     ids = torch.randint(0, 128, (2, 24))
     mask = torch.ones(2, 24, dtype=torch.long)
     mask[1, :4] = 0
-    out = m(ids, attention_mask=mask, labels=ids, dms_noise_counters={"global_step": 3})
+    out = m(ids, attention_mask=mask, labels=ids, dms_noise_counters={"global_step": 3}, dms_target=0.5)
     assert out.loss.isfinite() and _cache_is_none(out)
-    out.loss.backward()
+    assert out.evicted_fraction.shape == (2,) and out.compression_loss.requires_grad
+    (out.loss + out.compression_loss).backward()
     grad = m.model.layers[0].self_attn.dms_proj_alpha.weight.grad
     assert grad is not None and grad.abs().sum() > 0
 

@@ -11,6 +11,7 @@ Shapes: B batch, T tokens, H KV heads, G query heads per KV head, D head dim.
 
 import torch
 from torch import nn
+from tqdm.auto import tqdm
 from transformers.models.qwen3.modeling_qwen3 import (
     Qwen3Attention,
     Qwen3DecoderLayer,
@@ -19,7 +20,14 @@ from transformers.models.qwen3.modeling_qwen3 import (
     Qwen3RMSNorm,
     apply_rotary_pos_emb,
 )
+from dataclasses import dataclass
+
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
+
+try:  # wrappers that leave weights loaded from a checkpoint alone (transformers >= 5)
+    from transformers import initialization as _init
+except ImportError:  # pragma: no cover - older transformers
+    _init = nn.init
 
 from dms import ops
 from dms.cache import DMSCache, DMSCacheLayer
@@ -39,6 +47,30 @@ def _cache_of(output):
     return getattr(output, "cache", None) if "cache" in type(output).__dataclass_fields__ else output.past_key_values
 
 
+@dataclass
+class CausalLMOutputDMS(CausalLMOutputWithPast):
+    """`CausalLMOutputWithPast` plus what DMS reports.
+
+    compression_ratio: tokens seen / stored, averaged over layers (eval with a cache).
+    compression_ratios: the same per layer.
+    evicted_fraction: [B] mean hard decision over layers, heads and non-padding tokens.
+    compression_loss: SPEC §6 loss for the `dms_target` given (training).
+    """
+
+    compression_ratio: float | None = None
+    compression_ratios: list | None = None
+    evicted_fraction: torch.Tensor | None = None
+    compression_loss: torch.Tensor | None = None
+
+
+def _init_dms_weights(module):
+    """A fresh adapter keeps everything: W = 0 (b = 0) gives every logit -offset."""
+    if getattr(module, "_dms_adapter", False):
+        _init.zeros_(module.weight)
+        if module.bias is not None:
+            _init.zeros_(module.bias)
+
+
 class Qwen3AttentionDMS(Qwen3Attention):
     """Qwen3 attention whose keys are evicted by learned, delayed decisions."""
 
@@ -49,6 +81,7 @@ class Qwen3AttentionDMS(Qwen3Attention):
             self.dms_proj_alpha_norm = Qwen3RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
             self.dms_proj_alpha = nn.Linear(config.hidden_size, config.num_key_value_heads,
                                             bias=config.attention_bias)
+            self.dms_proj_alpha._dms_adapter = True  # zero-initialised: see _init_dms_weights
 
     def reset_dms_adapter(self):
         """A fresh adapter: W = 0 (and b = 0), so every logit is -offset: keep everything."""
@@ -88,7 +121,7 @@ class Qwen3AttentionDMS(Qwen3Attention):
         disabled = self.config.dms_disable_eviction
         if self.training and cache_layer is None:
             if disabled:
-                y = None
+                y, decisions = None, torch.zeros_like(z)
             else:
                 counters = dms_noise_counters or {}
                 noise = ops.logistic_noise_like(z.detach(), seed=counters.get("seed", 0) + self.layer_idx,
@@ -96,18 +129,16 @@ class Qwen3AttentionDMS(Qwen3Attention):
                                                 accum_step=counters.get("accum_step", 0),
                                                 global_step=counters.get("global_step", 0))
                 y, _, decisions = ops.gate(z, noise, self.config.dms_tau)
-                self.last_decisions = decisions  # for the compression loss
             o = ops.attn_train(q, k.contiguous(), v.contiguous(), y, key_padding,
                                window=self.config.dms_window_size, scale=self.scaling)
         else:
             decisions = torch.zeros_like(z, dtype=torch.bool) if disabled else z > 0
-            self.last_decisions = decisions
             if cache_layer is None:  # no cache asked for: a private one, dropped after the call
                 cache_layer = DMSCacheLayer(self.config.dms_window_size, self.config.dms_paged_attention_block_size)
             o = cache_layer.attend(q.contiguous(), k.contiguous(), v.contiguous(), decisions, key_padding,
                                    self.scaling)
         o = o.transpose(1, 2).reshape(B, T, -1)
-        return self.o_proj(o)
+        return self.o_proj(o), decisions
 
 
 class Qwen3DecoderLayerDMS(Qwen3DecoderLayer):
@@ -120,18 +151,23 @@ class Qwen3DecoderLayerDMS(Qwen3DecoderLayer):
 
     def forward(self, hidden_states, position_embeddings, key_padding=None, cache_layer=None,
                 dms_noise_counters=None):
+        """Returns (hidden_states, decisions [B, H, T])."""
         residual = hidden_states
-        attn = self.self_attn(self.input_layernorm(hidden_states), position_embeddings, layer_input=hidden_states,
-                              key_padding=key_padding, cache_layer=cache_layer,
-                              dms_noise_counters=dms_noise_counters)
+        attn, decisions = self.self_attn(self.input_layernorm(hidden_states), position_embeddings,
+                                         layer_input=hidden_states, key_padding=key_padding,
+                                         cache_layer=cache_layer, dms_noise_counters=dms_noise_counters)
         hidden_states = residual + attn
-        return hidden_states + self.mlp(self.post_attention_layernorm(hidden_states))
+        return hidden_states + self.mlp(self.post_attention_layernorm(hidden_states)), decisions
 
 
 class Qwen3ModelDMS(Qwen3Model):
     """Qwen3's decoder stack with DMS attention."""
 
     config_class = Qwen3ConfigDMS
+
+    def _init_weights(self, module):
+        super()._init_weights(module)
+        _init_dms_weights(module)
 
     def __init__(self, config):
         super().__init__(config)
@@ -166,14 +202,31 @@ class Qwen3ModelDMS(Qwen3Model):
                 position_ids = (attention_mask.long().cumsum(-1) - 1).clamp_min(0)[:, -T:]
             else:
                 position_ids = torch.arange(past, past + T, device=inputs_embeds.device).unsqueeze(0)
-        position_embeddings = self.rotary_emb(inputs_embeds, position_ids)
-        hidden_states = inputs_embeds
-        for i, layer in enumerate(self.layers):
-            hidden_states = layer(hidden_states, position_embeddings, key_padding=key_padding,
+        chunk = self.config.dms_chunked_prefill if use_cache else None
+        starts = list(range(0, T, chunk)) if chunk and T > chunk else [0]
+        bounds = list(zip(starts, starts[1:] + [T]))
+        outs, decisions = [], []  # decisions: per chunk, per layer [B, H, t]
+        for t0, t1 in tqdm(bounds, desc="prefill", unit="chunk", disable=len(bounds) < 4, leave=False):
+            hidden = inputs_embeds[:, t0:t1]
+            position_embeddings = self.rotary_emb(hidden, position_ids[:, t0:t1])
+            pad = None if key_padding is None else key_padding[:, t0:t1]
+            chunk_decisions = []
+            for i, layer in enumerate(self.layers):
+                hidden, d = layer(hidden, position_embeddings, key_padding=pad,
                                   cache_layer=cache.layers[i] if use_cache else None,
                                   dms_noise_counters=dms_noise_counters)
-        return _output(BaseModelOutputWithPast, cache if use_cache else None,
-                       last_hidden_state=self.norm(hidden_states))
+                chunk_decisions.append(d)
+            outs.append(hidden)
+            decisions.append(chunk_decisions)
+        hidden_states = torch.cat(outs, dim=1) if len(outs) > 1 else outs[0]
+        # [layers, B, H, T]: each layer's decisions over the whole input
+        stacked = torch.stack([torch.cat([c[i] for c in decisions], dim=2) if len(decisions) > 1
+                               else decisions[0][i] for i in range(len(self.layers))])
+        out = _output(BaseModelOutputWithPast, cache if use_cache else None,
+                      last_hidden_state=self.norm(hidden_states))
+        out.dms_decisions = stacked
+        out.dms_key_padding = key_padding
+        return out
 
 
 class Qwen3ForCausalLMDMS(Qwen3ForCausalLM):
@@ -181,6 +234,10 @@ class Qwen3ForCausalLMDMS(Qwen3ForCausalLM):
     DMS checkpoint; `generate` keeps a compressed `DMSCache`."""
 
     config_class = Qwen3ConfigDMS
+
+    def _init_weights(self, module):
+        super()._init_weights(module)
+        _init_dms_weights(module)
 
     def __init__(self, config):
         super().__init__(config)
@@ -197,10 +254,17 @@ class Qwen3ForCausalLMDMS(Qwen3ForCausalLM):
         return DMSCache.from_config(self.config, preallocate_for_tokens)
 
     def forward(self, input_ids=None, attention_mask=None, position_ids=None, cache=None, inputs_embeds=None,
-                labels=None, use_cache=None, logits_to_keep=0, past_key_values=None, **kwargs):
+                labels=None, use_cache=None, logits_to_keep=0, past_key_values=None, dms_noise_counters=None,
+                dms_target=None, **kwargs):
+        """As `Qwen3ForCausalLM.forward`, plus: `dms_noise_counters` (dict of
+        seed, process_index, accum_step, global_step for the training noise;
+        default all 0) and `dms_target` (the fraction of decisions to evict,
+        1 - 1/CR; with it the output carries the compression loss of SPEC §6).
+        The output also carries the compression ratios of the cache and the
+        evicted fraction per batch element."""
         out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                          cache=cache if cache is not None else past_key_values, inputs_embeds=inputs_embeds,
-                         use_cache=use_cache, dms_noise_counters=kwargs.pop("dms_noise_counters", None))
+                         use_cache=use_cache, dms_noise_counters=dms_noise_counters)
         hidden = out.last_hidden_state
         if isinstance(logits_to_keep, int) and logits_to_keep > 0:
             hidden = hidden[:, -logits_to_keep:]
@@ -208,4 +272,19 @@ class Qwen3ForCausalLMDMS(Qwen3ForCausalLM):
         loss = None
         if labels is not None:
             loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
-        return _output(CausalLMOutputWithPast, _cache_of(out), loss=loss, logits=logits)
+        # Mean decision per batch element over layers, heads and real tokens.
+        decisions = out.dms_decisions.float()  # [layers, B, H, T]
+        if out.dms_key_padding is not None:
+            keep = (~out.dms_key_padding).float()[None, :, None, :]
+            evicted = (decisions * keep).sum((0, 2, 3)) / (keep.sum((0, 2, 3)) * decisions.shape[0]
+                                                            * decisions.shape[2]).clamp_min(1)
+        else:
+            evicted = decisions.mean((0, 2, 3))
+        compression_loss = None
+        if dms_target is not None:
+            compression_loss = torch.clamp(float(dms_target) - evicted, min=0).mean()
+        cache_out = _cache_of(out)
+        ratios = cache_out.compression_ratios() if isinstance(cache_out, DMSCache) else None
+        return _output(CausalLMOutputDMS, cache_out, loss=loss, logits=logits,
+                       compression_ratio=cache_out.compression_ratio() if ratios else None,
+                       compression_ratios=ratios, evicted_fraction=evicted, compression_loss=compression_loss)
