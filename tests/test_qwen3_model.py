@@ -143,3 +143,61 @@ def test_save_and_load(tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(back(ids).logits, m(ids).logits)
     assert back.config.dms_window_size == 4 and back.config.dms_separate_alpha is True
+
+
+def test_trust_remote_code_load_in_a_fresh_process(tmp_path):
+    """What lm-eval and the notebook do: AutoModelForCausalLM with
+    trust_remote_code=True, from another working directory, gets dms's own
+    class and the same logits."""
+    import json
+    import subprocess
+    import sys
+
+    m = _evicting()
+    save = tmp_path / "model"
+    m.save_pretrained(save)
+    cfg = json.loads((save / "config.json").read_text())
+    assert cfg["auto_map"]["AutoModelForCausalLM"] == "modeling_qwen3_dms.Qwen3ForCausalLMDMS"
+    ids = torch.randint(0, 128, (1, 16))
+    with torch.no_grad():
+        want = m(ids).logits
+    torch.save({"ids": ids, "want": want}, tmp_path / "io.pt")
+    code = f"""
+import torch
+from transformers import AutoModelForCausalLM
+import dms
+m = AutoModelForCausalLM.from_pretrained({str(save)!r}, trust_remote_code=True).eval()
+assert type(m) is dms.Qwen3ForCausalLMDMS, type(m)
+io = torch.load({str(tmp_path / 'io.pt')!r})
+with torch.no_grad():
+    torch.testing.assert_close(m(io["ids"]).logits, io["want"])
+print("remote ok")
+"""
+    env = {k: v for k, v in __import__("os").environ.items()}
+    env["HF_MODULES_CACHE"] = str(tmp_path / "hf_modules")
+    run = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, env=env,
+                         timeout=300)
+    assert run.returncode == 0 and "remote ok" in run.stdout, run.stderr[-3000:]
+
+
+def test_beam_search_and_multiple_sequences():
+    m = _evicting()
+    ids = torch.randint(1, 128, (2, 9))
+    with torch.no_grad():
+        beams = m.generate(ids, max_new_tokens=5, num_beams=3, do_sample=False, pad_token_id=0)
+        samples = m.generate(ids, max_new_tokens=5, do_sample=True, num_return_sequences=2, pad_token_id=0)
+    assert beams.shape == (2, 14) and samples.shape == (4, 14)
+    assert torch.equal(samples[::2, :9], ids) and torch.equal(samples[1::2, :9], ids)
+
+
+def test_gradient_checkpointing_gives_the_same_gradients():
+    ids = torch.randint(0, 128, (2, 16))
+    grads = []
+    for checkpointing in (False, True):
+        m = _model(dms_separate_alpha=True).train()
+        if checkpointing:
+            m.gradient_checkpointing_enable()
+        out = m(ids, labels=ids, dms_target=0.3)
+        (out.loss + out.compression_loss).backward()
+        grads.append(m.model.layers[1].self_attn.dms_proj_alpha.weight.grad.clone())
+    torch.testing.assert_close(grads[0], grads[1])

@@ -35,6 +35,25 @@ from dms.models.qwen3.configuration_qwen3_dms import Qwen3ConfigDMS
 
 __all__ = ["Qwen3AttentionDMS", "Qwen3ForCausalLMDMS", "Qwen3ModelDMS"]
 
+# Written next to the weights by save_pretrained: thin re-exports of the
+# installed dms package, so `trust_remote_code=True` loads (lm-eval, the
+# notebook) use the one copy of each class that dms has.
+_REMOTE_CODE = {
+    "configuration_qwen3_dms.py": (
+        '"""Loads the DMS config class from the installed dms package (pip install dms)."""\n'
+        "from dms.models.qwen3.configuration_qwen3_dms import Qwen3ConfigDMS\n\n"
+        '__all__ = ["Qwen3ConfigDMS"]\n'),
+    "modeling_qwen3_dms.py": (
+        '"""Loads the DMS model classes from the installed dms package (pip install dms)."""\n'
+        "from dms.models.qwen3.modeling_qwen3_dms import Qwen3ForCausalLMDMS, Qwen3ModelDMS\n\n"
+        '__all__ = ["Qwen3ForCausalLMDMS", "Qwen3ModelDMS"]\n'),
+}
+_AUTO_MAP = {
+    "AutoConfig": "configuration_qwen3_dms.Qwen3ConfigDMS",
+    "AutoModel": "modeling_qwen3_dms.Qwen3ModelDMS",
+    "AutoModelForCausalLM": "modeling_qwen3_dms.Qwen3ForCausalLMDMS",
+}
+
 
 def _output(cls, cache, **fields):
     """An output dataclass with the cache under the name this transformers
@@ -248,6 +267,19 @@ class Qwen3ForCausalLMDMS(Qwen3ForCausalLM):
         """Every layer's adapter to its fresh state (keep everything)."""
         for layer in self.model.layers:
             layer.self_attn.reset_dms_adapter()
+
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        """transformers' save_pretrained, plus `auto_map` and the two thin code
+        files that let `AutoModelForCausalLM.from_pretrained(dir,
+        trust_remote_code=True)` load the model in any process where dms is
+        installed."""
+        import os
+
+        self.config.auto_map = dict(_AUTO_MAP)
+        super().save_pretrained(save_directory, *args, **kwargs)
+        for name, text in _REMOTE_CODE.items():
+            with open(os.path.join(save_directory, name), "w") as f:
+                f.write(text)
 
     def get_cache(self, preallocate_for_tokens=None):
         """An empty `DMSCache` for this model."""
