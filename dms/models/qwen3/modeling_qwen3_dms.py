@@ -62,6 +62,13 @@ def _output(cls, cache, **fields):
     return cls(**fields, **{name: cache})
 
 
+def cache_kwargs(cache):
+    """{name: cache} for forward/generate under the name this transformers
+    version uses (`cache`, or `past_key_values` before the 5.2x rename)."""
+    name = "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
+    return {name: cache}
+
+
 def _cache_of(output):
     return getattr(output, "cache", None) if "cache" in type(output).__dataclass_fields__ else output.past_key_values
 
