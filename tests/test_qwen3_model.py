@@ -201,3 +201,25 @@ def test_gradient_checkpointing_gives_the_same_gradients():
         (out.loss + out.compression_loss).backward()
         grads.append(m.model.layers[1].self_attn.dms_proj_alpha.weight.grad.clone())
     torch.testing.assert_close(grads[0], grads[1])
+
+
+@pytest.mark.parametrize("name", ["SequenceClassification", "TokenClassification", "QuestionAnswering"])
+def test_task_heads_with_fresh_adapters_match_transformers(name):
+    import transformers
+
+    from dms.models import qwen3
+
+    ours_cls = getattr(qwen3, f"Qwen3For{name}DMS")
+    theirs_cls = getattr(transformers, f"Qwen3For{name}")
+    torch.manual_seed(0)
+    extra = dict(num_labels=3, pad_token_id=0)
+    ours = ours_cls(Qwen3ConfigDMS(dms_window_size=4, dms_paged_attention_block_size=2, dms_separate_alpha=True,
+                                   **extra, **TINY)).eval()
+    assert type(getattr(ours, ours.base_model_prefix)).__name__ == "Qwen3ModelDMS"
+    theirs = theirs_cls(Qwen3Config(**extra, **TINY)).eval()
+    theirs.load_state_dict(ours.state_dict(), strict=False)
+    ids = torch.randint(1, 128, (2, 12))
+    with torch.no_grad():
+        a, b = ours(ids), theirs(ids)
+    key = "start_logits" if name == "QuestionAnswering" else "logits"
+    torch.testing.assert_close(getattr(a, key), getattr(b, key), rtol=1e-5, atol=1e-5)

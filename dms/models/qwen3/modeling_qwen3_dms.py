@@ -16,12 +16,16 @@ from transformers.models.qwen3.modeling_qwen3 import (
     Qwen3Attention,
     Qwen3DecoderLayer,
     Qwen3ForCausalLM,
+    Qwen3ForQuestionAnswering,
+    Qwen3ForSequenceClassification,
+    Qwen3ForTokenClassification,
     Qwen3Model,
     Qwen3RMSNorm,
     apply_rotary_pos_emb,
 )
 from dataclasses import dataclass
 
+from transformers import AutoModel
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 
 try:  # wrappers that leave weights loaded from a checkpoint alone (transformers >= 5)
@@ -33,7 +37,14 @@ from dms import ops
 from dms.cache import DMSCache, DMSCacheLayer
 from dms.models.qwen3.configuration_qwen3_dms import Qwen3ConfigDMS
 
-__all__ = ["Qwen3AttentionDMS", "Qwen3ForCausalLMDMS", "Qwen3ModelDMS"]
+__all__ = [
+    "Qwen3AttentionDMS",
+    "Qwen3ForCausalLMDMS",
+    "Qwen3ForQuestionAnsweringDMS",
+    "Qwen3ForSequenceClassificationDMS",
+    "Qwen3ForTokenClassificationDMS",
+    "Qwen3ModelDMS",
+]
 
 # Written next to the weights by save_pretrained: thin re-exports of the
 # installed dms package, so `trust_remote_code=True` loads (lm-eval, the
@@ -327,3 +338,28 @@ class Qwen3ForCausalLMDMS(Qwen3ForCausalLM):
         return _output(CausalLMOutputDMS, cache_out, loss=loss, logits=logits,
                        compression_ratio=cache_out.compression_ratio() if ratios else None,
                        compression_ratios=ratios, evicted_fraction=evicted, compression_loss=compression_loss)
+
+
+# transformers' task heads build their body with AutoModel.from_config: map
+# our config to our body, so the heads need nothing else.
+AutoModel.register(Qwen3ConfigDMS, Qwen3ModelDMS, exist_ok=True)
+
+
+def _with_dms_body(head_class):
+    """transformers' Qwen3 task head over `Qwen3ModelDMS` (through AutoModel)."""
+
+    class Head(head_class):
+        config_class = Qwen3ConfigDMS
+
+        def _init_weights(self, module):
+            super()._init_weights(module)
+            _init_dms_weights(module)
+
+    Head.__name__ = Head.__qualname__ = head_class.__name__ + "DMS"
+    Head.__doc__ = f"`{head_class.__name__}` with DMS attention."
+    return Head
+
+
+Qwen3ForSequenceClassificationDMS = _with_dms_body(Qwen3ForSequenceClassification)
+Qwen3ForTokenClassificationDMS = _with_dms_body(Qwen3ForTokenClassification)
+Qwen3ForQuestionAnsweringDMS = _with_dms_body(Qwen3ForQuestionAnswering)
