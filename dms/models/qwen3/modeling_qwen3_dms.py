@@ -108,6 +108,17 @@ def _init_dms_weights(module):
             _init.zeros_(module.bias)
 
 
+class _DMSPretrained:
+    """What every DMS model class adds to its transformers base: the config
+    class, and fresh adapters that keep everything."""
+
+    config_class = Qwen3ConfigDMS
+
+    def _init_weights(self, module):
+        super()._init_weights(module)
+        _init_dms_weights(module)
+
+
 class Qwen3AttentionDMS(Qwen3Attention):
     """Qwen3 attention whose keys are evicted by learned, delayed decisions."""
 
@@ -197,14 +208,8 @@ class Qwen3DecoderLayerDMS(Qwen3DecoderLayer):
         return hidden_states + self.mlp(self.post_attention_layernorm(hidden_states)), decisions
 
 
-class Qwen3ModelDMS(Qwen3Model):
+class Qwen3ModelDMS(_DMSPretrained, Qwen3Model):
     """Qwen3's decoder stack with DMS attention."""
-
-    config_class = Qwen3ConfigDMS
-
-    def _init_weights(self, module):
-        super()._init_weights(module)
-        _init_dms_weights(module)
 
     def __init__(self, config):
         super().__init__(config)
@@ -266,15 +271,9 @@ class Qwen3ModelDMS(Qwen3Model):
         return out
 
 
-class Qwen3ForCausalLMDMS(Qwen3ForCausalLM):
+class Qwen3ForCausalLMDMS(_DMSPretrained, Qwen3ForCausalLM):
     """Qwen3 causal LM with DMS: `from_pretrained` takes a plain Qwen3 or a
     DMS checkpoint; `generate` keeps a compressed `DMSCache`."""
-
-    config_class = Qwen3ConfigDMS
-
-    def _init_weights(self, module):
-        super()._init_weights(module)
-        _init_dms_weights(module)
 
     def __init__(self, config):
         super().__init__(config)
@@ -348,12 +347,8 @@ AutoModel.register(Qwen3ConfigDMS, Qwen3ModelDMS, exist_ok=True)
 def _with_dms_body(head_class):
     """transformers' Qwen3 task head over `Qwen3ModelDMS` (through AutoModel)."""
 
-    class Head(head_class):
-        config_class = Qwen3ConfigDMS
-
-        def _init_weights(self, module):
-            super()._init_weights(module)
-            _init_dms_weights(module)
+    class Head(_DMSPretrained, head_class):
+        pass
 
     Head.__name__ = Head.__qualname__ = head_class.__name__ + "DMS"
     Head.__doc__ = f"`{head_class.__name__}` with DMS attention."
