@@ -223,3 +223,43 @@ def test_task_heads_with_fresh_adapters_match_transformers(name):
         a, b = ours(ids), theirs(ids)
     key = "start_logits" if name == "QuestionAnswering" else "logits"
     torch.testing.assert_close(getattr(a, key), getattr(b, key), rtol=1e-5, atol=1e-5)
+
+
+def _tiny_tokenizer():
+    """A word-level tokenizer made in-process (no hub): ids 0..127 as words."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {f"w{i}": i for i in range(128)}
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="w1"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="w1", pad_token="w0")
+
+
+def test_streamer_receives_the_generated_tokens():
+    from transformers import TextIteratorStreamer
+
+    m = _evicting()
+    tok = _tiny_tokenizer()
+    ids = tok("w5 w9 w17 w3 w44 w8", return_tensors="pt").input_ids
+    streamer = TextIteratorStreamer(tok, skip_prompt=True)
+    with torch.no_grad():
+        out = m.generate(ids, max_new_tokens=6, do_sample=False, streamer=streamer, pad_token_id=0)
+    streamed = "".join(streamer).split()
+    assert streamed == tok.decode(out[0, ids.shape[1]:]).split()
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_reduced_precision_model_keeps_its_dtype(dtype):
+    m = _evicting().to(dtype)
+    ids = torch.randint(0, 128, (2, 24))
+    with torch.no_grad():
+        out = m(ids)
+        cache = m.get_cache()
+        inc = torch.cat([m(ids[:, :16], cache=cache).logits] + [m(ids[:, t:t + 1], cache=cache).logits
+                                                                for t in range(16, 24)], 1)
+    assert out.logits.dtype == dtype and inc.dtype == dtype
+    assert cache.layers[0].paged.k_pages.dtype == dtype  # no silent upcast of the cache
+    # (Not compared with float32: with these random adapters logits sit near 0,
+    # and rounding may flip a decision, which changes what a query sees.)
+    torch.testing.assert_close(inc.float(), out.logits.float(), rtol=5e-2, atol=5e-2)

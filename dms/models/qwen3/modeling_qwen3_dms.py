@@ -9,6 +9,8 @@ prefill, decode and new turns alike), created on the fly when none is given.
 Shapes: B batch, T tokens, H KV heads, G query heads per KV head, D head dim.
 """
 
+import warnings
+
 import torch
 from torch import nn
 from tqdm.auto import tqdm
@@ -100,6 +102,9 @@ class CausalLMOutputDMS(CausalLMOutputWithPast):
     compression_loss: torch.Tensor | None = None
 
 
+_warned_no_grad = [False]
+
+
 def _init_dms_weights(module):
     """A fresh adapter keeps everything: W = 0 (b = 0) gives every logit -offset."""
     if getattr(module, "_dms_adapter", False):
@@ -181,6 +186,12 @@ class Qwen3AttentionDMS(Qwen3Attention):
                                window=self.config.dms_window_size, scale=self.scaling)
         else:
             decisions = torch.zeros_like(z, dtype=torch.bool) if disabled else z > 0
+            if q.requires_grad and not _warned_no_grad[0]:
+                _warned_no_grad[0] = True
+                warnings.warn("Qwen3ForCausalLMDMS: in eval mode attention goes through the DMS cache, which has "
+                              "no backward; gradients stop at attention. Use model.train() to train, or "
+                              "torch.no_grad() for inference.", stacklevel=2)
+            q, k, v = q.detach(), k.detach(), v.detach()
             if cache_layer is None:  # no cache asked for: a private one, dropped after the call
                 cache_layer = DMSCacheLayer(self.config.dms_window_size, self.config.dms_paged_attention_block_size)
             o = cache_layer.attend(q.contiguous(), k.contiguous(), v.contiguous(), decisions, key_padding,
