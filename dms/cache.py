@@ -184,9 +184,10 @@ class PagedLayerCache:
                 self._seen_upper_bound += n
                 return token_slots
             except _C.PoolExhaustedError as exc:
-                if "page_table" in str(exc):
-                    self._ensure_page_table(self.page_table.shape[1] * self.page_size * 2)
-                    continue
+                # The page table was sized above for every token fed so far,
+                # so only the pool can be short; it grows geometrically.
+                if "cache.free_pages" not in str(exc):
+                    raise
                 self._grow_for(max(1, self.rows))
 
     def prefill_attention(self, q, k_new, v_new, decisions, key_padding=None, scale=None):

@@ -157,10 +157,7 @@ void dms_attn_train_forward_cpu(const dms_attn_train_args *a,
 #endif
     {
         fwd_scratch w;
-        w.qg.q = alloc_floats((size_t)(G * BQ * ld));
-        w.qg.o = alloc_floats((size_t)(G * BQ * ld));
-        w.qg.m = alloc_floats((size_t)(G * BQ));
-        w.qg.l = alloc_floats((size_t)(G * BQ));
+        alloc_query_group(&w.qg, G, ld);
         w.kt = alloc_floats((size_t)(ld * BK));
         w.v = alloc_floats((size_t)(BK * ld));
         w.s = alloc_floats(BQ * BK);
@@ -174,10 +171,7 @@ void dms_attn_train_forward_cpu(const dms_attn_train_args *a,
             const int64_t bh = task / tiles;
             forward_tile(a, bh / a->H, bh % a->H, tile * BQ, &w);
         }
-        free(w.qg.q);
-        free(w.qg.o);
-        free(w.qg.m);
-        free(w.qg.l);
+        free_query_group(&w.qg);
         free(w.kt);
         free(w.v);
         free(w.s);

@@ -244,15 +244,18 @@ static void transpose_tile(const float *src, int64_t ld, float *dst)
             dst[d * BK + r] = src[r * ld + d];
 }
 
-/* Queries of a tile see key c iff their position < limit[c]. */
+/* A query at position qpos sees key c iff kpos[c] <= qpos < limit[c]
+ * (cached keys have kpos -1: they precede every query of the call). */
 DMS_SIMD_CLONES
-static void mask_by_limit(const int64_t *restrict qpos,
-                          const int64_t *restrict limit, float *restrict s)
+static void mask_visible(const int64_t *restrict qpos,
+                         const int64_t *restrict kpos,
+                         const int64_t *restrict limit, float *restrict s)
 {
     for (int r = 0; r < BQ; ++r) {
         float *row = s + r * BK;
         for (int c = 0; c < BK; ++c)
-            row[c] = qpos[r] < limit[c] ? row[c] : -INFINITY;
+            row[c] = kpos[c] <= qpos[r] && qpos[r] < limit[c] ? row[c]
+                                                               : -INFINITY;
     }
 }
 
@@ -263,22 +266,8 @@ typedef struct prefill_scratch {
     unsigned char *flag;     /* n */
 } prefill_scratch;
 
-/* Queries of a tile see key c only from its position on (causality). */
-DMS_SIMD_CLONES
-static void mask_causal(const int64_t *restrict qpos,
-                        const int64_t *restrict kpos, float *restrict s)
-{
-    for (int r = 0; r < BQ; ++r) {
-        float *row = s + r * BK;
-        for (int c = 0; c < BK; ++c)
-            row[c] = kpos[c] <= qpos[r] ? row[c] : -INFINITY;
-    }
-}
-
-/*
- * One key tile (w->k, w->v) against the G query tiles: scores, masks (by
- * limit; by position too when kpos is given), softmax, P.V.
- */
+/* One key tile (w->k, w->v) against the G query tiles: scores, visibility
+ * mask, softmax, P.V. */
 static void prefill_key_tile(const dms_cache_call *x, prefill_scratch *w,
                              const int64_t *qpos, const int64_t *limit,
                              const int64_t *kpos)
@@ -288,9 +277,7 @@ static void prefill_key_tile(const dms_cache_call *x, prefill_scratch *w,
     for (int64_t g = 0; g < x->G; ++g) {
         float *o = w->qg.o + g * BQ * ld;
         matmul_nt(w->qg.q + g * BQ * ld, w->kt, ld, w->s);
-        mask_by_limit(qpos, limit, w->s);
-        if (kpos != NULL)
-            mask_causal(qpos, kpos, w->s);
+        mask_visible(qpos, kpos, limit, w->s);
         online_softmax(w->s, BQ, w->qg.m + g * BQ, w->qg.l + g * BQ, o, ld);
         matmul_acc_nn(w->s, w->v, ld, o);
     }
@@ -320,7 +307,9 @@ static void prefill_tile(const dms_cache_call *x, int64_t b, int64_t h,
         q_last = qpos[j] > q_last ? qpos[j] : q_last;
 
     start_query_group(x->q, b, h, G, q0, qn, D, x->scale, &w->qg);
-    int64_t slot[BK], limit[BK];
+    int64_t slot[BK], limit[BK], kpos[BK];
+    for (int64_t i = 0; i < BK; ++i)
+        kpos[i] = -1; /* cached keys precede every query of the call */
 
     /* The cached slots; the last cached token's flag is this call's first
      * decision. A padding query (position -1 < any limit) is masked at the
@@ -340,7 +329,7 @@ static void prefill_tile(const dms_cache_call *x, int64_t b, int64_t h,
         }
         gather_tile(c->k_pages, c->dtype, slot, kn, D, ld, w->k);
         gather_tile(c->v_pages, c->dtype, slot, kn, D, ld, w->v);
-        prefill_key_tile(x, w, qpos, limit, NULL);
+        prefill_key_tile(x, w, qpos, limit, kpos);
     }
 
     /* The call's own tokens, with the hard rule of SPEC section 3. */
@@ -349,7 +338,6 @@ static void prefill_tile(const dms_cache_call *x, int64_t b, int64_t h,
         load_rows(x->k_new, b, h, k0, kn, BK, D, ld, 1.0f, w->k);
         load_rows(x->v_new, b, h, k0, kn, BK, D, ld, 1.0f, w->v);
         /* A key at position p is visible to positions [p, limit). */
-        int64_t kpos[BK];
         for (int64_t i = 0; i < BK; ++i) {
             kpos[i] = -1;
             limit[i] = INT64_MIN;
@@ -378,10 +366,7 @@ void dms_attn_prefill_cpu(const dms_cache_call *x, int num_threads)
 #endif
     {
         prefill_scratch w;
-        w.qg.q = alloc_floats((size_t)(G * BQ * ld));
-        w.qg.o = alloc_floats((size_t)(G * BQ * ld));
-        w.qg.m = alloc_floats((size_t)(G * BQ));
-        w.qg.l = alloc_floats((size_t)(G * BQ));
+        alloc_query_group(&w.qg, G, ld);
         w.k = alloc_floats((size_t)(BK * ld));
         w.kt = alloc_floats((size_t)(ld * BK));
         w.v = alloc_floats((size_t)(BK * ld));
@@ -396,10 +381,7 @@ void dms_attn_prefill_cpu(const dms_cache_call *x, int num_threads)
             const int64_t tile = tiles - 1 - task % tiles, bh = task / tiles;
             prefill_tile(x, bh / x->H, bh % x->H, tile * BQ, &w);
         }
-        free(w.qg.q);
-        free(w.qg.o);
-        free(w.qg.m);
-        free(w.qg.l);
+        free_query_group(&w.qg);
         free(w.k);
         free(w.kt);
         free(w.v);

@@ -274,6 +274,16 @@ typedef struct query_group {
     float *q, *o, *m, *l;
 } query_group;
 
+/* Scratch for a group of G query tiles (host memory). */
+DMS_TILE_FN void alloc_query_group(query_group *w, int64_t G, int64_t ld);
+DMS_TILE_FN void free_query_group(query_group *w)
+{
+    free(w->q);
+    free(w->o);
+    free(w->m);
+    free(w->l);
+}
+
 /* Loads queries [q0, q0 + qn) of heads h*G .. h*G + G - 1 of q [B, H*G, T,
  * D] and resets the softmax state. */
 DMS_TILE_FN void start_query_group(const dms_tensor *q, int64_t b, int64_t h,
@@ -331,6 +341,14 @@ DMS_TILE_FN float *alloc_floats(size_t n)
 {
     size_t bytes = (sizeof(float) * n + 63) & ~(size_t)63;
     return aligned_alloc(64, bytes ? bytes : 64);
+}
+
+DMS_TILE_FN void alloc_query_group(query_group *w, int64_t G, int64_t ld)
+{
+    w->q = alloc_floats((size_t)(G * BQ * ld));
+    w->o = alloc_floats((size_t)(G * BQ * ld));
+    w->m = alloc_floats((size_t)(G * BQ));
+    w->l = alloc_floats((size_t)(G * BQ));
 }
 
 #endif /* DMS_CPU_TILES_H */
