@@ -18,24 +18,9 @@ import time
 import torch
 
 import dms
-from dms.models.qwen3 import Qwen3ConfigDMS, Qwen3ForCausalLMDMS
+from dms.models.qwen3 import Qwen3ForCausalLMDMS
 from dms.models.qwen3.modeling_qwen3_dms import cache_kwargs
-
-
-def tiny_model(seed=0, window=64, page_size=16):
-    """A small Qwen3-DMS with deterministic weights whose adapters evict about
-    half of the decisions (so compression is visible at once)."""
-    torch.manual_seed(seed)
-    config = Qwen3ConfigDMS(
-        vocab_size=512, hidden_size=128, intermediate_size=256, num_hidden_layers=4, num_attention_heads=8,
-        num_key_value_heads=2, head_dim=32, max_position_embeddings=8192, dms_window_size=window,
-        dms_paged_attention_block_size=page_size, dms_separate_alpha=True, dms_alpha_scale=1.0,
-        dms_initial_alpha_offset=0.0, dms_preallocate_for_tokens=None)
-    model = Qwen3ForCausalLMDMS(config)
-    with torch.no_grad():
-        for layer in model.model.layers:
-            torch.nn.init.normal_(layer.self_attn.dms_proj_alpha.weight, std=0.5)
-    return model
+from dms.tiny import tiny_model
 
 
 def run(model, prompt, new_tokens, disable_eviction):
