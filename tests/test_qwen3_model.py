@@ -263,3 +263,28 @@ def test_reduced_precision_model_keeps_its_dtype(dtype):
     # (Not compared with float32: with these random adapters logits sit near 0,
     # and rounding may flip a decision, which changes what a query sees.)
     torch.testing.assert_close(inc.float(), out.logits.float(), rtol=5e-2, atol=5e-2)
+
+
+def test_direct_construction_builds_each_layer_once(monkeypatch):
+    # A plain Qwen3 body or layer stack built and then replaced would double
+    # the peak memory of constructing a large model.
+    import transformers.models.qwen3.modeling_qwen3 as hf
+
+    calls = {"layer": 0, "body": 0}
+    layer_init, body_init = hf.Qwen3DecoderLayer.__init__, hf.Qwen3Model.__init__
+
+    def count_layer(self, *args, **kwargs):
+        calls["layer"] += 1
+        layer_init(self, *args, **kwargs)
+
+    def count_body(self, *args, **kwargs):
+        calls["body"] += 1
+        body_init(self, *args, **kwargs)
+
+    monkeypatch.setattr(hf.Qwen3DecoderLayer, "__init__", count_layer)
+    monkeypatch.setattr(hf.Qwen3Model, "__init__", count_body)
+    config = Qwen3ConfigDMS(dms_window_size=4, dms_paged_attention_block_size=2, **TINY)
+    model = Qwen3ForCausalLMDMS(config)
+    assert calls == {"layer": config.num_hidden_layers, "body": 1}
+    assert len(model.model.layers) == config.num_hidden_layers == len(config.layer_types)
+    assert all(type(layer).__name__ == "Qwen3DecoderLayerDMS" for layer in model.model.layers)

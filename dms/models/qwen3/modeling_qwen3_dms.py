@@ -9,6 +9,7 @@ prefill, decode and new turns alike), created on the fly when none is given.
 Shapes: B batch, T tokens, H KV heads, G query heads per KV head, D head dim.
 """
 
+import contextlib
 import warnings
 
 import torch
@@ -22,6 +23,7 @@ from transformers.models.qwen3.modeling_qwen3 import (
     Qwen3ForSequenceClassification,
     Qwen3ForTokenClassification,
     Qwen3Model,
+    Qwen3PreTrainedModel,
     Qwen3RMSNorm,
     apply_rotary_pos_emb,
 )
@@ -219,11 +221,25 @@ class Qwen3DecoderLayerDMS(Qwen3DecoderLayer):
         return hidden_states + self.mlp(self.post_attention_layernorm(hidden_states)), decisions
 
 
+@contextlib.contextmanager
+def _without_layers(config):
+    """`config` seen as a model of no layers, for the duration."""
+    saved = config.num_hidden_layers, config.layer_types
+    config.num_hidden_layers, config.layer_types = 0, []
+    try:
+        yield
+    finally:
+        config.num_hidden_layers, config.layer_types = saved
+
+
 class Qwen3ModelDMS(_DMSPretrained, Qwen3Model):
     """Qwen3's decoder stack with DMS attention."""
 
     def __init__(self, config):
-        super().__init__(config)
+        # Qwen3Model would build a stack of plain Qwen3 layers only for us to
+        # replace them (twice the parameters at the peak): let it build none.
+        with _without_layers(config):
+            super().__init__(config)
         self.layers = nn.ModuleList(Qwen3DecoderLayerDMS(config, i) for i in range(config.num_hidden_layers))
         self.post_init()
 
@@ -287,8 +303,12 @@ class Qwen3ForCausalLMDMS(_DMSPretrained, Qwen3ForCausalLM):
     DMS checkpoint; `generate` keeps a compressed `DMSCache`."""
 
     def __init__(self, config):
-        super().__init__(config)
+        # Qwen3ForCausalLM.__init__ would first build a plain Qwen3Model: set
+        # up the same three members around our body instead.
+        Qwen3PreTrainedModel.__init__(self, config)
         self.model = Qwen3ModelDMS(config)
+        self.vocab_size = config.vocab_size
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.post_init()
 
     def reset_dms_adapters(self):
