@@ -288,3 +288,63 @@ def test_direct_construction_builds_each_layer_once(monkeypatch):
     assert calls == {"layer": config.num_hidden_layers, "body": 1}
     assert len(model.model.layers) == config.num_hidden_layers == len(config.layer_types)
     assert all(type(layer).__name__ == "Qwen3DecoderLayerDMS" for layer in model.model.layers)
+
+
+# The whole model on a GPU (skipped without one; scripts/gpu_check.sh runs
+# them): the CUDA engine gives what the CPU engine gives.
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_cuda_model_matches_cpu_through_every_turn(dtype):
+    m = _evicting()
+    ids = torch.randint(0, 128, (2, 40))
+    tol = dict(rtol=1e-4, atol=1e-4) if dtype == torch.float32 else dict(rtol=5e-2, atol=5e-2)
+
+    def turns(model, device):
+        x = ids.to(device)
+        with torch.no_grad():
+            cache = model.get_cache()
+            pieces = [model(x[:, :12], cache=cache).logits]
+            pieces += [model(x[:, t:t + 1], cache=cache).logits for t in range(12, 25)]
+            pieces.append(model(x[:, 25:33], cache=cache).logits)
+            pieces += [model(x[:, t:t + 1], cache=cache).logits for t in range(33, 40)]
+        return torch.cat(pieces, 1).float().cpu(), cache.compression_ratios()
+
+    cpu_logits, cpu_ratios = turns(m.to(dtype), "cpu")
+    gpu_logits, gpu_ratios = turns(m.to("cuda"), "cuda")
+    torch.testing.assert_close(gpu_logits, cpu_logits, **tol)
+    if dtype == torch.float32:
+        assert gpu_ratios == pytest.approx(cpu_ratios)
+    with torch.no_grad():
+        full = m(ids.cuda(), use_cache=False).logits.float().cpu()
+    torch.testing.assert_close(gpu_logits, full, **tol)
+
+
+@pytest.mark.cuda
+def test_cuda_generate_with_left_padding_matches_cpu():
+    m = _evicting()
+    batch = torch.randint(1, 128, (2, 12))
+    mask = torch.ones(2, 12, dtype=torch.long)
+    batch[1, :5], mask[1, :5] = 0, 0
+    kwargs = dict(max_new_tokens=8, do_sample=False, pad_token_id=0)
+    with torch.no_grad():
+        on_cpu = m.generate(batch, attention_mask=mask, **kwargs)
+        m.cuda()
+        on_gpu = m.generate(batch.cuda(), attention_mask=mask.cuda(), **kwargs)
+    assert torch.equal(on_gpu.cpu(), on_cpu)
+
+
+@pytest.mark.cuda
+def test_cuda_training_step_matches_cpu():
+    ids = torch.randint(0, 128, (2, 24))
+    mask = torch.ones(2, 24, dtype=torch.long)
+    mask[1, :4] = 0
+    grads = []
+    for device in ("cpu", "cuda"):
+        m = _model(dms_separate_alpha=True).train().to(device)
+        out = m(ids.to(device), attention_mask=mask.to(device), labels=ids.to(device),
+                dms_noise_counters={"global_step": 3}, dms_target=0.5)
+        (out.loss + out.compression_loss).backward()
+        grads.append(torch.cat([layer.self_attn.dms_proj_alpha.weight.grad.flatten().cpu()
+                                for layer in m.model.layers]))
+    torch.testing.assert_close(grads[1], grads[0], rtol=1e-3, atol=1e-5)
