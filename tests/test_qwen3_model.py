@@ -348,3 +348,49 @@ def test_cuda_training_step_matches_cpu():
         grads.append(torch.cat([layer.self_attn.dms_proj_alpha.weight.grad.flatten().cpu()
                                 for layer in m.model.layers]))
     torch.testing.assert_close(grads[1], grads[0], rtol=1e-3, atol=1e-5)
+
+
+def test_bad_inputs_get_clear_errors_and_leave_the_cache_alone():
+    from transformers import DynamicCache
+
+    m = _evicting()
+    ids = torch.randint(0, 128, (2, 10))
+    with torch.no_grad():
+        with pytest.raises(TypeError, match="^cache: expected a DMSCache"):
+            m(ids, cache=object())
+        filled = DynamicCache()
+        filled.update(torch.zeros(2, 2, 3, 16), torch.zeros(2, 2, 3, 16), 0)
+        with pytest.raises(ValueError, match="^cache: expected a DMSCache .*filled DynamicCache"):
+            m(ids, cache=filled)
+
+        cache = m.get_cache()
+        m(ids, cache=cache)
+        before = cache.get_seq_length(), [layer.paged.tokens_stored().clone() for layer in cache.layers]
+        with pytest.raises(ValueError, match="^cache: holds 2 sequences, the input has 3"):
+            m(torch.randint(0, 128, (3, 1)), cache=cache)
+        with pytest.raises(ValueError, match=r"^attention_mask: expected \[batch, cached \+ new tokens\] = \[2, 11\]"):
+            m(ids[:, :1], cache=cache, attention_mask=torch.ones(2, 7, dtype=torch.long))
+        with pytest.raises(ValueError, match=r"^attention_mask: .* got \(3, 11\)"):
+            m(ids[:, :1], cache=cache, attention_mask=torch.ones(3, 11, dtype=torch.long))
+        with pytest.raises(ValueError, match=r"^input_ids: 10 cached \+ 503 new positions exceed the model's "
+                                             r"max_position_embeddings \(512\)"):
+            m(torch.randint(0, 128, (2, 503)), cache=cache)
+        assert cache.get_seq_length() == before[0]
+        assert all(torch.equal(layer.paged.tokens_stored(), stored) for layer, stored in zip(cache.layers, before[1]))
+        m(ids[:, :1], cache=cache, attention_mask=torch.ones(2, 11, dtype=torch.long))  # still usable
+
+        other = _model(dms_separate_alpha=True, dms_window_size=6, dms_paged_attention_block_size=2)
+        with pytest.raises(ValueError, match="^cache: its window is 6 tokens, the model's dms_window_size is 4"):
+            m(ids, cache=other.get_cache())
+        deeper = Qwen3ConfigDMS(**{**TINY, "num_hidden_layers": 3, "dms_window_size": 4,
+                                   "dms_paged_attention_block_size": 2})
+        with pytest.raises(ValueError, match="^cache: expected a DMSCache for 2 layers .*got one for 3"):
+            m(ids, cache=Qwen3ForCausalLMDMS(deeper).get_cache())
+        wider = Qwen3ForCausalLMDMS(Qwen3ConfigDMS(**{**TINY, "head_dim": 32, "dms_window_size": 4,
+                                                      "dms_paged_attention_block_size": 2})).eval()
+        foreign = wider.get_cache()
+        wider(ids, cache=foreign)
+        with pytest.raises(ValueError, match="^cache: holds 2 KV heads of dim 32, the model has 2 of dim 16"):
+            m(ids, cache=foreign)
+    with pytest.raises(ValueError, match="^input_ids: 0 cached \\+ 513 new positions"):
+        m(torch.randint(0, 128, (1, 513)), use_cache=False)

@@ -30,6 +30,7 @@ from transformers.models.qwen3.modeling_qwen3 import (
 from dataclasses import dataclass
 
 from transformers import AutoModel
+from transformers.cache_utils import Cache
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 
 try:  # wrappers that leave weights loaded from a checkpoint alone (transformers >= 5)
@@ -243,6 +244,26 @@ class Qwen3ModelDMS(_DMSPretrained, Qwen3Model):
         self.layers = nn.ModuleList(Qwen3DecoderLayerDMS(config, i) for i in range(config.num_hidden_layers))
         self.post_init()
 
+    def _check_cache(self, cache, batch_size):
+        """Raises ValueError unless `cache` was made for this model (layers,
+        window, KV heads, head dim) and holds `batch_size` sequences."""
+        c = self.config
+        if len(cache.layers) != c.num_hidden_layers:
+            raise ValueError(f"cache: expected a DMSCache for {c.num_hidden_layers} layers (model.get_cache()), got "
+                             f"one for {len(cache.layers)}")
+        for layer in cache.layers:
+            if layer.window_size != c.dms_window_size:
+                raise ValueError(f"cache: its window is {layer.window_size} tokens, the model's dms_window_size is "
+                                 f"{c.dms_window_size}; make the cache with model.get_cache()")
+            if layer.is_initialized:
+                p = layer.paged
+                if (p.num_kv_heads, p.head_dim) != (c.num_key_value_heads, c.head_dim):
+                    raise ValueError(f"cache: holds {p.num_kv_heads} KV heads of dim {p.head_dim}, the model has "
+                                     f"{c.num_key_value_heads} of dim {c.head_dim}: a cache from another model")
+                if p.batch_size != batch_size:
+                    raise ValueError(f"cache: holds {p.batch_size} sequences, the input has {batch_size} (reset it, "
+                                     "or reorder it with cache.reorder_cache)")
+
     def forward(self, input_ids=None, attention_mask=None, position_ids=None, cache=None, inputs_embeds=None,
                 use_cache=None, dms_noise_counters=None, past_key_values=None, **kwargs):
         if (input_ids is None) == (inputs_embeds is None):
@@ -251,18 +272,26 @@ class Qwen3ModelDMS(_DMSPretrained, Qwen3Model):
             inputs_embeds = self.embed_tokens(input_ids)
         cache = cache if cache is not None else past_key_values
         use_cache = (not self.training) if use_cache is None else use_cache
+        if cache is not None and not isinstance(cache, Cache):
+            raise TypeError(f"cache: expected a DMSCache (model.get_cache()) or None, got {type(cache).__name__}")
         if use_cache and not isinstance(cache, DMSCache):
             if cache is not None and cache.get_seq_length() > 0:
                 raise ValueError("cache: expected a DMSCache (or none); got a filled "
                                  f"{type(cache).__name__}, whose tokens a DMS model cannot take over")
             cache = DMSCache.from_config(self.config)
         B, T = inputs_embeds.shape[:2]
+        if use_cache:
+            self._check_cache(cache, B)
         past = cache.get_seq_length() if use_cache else 0
+        if past + T > self.config.max_position_embeddings:
+            raise ValueError(f"input_ids: {past} cached + {T} new positions exceed the model's "
+                             f"max_position_embeddings ({self.config.max_position_embeddings})")
         key_padding = None
         if attention_mask is not None:
-            if attention_mask.dim() != 2:
-                raise ValueError(f"attention_mask: expected [batch, tokens] (1 = token, 0 = padding), got shape "
-                                 f"{tuple(attention_mask.shape)}")
+            shape = tuple(attention_mask.shape)
+            if len(shape) != 2 or shape[0] != B or shape[1] not in (T, past + T):
+                raise ValueError(f"attention_mask: expected [batch, cached + new tokens] = [{B}, {past + T}] (or "
+                                 f"[{B}, {T}] for the new tokens only; 1 = token, 0 = padding), got {shape}")
             key_padding = attention_mask[:, -T:] == 0
             if not bool(key_padding.any()):
                 key_padding = None
