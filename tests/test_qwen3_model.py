@@ -180,14 +180,46 @@ print("remote ok")
     assert run.returncode == 0 and "remote ok" in run.stdout, run.stderr[-3000:]
 
 
-def test_beam_search_and_multiple_sequences():
+def _beam_search_by_hand(m, prompt, beams, steps):
+    """Beam search where every candidate is scored by one uncached forward
+    of its whole sequence (no cache reordering anywhere)."""
+    live = [(0.0, prompt)]
+    for _ in range(steps):
+        candidates = []
+        for score, seq in live:
+            with torch.no_grad():
+                logp = torch.log_softmax(m(seq[None], use_cache=False).logits[0, -1].double(), -1)
+            top = torch.topk(logp, beams)
+            candidates += [(score + float(lp), torch.cat([seq, tok.view(1)])) for lp, tok in zip(*top)]
+        live = sorted(candidates, key=lambda c: -c[0])[:beams]
+    return live[0]
+
+
+def test_beam_search_matches_a_search_over_single_row_forwards():
+    m = _evicting()
+    m.generation_config.eos_token_id = None  # every beam runs the full length
+    ids = torch.randint(1, 128, (2, 9))
+    with torch.no_grad():
+        out = m.generate(ids, max_new_tokens=5, num_beams=3, do_sample=False, pad_token_id=0,
+                         length_penalty=0.0, output_scores=True, return_dict_in_generate=True)
+    assert out.sequences.shape == (2, 14)
+    for row in range(2):
+        score, best = _beam_search_by_hand(m, ids[row], beams=3, steps=5)
+        assert torch.equal(out.sequences[row], best)
+        assert float(out.sequences_scores[row]) == pytest.approx(score, rel=1e-4)
+
+
+def test_multiple_sequences_per_prompt():
     m = _evicting()
     ids = torch.randint(1, 128, (2, 9))
     with torch.no_grad():
-        beams = m.generate(ids, max_new_tokens=5, num_beams=3, do_sample=False, pad_token_id=0)
         samples = m.generate(ids, max_new_tokens=5, do_sample=True, num_return_sequences=2, pad_token_id=0)
-    assert beams.shape == (2, 14) and samples.shape == (4, 14)
+        # top_k=1 sampling is greedy: each copy of a prompt must decode alone.
+        greedy = m.generate(ids, max_new_tokens=5, do_sample=True, top_k=1, num_return_sequences=2, pad_token_id=0)
+    assert samples.shape == (4, 14)
     assert torch.equal(samples[::2, :9], ids) and torch.equal(samples[1::2, :9], ids)
+    alone = [m.generate(ids[r:r + 1], max_new_tokens=5, do_sample=False, pad_token_id=0) for r in range(2)]
+    assert torch.equal(greedy, torch.cat([alone[0], alone[0], alone[1], alone[1]]))
 
 
 def test_gradient_checkpointing_gives_the_same_gradients():
