@@ -339,8 +339,7 @@ def _checked_source(src: DataSource, where) -> DataSource:
         for key in ("subset", "split", "revision", "data_files"):
             if getattr(src, key) is not None:
                 raise ValueError(f"{where}.{key}: only for hub or named datasets, not for {src.name!r}")
-    weight = float(weight)
-    return dataclasses.replace(src, weight=weight) if weight != src.weight or type(src.weight) is not float else src
+    return src if type(weight) is float else dataclasses.replace(src, weight=float(weight))
 
 
 def _expand_local(pattern, where):
