@@ -426,3 +426,53 @@ def test_bad_inputs_get_clear_errors_and_leave_the_cache_alone():
             m(ids, cache=foreign)
     with pytest.raises(ValueError, match="^input_ids: 0 cached \\+ 513 new positions"):
         m(torch.randint(0, 128, (1, 513)), use_cache=False)
+
+
+def test_reference_format_directory_loads_with_its_adapters(tmp_path):
+    """A directory as the reference writes it (SPEC §7): its config.json fields
+    and one safetensors file of Qwen3 weights plus, per layer,
+    dms_proj_alpha.weight [H, hidden] and dms_proj_alpha_norm.weight [hidden]."""
+    import json
+
+    from safetensors.torch import save_file
+
+    torch.manual_seed(3)
+    weights = Qwen3ForCausalLM(Qwen3Config(**TINY)).state_dict()
+    H, hidden = TINY["num_key_value_heads"], TINY["hidden_size"]
+    for n in range(TINY["num_hidden_layers"]):
+        weights[f"model.layers.{n}.self_attn.dms_proj_alpha.weight"] = torch.randn(H, hidden) * 0.05
+        weights[f"model.layers.{n}.self_attn.dms_proj_alpha_norm.weight"] = 1 + 0.1 * torch.randn(hidden)
+    weights.pop("lm_head.weight", None)  # tied, as in the small Qwen3 checkpoints
+    save_file({k: v.contiguous() for k, v in weights.items()}, str(tmp_path / "model.safetensors"),
+              metadata={"format": "pt"})
+    config = {**TINY, "model_type": "qwen3", "architectures": ["Qwen3ForCausalLMDMS"], "tie_word_embeddings": True,
+              "dms_alpha_scale": 100.0, "dms_initial_alpha_offset": 5.0, "dms_window_size": 6,
+              "dms_paged_attention_block_size": 2, "dms_cr": 8, "dms_disable_eviction": False,
+              "dms_separate_alpha": True, "dms_alpha_per": "head", "dms_tau": 0.1, "dms_compile_limit": 72,
+              "dms_manual_inference_mode": False, "dms_chunked_prefill": None, "dms_preallocate_for_tokens": 4096}
+    (tmp_path / "config.json").write_text(json.dumps(config))
+
+    m, info = Qwen3ForCausalLMDMS.from_pretrained(tmp_path, output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"], info
+    state = m.state_dict()
+    for name, tensor in weights.items():
+        assert torch.equal(state[name], tensor), name
+    ids = torch.randint(0, 128, (1, 30))
+    with torch.no_grad():
+        out = m.eval()(ids)
+    assert out.compression_ratio > 1.0  # trained-looking adapters evict (scale 100, offset 5)
+
+
+def test_rows_stop_at_their_own_eos():
+    m = _evicting()
+    ids = torch.randint(1, 128, (2, 10))
+    kwargs = dict(max_new_tokens=8, do_sample=False, pad_token_id=0)
+    with torch.no_grad():
+        free = [m.generate(ids[r:r + 1], eos_token_id=None, **kwargs)[0, 10:] for r in range(2)]
+        eos = int(free[0][2])  # row 0 stops after its third token
+        together = m.generate(ids, eos_token_id=eos, **kwargs)[:, 10:]
+    for r in range(2):
+        hits = (free[r] == eos).nonzero()
+        stop = int(hits[0]) + 1 if len(hits) else 8
+        assert torch.equal(together[r, :stop], free[r][:stop])
+        assert bool((together[r, stop:] == 0).all())
