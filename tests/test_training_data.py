@@ -19,6 +19,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+import torch
 
 from dms.tiny import tiny_tokenizer
 from dms.training import data
@@ -218,7 +219,7 @@ def test_jsonl_and_parquet_chat_and_text_pack_exactly(tmp_path, tok, cfg):
         ds = build_dataset(config, tok, show_progress=False)
         items = [ds[i] for i in range(len(ds))]
         assert all(it["input_ids"].shape == (64,) and it["attention_mask"].shape == (64,) for it in items)
-        assert all(it["input_ids"].dtype == it["attention_mask"].dtype == __import__("torch").int64 for it in items)
+        assert all(it["input_ids"].dtype == it["attention_mask"].dtype == torch.int64 for it in items)
         masks = np.stack([it["attention_mask"].numpy() for it in items])
         assert masks[:-1].all()  # only the last sequence is padded ...
         last = masks[-1]
