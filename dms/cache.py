@@ -14,6 +14,7 @@ dim, P page size, w window.
 """
 
 import math
+import threading
 
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
@@ -21,9 +22,87 @@ from transformers.cache_utils import Cache, CacheLayerMixin
 from dms._ext import _C
 from dms.runtime import exec_kwargs
 
-__all__ = ["DMSCache", "DMSCacheLayer", "PagedLayerCache"]
+__all__ = ["CompressionTally", "DMSCache", "DMSCacheLayer", "PagedLayerCache", "compression_tally"]
 
 _INT32_MAX = 2**31 - 1
+
+
+class CompressionTally:
+    """Process-wide record of the compression DMS caches reached.
+
+    Every `DMSCache` adds what it holds when it is reset and when it is
+    garbage-collected, so runs that never see their caches (generate makes and
+    drops one per call, as lm-eval's does) can still report the compression
+    they reached: `dms.eval` writes `compression_tally.summary()` next to
+    lm-eval's results. A cache adds nothing while it holds no tokens, so a
+    reset cache is not counted twice. Adding costs one pass over each layer's
+    [B*H] counters (on CUDA, a few syncs per cache); set `enabled = False` to
+    skip it.
+    """
+
+    def __init__(self):
+        self._lock = threading.RLock()  # re-entrant: a cache collected while add() holds it adds itself
+        self.enabled = True
+        self.reset()
+
+    def reset(self):
+        """Forget everything added so far."""
+        with self._lock:
+            self.caches = 0
+            self.ratio_sum = 0.0  # sum of each cache's DMSCache.compression_ratio()
+            self.tokens_seen = []  # per layer: sum over rows and caches
+            self.tokens_stored = []
+
+    def add(self, cache):
+        """Adds `cache`'s current contents (nothing if it holds no tokens)."""
+        if not self.enabled:
+            return
+        used = [(i, layer.paged) for i, layer in enumerate(cache.layers) if layer.is_initialized]
+        if not used:
+            return
+        # Per layer: layers may sit on different devices (device_map="auto").
+        sums = [torch.stack([p.row_seen.sum(), p.row_slots.sum()]).tolist() for _, p in used]
+        if not any(seen for seen, _ in sums):
+            return
+        ratio = cache.compression_ratio()
+        with self._lock:
+            n = len(cache.layers)
+            for per_layer in (self.tokens_seen, self.tokens_stored):
+                per_layer.extend([0] * (n - len(per_layer)))
+            for (i, _), (seen, stored) in zip(used, sums):
+                self.tokens_seen[i] += int(seen)
+                self.tokens_stored[i] += int(stored)
+            self.caches += 1
+            self.ratio_sum += ratio
+
+    def snapshot(self) -> dict:
+        """The raw sums (to merge tallies of several processes: add them up)."""
+        with self._lock:
+            return {"caches": self.caches, "ratio_sum": self.ratio_sum, "tokens_seen": list(self.tokens_seen),
+                    "tokens_stored": list(self.tokens_stored)}
+
+    @staticmethod
+    def summarize(snapshot) -> dict:
+        """compression_ratio: the mean over caches of each cache's ratio (tokens
+        seen / stored per row, averaged over rows and layers); token_weighted_
+        compression_ratio: all tokens seen / all tokens stored; per_layer: the
+        same per layer; plus the raw sums. Ratios are None when nothing was added."""
+        seen, stored = snapshot["tokens_seen"], snapshot["tokens_stored"]
+        return {
+            "caches": snapshot["caches"],
+            "compression_ratio": snapshot["ratio_sum"] / snapshot["caches"] if snapshot["caches"] else None,
+            "token_weighted_compression_ratio": sum(seen) / sum(stored) if sum(stored) else None,
+            "per_layer": [a / b if b else None for a, b in zip(seen, stored)],
+            "tokens_seen": list(seen),
+            "tokens_stored": list(stored),
+        }
+
+    def summary(self) -> dict:
+        """`summarize(snapshot())`."""
+        return self.summarize(self.snapshot())
+
+
+compression_tally = CompressionTally()
 
 
 class PagedLayerCache:
@@ -425,6 +504,19 @@ class DMSCache(Cache):
                    page_size=getattr(config, "dms_paged_attention_block_size", 256),
                    preallocate_for_tokens=preallocate_for_tokens
                    if preallocate_for_tokens is not None else getattr(config, "dms_preallocate_for_tokens", None))
+
+    def reset(self):
+        """Empties every layer (pages stay allocated); what it held is first
+        added to `compression_tally`."""
+        compression_tally.add(self)
+        super().reset()
+
+    def __del__(self):
+        # A cache that generate made and dropped still counts in the tally.
+        try:
+            compression_tally.add(self)
+        except Exception:  # interpreter shutdown or a half-built cache: nothing to record
+            pass
 
     def compression_ratios(self) -> list:
         """Tokens seen / tokens stored per layer (1.0 for a layer not used yet)."""

@@ -1,0 +1,151 @@
+"""Evaluation: the compression tally of dms.cache, the offline dms_passkey
+task's documents and metric, and scripts/evaluate.sh running lm-eval
+(--model hf, trust_remote_code) on a saved tiny DMS model on the CPU."""
+
+import gc
+import glob
+import json
+import os
+import re
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from dms.cache import compression_tally
+from dms.eval import TASKS_DIR, passkey
+from dms.models.qwen3.modeling_qwen3_dms import cache_kwargs
+from dms.tiny import save_tiny, tiny_model, tiny_tokenizer
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+W = 64  # the tiny model's dms_window_size
+
+
+def expected_stored(decisions, w=W):
+    """SPEC §4 from the decisions [..., T]: last w + 1 tokens plus older tokens whose flag is 0."""
+    t = decisions.shape[-1]
+    old = max(t - w - 1, 0)
+    return min(t, w + 1) + (decisions[..., 1:old + 1] == 0).sum(-1)
+
+
+@pytest.fixture
+def tally():
+    compression_tally.reset()
+    yield compression_tally
+    compression_tally.enabled = True
+    compression_tally.reset()
+
+
+def test_tally_adds_each_cache_once_when_reset_or_dropped(tally):
+    model = tiny_model(seed=2).eval()
+    ids = torch.randint(0, 256, (2, 200), generator=torch.Generator().manual_seed(0))
+    cache = model.get_cache()
+    with torch.no_grad():
+        decisions = model.model(ids, cache=cache, use_cache=True).dms_decisions.numpy().astype(np.int64)
+    stored = expected_stored(decisions).sum((1, 2))  # per layer, over rows
+    ratio = cache.compression_ratio()
+    assert tally.summary()["caches"] == 0  # nothing until the cache is reset or dropped
+    cache.reset()
+    del cache
+    gc.collect()
+    s = tally.summary()
+    assert s["caches"] == 1 and s["compression_ratio"] == pytest.approx(ratio)
+    assert s["tokens_seen"] == [2 * 2 * 200] * 4 and s["tokens_stored"] == stored.tolist()
+    assert s["token_weighted_compression_ratio"] == pytest.approx(800 * 4 / stored.sum())
+    np.testing.assert_allclose(s["per_layer"], 800 / stored)
+    # generate makes and drops its own cache: counted once per call
+    with torch.no_grad():
+        model.generate(ids[:1, :100], max_new_tokens=4, do_sample=False, pad_token_id=256)
+    gc.collect()
+    assert tally.summary()["caches"] == 2
+    snap = tally.snapshot()
+    tally.enabled = False
+    with torch.no_grad():
+        model(ids[:1, :50], **cache_kwargs(model.get_cache()))
+    gc.collect()
+    assert tally.snapshot() == snap
+    tally.reset()
+    assert tally.summary() == {"caches": 0, "compression_ratio": None, "token_weighted_compression_ratio": None,
+                               "per_layer": [], "tokens_seen": [], "tokens_stored": []}
+
+
+def test_passkey_documents_fit_their_lengths():
+    tok = tiny_tokenizer()
+    docs = passkey.build_docs(tok, [256, 512], num_samples=3, seed=1)
+    assert [d["max_length"] for d in docs] == [256, 512] * 3  # interleaved: --limit covers every length
+    for d in docs:
+        n = len(tok(d["input"] + " " + passkey.GEN_PREFIX, add_special_tokens=False).input_ids)
+        assert d["max_length"] - 40 <= n <= d["max_length"]
+        assert re.fullmatch(r"\d{5}", d["passkey"]) and d["input"].count(d["passkey"]) == 2
+        assert re.findall(r"\d+", d["input"]) == [d["passkey"]] * 2  # no other number in the filler
+        assert d["lengths"] == [256, 512]
+    at = [d["input"].index(d["passkey"]) / len(d["input"]) for d in docs if d["max_length"] == 512]
+    assert at[0] < 0.2 < at[1] < 0.8 < at[2]  # depths 0, 0.5, 1
+    assert passkey.build_docs(tok, [256, 512], num_samples=3, seed=1) == docs
+    assert passkey.build_docs(tok, [256], num_samples=3, seed=2)[0]["passkey"] != docs[0]["passkey"]
+
+
+def test_passkey_bad_input_is_named():
+    tok = tiny_tokenizer()
+    with pytest.raises(ValueError, match="max_seq_lengths"):
+        passkey.build_docs(tok, [0])
+    with pytest.raises(ValueError, match="max_seq_lengths: 60 tokens is too short"):
+        passkey.build_docs(tok, [60])
+    with pytest.raises(ValueError, match="num_samples"):
+        passkey.build_docs(tok, [256], num_samples=0)
+    with pytest.raises(ValueError, match="tokenizer"):
+        passkey.passkey_dataset(max_seq_lengths=[256])
+
+
+def test_passkey_metric():
+    assert passkey.score(" 48213. Remember", "48213") == 1.0
+    assert passkey.score(" 482130", "48213") == 0.0
+    assert passkey.score(" 4821 3", "48213") == 0.0
+    assert passkey.score(" none", "48213") == 0.0
+    doc = {"passkey": "11111", "max_length": 512, "lengths": [256, 512, 300]}
+    assert passkey.process_results(doc, [" 11111"]) == {"exact_match": 1.0, "exact_match_256": -1.0,
+                                                         "exact_match_512": 1.0}
+    assert passkey.aggregate([1.0, -1.0, 0.0]) == 0.5 and passkey.aggregate([-1.0]) == -1.0
+    with open(os.path.join(TASKS_DIR, "dms_passkey", "dms_passkey.yaml")) as f:
+        declared = [int(n) for n in re.findall(r"metric: exact_match_(\d+)", f.read())]
+    assert tuple(declared) == passkey.DECLARED_LENGTHS
+
+
+@pytest.mark.slow
+def test_evaluate_sh_runs_lm_eval_on_a_tiny_dms_model(tmp_path):
+    model_dir = save_tiny(str(tmp_path / "tiny"))
+    env = dict(os.environ, MAX_SEQ_LENGTHS="256,512", BATCH_SIZE="2", CUDA_VISIBLE_DEVICES="",
+               PYTHON=sys.executable, HF_DATASETS_OFFLINE="1", HF_HUB_OFFLINE="1")
+    env.pop("DEVICE", None)
+    run = subprocess.run(["bash", os.path.join(ROOT, "scripts", "evaluate.sh"), model_dir, "dms_passkey",
+                          "--limit", "3", "--seed", "0"],
+                         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-5000:]
+    assert "no CUDA GPU found" in run.stderr
+    [results_path] = glob.glob(os.path.join(model_dir, "eval_results", "*", "results_*.json"))
+    with open(results_path) as f:
+        results = json.load(f)
+    metrics = results["results"]["dms_passkey"]
+    for key in ("exact_match,none", "exact_match_256,none", "exact_match_512,none"):
+        assert 0.0 <= metrics[key] <= 1.0
+    # the metric, recomputed from the logged samples
+    [samples_path] = glob.glob(os.path.join(os.path.dirname(results_path), "samples_dms_passkey_*.jsonl"))
+    with open(samples_path) as f:
+        samples = [json.loads(line) for line in f]
+    assert len(samples) == 3
+    hits = [float((re.findall(r"\d+", s["filtered_resps"][0]) or [None])[0] == s["target"]) for s in samples]
+    assert metrics["exact_match,none"] == pytest.approx(sum(hits) / 3)
+    # compression: in the results file and next to it
+    comp = results["dms_compression"]
+    date = os.path.basename(results_path)[len("results_"):]
+    with open(os.path.join(os.path.dirname(results_path), "compression_" + date)) as f:
+        assert json.load(f) == comp
+    assert comp["caches"] == 2  # 3 prompts in batches of 2
+    assert comp["compression_ratio"] > 1.2  # the tiny adapters evict, and prompts exceed the window
+    tok = tiny_tokenizer()
+    prompt_tokens = sum(len(tok(s["arguments"]["gen_args_0"]["arg_0"]).input_ids) for s in samples)
+    seen = comp["tokens_seen"]
+    assert len(seen) == 4 and len(set(seen)) == 1 and seen[0] >= 2 * prompt_tokens  # 2 KV heads per layer
+    assert all(r > 1 for r in comp["per_layer"])
