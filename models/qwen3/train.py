@@ -1,0 +1,15 @@
+"""Retrofit DMS onto a Qwen3 model by distillation.
+
+    python -m models.qwen3.train --config configs/tiny.yaml
+    python -m models.qwen3.train --config configs/qwen3_8b.yaml --prepare-dataset-only
+    accelerate launch -m models.qwen3.train --config configs/qwen3_8b.yaml
+
+Run from the repository root; `--set KEY=VALUE` overrides a config key.
+"""
+
+import sys
+
+from dms.training.pipeline import main_train
+
+if __name__ == "__main__":
+    sys.exit(main_train())
