@@ -223,9 +223,10 @@ class TeacherConfig:
     """`teacher`: what the student is distilled from.
 
     name_or_path: null (default): the student's own weights with eviction
-        off, one model and two forward passes per step. Otherwise a
-        separate frozen Qwen3 checkpoint ("tiny" for the built-in model) with
-        the student's vocabulary.
+        off, one model and two forward passes per step (with
+        distillation.train_all_weights: a frozen copy of the student's
+        initial weights). Otherwise a separate frozen Qwen3 checkpoint
+        ("tiny" for the built-in model) with the student's vocabulary.
     dtype: dtype of a separate teacher (default null: model.dtype).
     """
 

@@ -18,6 +18,7 @@ ratios and the student's LM loss (detached).
 Shapes: B batch, T tokens, V vocabulary.
 """
 
+import copy
 import os
 
 import torch
@@ -219,23 +220,48 @@ def load_student(config, show_progress=True):
 
 
 def load_teacher(config, student, show_progress=True):
-    """A separate frozen teacher (config.teacher.name_or_path), or None when
-    the teacher is the student's own weights with eviction off."""
+    """The frozen teacher: the model at config.teacher.name_or_path; with
+    none named, None (the student's own weights with eviction off, one model
+    and two passes) unless distillation.train_all_weights, when a frozen
+    copy of the student's initial weights is the teacher."""
     t = config.teacher
-    if t.name_or_path is None:
-        return None
     dtype = torch_dtype(t.dtype or config.model.dtype)
-    teacher = _load_dms_model(config, t.name_or_path, dtype, {"dms_disable_eviction": True}, show_progress)
-    teacher.config.dms_disable_eviction = True
+    if t.name_or_path is None:
+        if not config.distillation.train_all_weights:
+            return None
+        # Every weight of the student moves: distil from a frozen copy of
+        # where it started, not from its own drifting weights.
+        teacher = copy.deepcopy(student).to(dtype)
+    elif t.name_or_path == "tiny":  # the built-in model, as the student is built
+        overrides = dict(config.model.dms.overrides(), dms_disable_eviction=True)
+        teacher = _load_dms_model(config, "tiny", dtype, overrides, show_progress)
+    elif _is_dms_checkpoint(t.name_or_path):
+        teacher = _load_dms_model(config, t.name_or_path, dtype, {"dms_disable_eviction": True}, show_progress)
+    else:  # a plain causal LM (e.g. a larger Qwen3): transformers' own model
+        from transformers import AutoModelForCausalLM
+
+        teacher = AutoModelForCausalLM.from_pretrained(t.name_or_path, dtype=dtype)
     if teacher.config.vocab_size != student.config.vocab_size:
         raise ValueError(f"teacher.name_or_path: the teacher's vocabulary ({teacher.config.vocab_size}) differs "
                          f"from the student's ({student.config.vocab_size}); distillation compares them token by token")
     teacher.requires_grad_(False)
-    # Training mode: the fused whole-sequence attention (eval mode goes
-    # through the paged cache); with eviction off nothing is noised and
-    # Qwen3 has no dropout, so this is the deterministic teacher forward.
-    teacher.train()
+    if hasattr(teacher.config, "dms_disable_eviction"):
+        teacher.config.dms_disable_eviction = True
+        # Training mode: a DMS model's whole-sequence attention (its eval
+        # mode goes through the paged cache); with eviction off nothing is
+        # noised and Qwen3 has no dropout, so this forward is deterministic.
+        teacher.train()
+    else:
+        teacher.eval()
     return teacher
+
+
+def _is_dms_checkpoint(name_or_path):
+    """True when the checkpoint's config carries the DMS fields."""
+    from transformers import PretrainedConfig
+
+    config, _ = PretrainedConfig.get_config_dict(name_or_path)
+    return "dms_window_size" in config
 
 
 def is_adapter_parameter(name):
@@ -272,7 +298,8 @@ def save_student_model(model, path, *, dtype, tokenizer=None, state_dict=None, f
     state_dict = {k: (v.detach().to("cpu", dtype) if v.is_floating_point() else v.detach().cpu())
                   for k, v in state_dict.items()}
     config = model.config
-    saved = {"dms_disable_eviction": config.dms_disable_eviction, "dms_cr": config.dms_cr}
+    live = {"dms_disable_eviction": config.dms_disable_eviction, "dms_cr": config.dms_cr,
+            "dtype": getattr(config, "dtype", None)}
     config.dms_disable_eviction = False
     if final_cr is not None:
         config.dms_cr = final_cr
@@ -282,7 +309,8 @@ def save_student_model(model, path, *, dtype, tokenizer=None, state_dict=None, f
         config.dtype = dtype
         config.save_pretrained(path)
     finally:
-        config.dms_disable_eviction, config.dms_cr = saved["dms_disable_eviction"], saved["dms_cr"]
+        for key, value in live.items():
+            setattr(config, key, value)
     if tokenizer is not None:
         tokenizer.save_pretrained(path)
     return path

@@ -14,6 +14,7 @@ import json
 import os
 import sys
 import tempfile
+import warnings
 
 import torch
 
@@ -126,6 +127,10 @@ def train(config, callbacks=None):
                          data_collator=default_data_collator, distillation=config.distillation,
                          final_step=config.final_step, teacher=teacher,
                          eos_ids=eos_token_ids(tokenizer, student.config), callbacks=callbacks)
+    if config.trainer.fsdp and not trainer.is_fsdp_enabled:
+        warnings.warn(f"trainer.fsdp is {config.trainer.fsdp!r}, but accelerate shards only on GPUs (and other "
+                      f"accelerators); this {trainer.accelerator.distributed_type} run keeps a whole model per "
+                      f"process", stacklevel=2)
     resume = resolve_resume(config.trainer.resume_from_checkpoint, output_dir)
     if resume is not None and args.should_save:
         print(f"resuming from {resume}", file=sys.stderr)
