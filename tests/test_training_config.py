@@ -71,6 +71,7 @@ def test_defaults_fill_every_key():
     (dict(trainer={"report_to": 3}), "trainer.report_to"),
     (dict(trainer={"resume_from_checkpoint": 5}), "trainer.resume_from_checkpoint"),
     (dict(trainer={"fsdp_config": [1]}), "trainer.fsdp_config"),
+    (dict(trainer={"fsdp": 1}), "trainer.fsdp"),
     (dict(trainer={"maxsteps": 3}), "trainer.maxsteps"),
     (dict(trainer={"training_arguments": {"max_steps": 3}}), "trainer.training_arguments.max_steps"),
     (dict(trainer={"training_arguments": {"no_such_arg": 3}}), "trainer.training_arguments.no_such_arg"),

@@ -115,6 +115,20 @@ def test_bfloat16_model_with_float32_adapters_and_autocast(tmp_path):
     assert {t.dtype for t in saved.values()} == {torch.bfloat16}
 
 
+def test_gradient_checkpointing_changes_nothing(tmp_path):
+    """Recomputed layers draw the same gate noise in backward: the run is the same."""
+    from dms.training.pipeline import train
+
+    plain = _logs(train(_config(tmp_path, "plain")))
+    trainer = train(_config(tmp_path, "recomputed", **{"trainer.gradient_checkpointing": True}))
+    model = trainer.model
+    assert getattr(model, "is_activation_checkpointing", None) or model.is_gradient_checkpointing
+    recomputed = _logs(trainer)
+    for x, y in zip(plain, recomputed):
+        for key in ("loss", "grad_norm", "achieved_cr"):
+            assert y[key] == pytest.approx(x[key], rel=1e-5, abs=1e-8), key
+
+
 def test_fsdp_in_one_process_is_refused(tmp_path):
     from dms.training.pipeline import train
 

@@ -129,6 +129,13 @@ def _report_to(key, v):
     _fail(key, "'auto', 'none', an integration name or a list of them", v)
 
 
+def _fsdp(key, v):
+    if isinstance(v, (str, bool)):
+        return v
+    _fail(key, "a transformers fsdp string such as 'full_shard auto_wrap', true (settings in fsdp_config), "
+               "or '' / false for none", v)
+
+
 def _resume(key, v):
     if v is None or (isinstance(v, str) and v):
         return v
@@ -280,8 +287,9 @@ class TrainerConfig:
         checkpoints (default 50).
     save_total_limit: keep at most this many checkpoints (default null: all).
     seed: seed of the Trainer and of the DMS gate noise (default 42).
-    fsdp: transformers' `fsdp` string, e.g. "full_shard auto_wrap"
-        (default "": no FSDP).
+    fsdp: transformers' `fsdp` setting: a string such as "full_shard
+        auto_wrap", or true with everything in fsdp_config (default "": no
+        FSDP).
     fsdp_config: transformers' `fsdp_config` mapping (default null).
     dataloader_num_workers: data-loading worker processes (default 0).
     report_to: "auto" (TensorBoard when installed, else none), "none", or
@@ -312,7 +320,7 @@ class TrainerConfig:
     save_steps: int | None = field(default=50, metadata=_check(_int(1, optional=True), "checkpoint interval"))
     save_total_limit: int | None = field(default=None, metadata=_check(_int(1, optional=True), "checkpoints kept"))
     seed: int = field(default=42, metadata=_check(_int(0), "seed"))
-    fsdp: str = field(default="", metadata=_check(_str(nonempty=False), "FSDP mode"))
+    fsdp: str | bool = field(default="", metadata=_check(_fsdp, "FSDP mode"))
     fsdp_config: dict | None = field(default=None, metadata=_check(_dict(optional=True), "FSDP options"))
     dataloader_num_workers: int = field(default=0, metadata=_check(_int(0), "loader workers"))
     report_to: Any = field(default="auto", metadata=_check(_report_to, "loggers"))

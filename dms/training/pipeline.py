@@ -33,7 +33,7 @@ from dms.training.engine import (
 )
 
 __all__ = ["build_training_arguments", "extract", "main_extract", "main_train", "prepare_data",
-           "read_checkpoint_weights", "train"]
+           "read_checkpoint_weights", "save_final_student", "train"]
 
 STUDENT_DIR = "student_model"
 
@@ -63,7 +63,7 @@ def build_training_arguments(config):
         adam_beta1=t.adam_beta1, adam_beta2=t.adam_beta2, adam_epsilon=t.adam_epsilon, optim=t.optim,
         max_grad_norm=t.max_grad_norm, bf16=t.bf16,
         logging_steps=t.logging_steps, save_strategy="steps" if t.save_steps else "no",
-        save_steps=t.save_steps or 500, save_total_limit=t.save_total_limit, seed=t.seed, fsdp=t.fsdp,
+        save_steps=t.save_steps or 500, save_total_limit=t.save_total_limit, seed=t.seed, fsdp=t.fsdp or "",
         fsdp_config=t.fsdp_config, dataloader_num_workers=t.dataloader_num_workers, report_to=_report_to(t.report_to),
         # Our batches are fixed-length {input_ids, attention_mask} dicts.
         remove_unused_columns=False,
