@@ -59,6 +59,37 @@ def test_separate_teacher_with_the_same_weights_gives_the_same_run(tmp_path):
             assert y[key] == pytest.approx(x[key], rel=1e-6, abs=1e-9), key
 
 
+def test_plain_qwen3_checkpoint_as_student_and_as_teacher(tmp_path):
+    """A plain transformers Qwen3 folder: the student gets keep-everything
+    adapters over its weights; as a separate teacher it runs as transformers'
+    own Qwen3, whose logits match the student's eviction-off pass."""
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    from dms.tiny import TINY_VOCAB_SIZE, tiny_tokenizer
+    from dms.training.pipeline import train
+
+    torch.manual_seed(0)
+    plain = Qwen3ForCausalLM(Qwen3Config(vocab_size=TINY_VOCAB_SIZE, hidden_size=64, intermediate_size=128,
+                                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                         head_dim=16, eos_token_id=256, pad_token_id=256, tie_word_embeddings=True))
+    folder = str(tmp_path / "plain")
+    plain.save_pretrained(folder)
+    tiny_tokenizer().save_pretrained(folder)
+    extra = {"model.name_or_path": folder, "model.dms.separate_alpha": True}
+    config = _config(tmp_path, "own", **extra)
+    student = load_student(config)
+    assert all(float(layer.self_attn.dms_proj_alpha.weight.detach().abs().max()) == 0
+               for layer in student.model.layers)
+    reference = plain.state_dict()
+    assert all(torch.equal(v, reference[k]) for k, v in student.state_dict().items() if k in reference)
+    own = _logs(train(config))
+    separate = train(_config(tmp_path, "separate", **extra, **{"teacher.name_or_path": folder}))
+    assert type(separate.teacher) is Qwen3ForCausalLM and not separate.teacher.training
+    for x, y in zip(own, _logs(separate)):
+        assert y["distill_loss"] == pytest.approx(x["distill_loss"], rel=1e-3, abs=1e-6)
+        assert y["loss"] == pytest.approx(x["loss"], rel=1e-3, abs=1e-6)
+
+
 def test_train_all_weights_trains_everything_against_the_initial_model(tmp_path):
     from dms.training.pipeline import train
 
