@@ -25,3 +25,13 @@ def pytest_collection_modifyitems(config, items):
 
 
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)]
+
+
+@pytest.fixture
+def one_torch_thread():
+    """torch on one thread for the test (the training runs: faster and
+    steadier on a small shared machine than two threads fighting)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -13,12 +13,7 @@ from dms.tiny import tiny_model, tiny_tokenizer
 from dms.training.engine import cr_schedule, forward_kl, lm_loss, loss_mask, noise_counters
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _kl64(student, teacher, mask):
