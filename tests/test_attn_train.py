@@ -179,6 +179,109 @@ def test_cuda_matches_cpu(dtype):
         assert _rel_err(g, c) < RTOL[dtype], name
 
 
+def _cuda_vs_cpu_and_oracle(case, dtype):
+    """Forward and backward on the GPU against the CPU kernel and the float64
+    oracle; padding semantics; a second GPU backward gives the same bits."""
+    B, H, G, T, D, w, pad = case
+    cpu = _make(case, dtype, "cpu", seed=T + D)
+    gpu = [None if t is None else t.cuda() for t in cpu]
+    outs = []
+    for q, k, v, y, kp, grad_o in (cpu, gpu):
+        o, lse = ops.attn_train_forward(q, k, v, y, kp, window=w)
+        outs.append((o, lse, *ops.attn_train_backward(q, k, v, y, kp, o, lse, grad_o.to(dtype), window=w)))
+    q, k, v, y, kp, grad_o = cpu
+    ref_ins = [t.double().requires_grad_(True) for t in (q, k, v, y)]
+    ref_o, ref_lse = oracle.attention_train(*ref_ins, w, key_padding=kp)
+    (ref_o * grad_o.to(dtype).double()).sum().backward()
+    refs = [ref_o, ref_lse] + [t.grad for t in ref_ins]
+    names = ["o", "lse", "dq", "dk", "dv", "dy"]
+    for name, c, g, r in zip(names, outs[0], outs[1], refs):
+        assert g.dtype == c.dtype, name
+        assert _rel_err(g, c) < RTOL[dtype], (name, "gpu vs cpu")
+        assert _rel_err(g, r) < RTOL[dtype], (name, "gpu vs oracle")
+    o, lse, dq, dk, dv, dy = (t.cpu() for t in outs[1])
+    if kp is not None:  # padding queries: o = 0, lse = -inf, no gradient
+        assert torch.all(o.transpose(1, 2)[kp] == 0) and torch.all(lse.transpose(1, 2)[kp] == -torch.inf)
+        for grad in (dq, dk, dv):
+            assert torch.all(grad.transpose(1, 2)[kp] == 0)
+    assert torch.all(dy[..., 0] == 0)
+    q, k, v, y, kp, grad_o = gpu
+    again = ops.attn_train_backward(q, k, v, y, kp, outs[1][0], outs[1][1], grad_o.to(dtype), window=w)
+    for a, b in zip(outs[1][2:], again):
+        assert torch.equal(a, b), "GPU backward is not deterministic"
+
+
+# The tensor-core kernels: bf16 / f16 with head dim 64 or 128; T not a
+# multiple of the tiles (64 queries, 32 or 64 keys), GQA, windows, padding.
+MMA_CASES = [
+    (1, 1, 1, 1, 64, 0, False),
+    (2, 1, 4, 17, 128, 3, True),
+    (1, 2, 1, 64, 64, 0, True),
+    (2, 1, 4, 130, 64, 40, True),
+    (1, 1, 4, 130, 128, 0, False),
+    (2, 2, 1, 300, 128, 40, True),
+    (1, 1, 4, 300, 64, 3, False),
+    (1, 1, 2, 300, 128, 400, True),  # window >= T: no penalty anywhere
+    (1, 2, 2, 1000, 128, 64, True),
+]
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("case", MMA_CASES, ids=_case_id)
+def test_cuda_tensor_core_kernels(case, dtype):
+    _cuda_vs_cpu_and_oracle(case, dtype)
+
+
+# The SIMT kernels: float32, and head dims the tensor-core kernels leave out.
+SIMT_CASES = [
+    ((2, 1, 4, 130, 64, 3, True), torch.float32),
+    ((1, 2, 2, 200, 128, 40, True), torch.float32),
+    ((2, 1, 2, 130, 80, 3, True), torch.bfloat16),
+    ((1, 1, 4, 97, 32, 500, False), torch.float16),
+    ((1, 1, 2, 150, 256, 33, True), torch.bfloat16),
+]
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("case,dtype", SIMT_CASES, ids=lambda x: _case_id(x) if isinstance(x, tuple) else str(x))
+def test_cuda_simt_kernels(case, dtype):
+    _cuda_vs_cpu_and_oracle(case, dtype)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
+def test_cuda_layouts_and_streams_give_the_same_bits(dtype):
+    """The [B, T, heads, D] projection layout (read in place), rows that are
+    not 16-byte aligned (the tensor-core kernels' plain-load path) and a
+    non-default stream all give bit-identical results."""
+    case = (2, 2, 2, 150, 64, 5, True)
+    q, k, v, y, kp, grad_o = (None if t is None else t.cuda() for t in _make(case, dtype, "cpu"))
+    grad_o = grad_o.to(dtype)
+
+    def run(q, k, v, grad_o):
+        o, lse = ops.attn_train_forward(q, k, v, y, kp, window=5)
+        return (o, lse, *ops.attn_train_backward(q, k, v, y, kp, o, lse, grad_o, window=5))
+
+    def projection(t):
+        return t.transpose(1, 2).contiguous().transpose(1, 2)
+
+    def misaligned(t):  # same values, every row one element off a 16-byte boundary
+        big = torch.zeros(*t.shape[:-1], t.shape[-1] + 1, dtype=t.dtype, device=t.device)
+        big[..., 1:] = t
+        return big[..., 1:]
+
+    want = run(q, k, v, grad_o)
+    results = [run(*(projection(t) for t in (q, k, v, grad_o))), run(*(misaligned(t) for t in (q, k, v, grad_o)))]
+    stream = torch.cuda.Stream()
+    with torch.cuda.stream(stream):
+        results.append(run(q, k, v, grad_o))
+    stream.synchronize()
+    for got in results:
+        for a, b in zip(want, got):
+            assert torch.equal(a, b)
+
+
 def test_bad_input_names_the_argument():
     q = torch.randn(1, 4, 8, 16)
     k = torch.randn(1, 2, 8, 16)

@@ -5,8 +5,13 @@
  * semantics). Flash-attention style: probabilities are never stored as a
  * T x T matrix, the backward recomputes them from the forward's lse.
  *
- * v1: SIMT kernels, float32 everywhere inside (inputs of any floating dtype
- * are converted on load, outputs rounded on store), 128 threads per block.
+ * Two families of kernels; dms_attn_train_{forward,backward}_cuda at the
+ * end of this file pick one (dms_attn_mma::supports is the one test):
+ *   - tensor cores (attn_train_mma.cuh): bf16 / f16 inputs, D = 64 or 128;
+ *   - SIMT (this file): everything else (float32, any D <= 256), float32
+ *     everywhere inside (inputs of any floating dtype are converted on
+ *     load, outputs rounded on store), 128 threads per block.
+ * The SIMT kernels:
  *
  *   forward   one block per (b, query head, query tile): online softmax
  *             over the key tiles up to the diagonal.
@@ -37,6 +42,8 @@
 #include <math.h>
 #include <stdint.h>
 
+#include "attn_train.cuh"
+#include "attn_train_mma.cuh"
 #include "common.cuh"
 #include "tiles.cuh"
 #include "../core/scalar.h"
@@ -45,36 +52,8 @@ namespace {
 
 /* kThreads, kWarps, kMinBlocks, the reductions, tile_dot, tile_accum, ... */
 using namespace dms_tiles;
-
-/* key_padding [B, T], one byte per element, nonzero = padding. */
-struct DmsPadView {
-    const uint8_t *data; /* nullptr = no padding */
-    int64_t s0, s1;
-
-    __device__ __forceinline__ bool is_pad(int64_t b, int64_t t) const
-    {
-        return data != nullptr && data[b * s0 + t * s1] != 0;
-    }
-};
-
-/*
- * Everything a kernel reads. The 4-D tensors use DmsView3 with the strides
- * of their first three dims (the last one is contiguous).
- */
-struct AttnParams {
-    DmsView3 q, k, v, y, o, lse, grad_o, grad_q, grad_k, grad_v, grad_y;
-    DmsPadView pad;
-    int64_t H, G, T, window;
-    int64_t n_tiles; /* tiles along T of the kernel's own tiling */
-    int D, ld;       /* head dim, shared-memory row stride (odd, >= D) */
-    float scale;
-};
-
-/* log(sigmoid(x)), stable for any x. */
-__device__ __forceinline__ float dms_logsigmoid(float x)
-{
-    return fminf(x, 0.0f) - log1pf(expf(-fabsf(x)));
-}
+/* AttnParams, DmsPadView, QueryTile, make_params, launch_tiles, ... */
+using namespace dms_attn;
 
 /*
  * Rows k0 .. k0 + BK - 1 of k and v (kv head h) into Ks / Vs (zeros past
@@ -167,30 +146,6 @@ __device__ __forceinline__ void load_query_tile(const AttnParams &p,
                          : 0.0f;
         }
     }
-}
-
-/*
- * The block of a kernel tiled along the queries (forward, dq): batch b,
- * query head qh, its kv head h, and query rows q0 .. q_last (clipped to T).
- * The heaviest (last) query tiles go first.
- */
-struct QueryTile {
-    int64_t b, qh, h, q0, q_last;
-};
-
-template <int BQ>
-__device__ __forceinline__ QueryTile query_tile(const AttnParams &p)
-{
-    const int64_t HG = p.H * p.G, T = p.T;
-    const int64_t bid = blockIdx.x;
-    const int64_t qt = p.n_tiles - 1 - bid % p.n_tiles;
-    QueryTile t;
-    t.qh = (bid / p.n_tiles) % HG;
-    t.b = bid / p.n_tiles / HG;
-    t.h = t.qh / p.G;
-    t.q0 = qt * BQ;
-    t.q_last = (t.q0 + BQ < T ? t.q0 + BQ : T) - 1;
-    return t;
 }
 
 /* ---- forward ------------------------------------------------------------ */
@@ -557,56 +512,6 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks)
 
 /* ---- host side ---------------------------------------------------------- */
 
-AttnParams make_params(const dms_attn_train_args *a)
-{
-    AttnParams p;
-    p.q = dms_view3(a->q);
-    p.k = dms_view3(a->k);
-    p.v = dms_view3(a->v);
-    p.y = dms_view3(a->y);
-    p.o = dms_view3(a->o);
-    p.lse = dms_view3(a->lse);
-    p.grad_o = dms_view3(a->grad_o);
-    p.grad_q = dms_view3(a->grad_q);
-    p.grad_k = dms_view3(a->grad_k);
-    p.grad_v = dms_view3(a->grad_v);
-    p.grad_y = dms_view3(a->grad_y);
-    if (a->key_padding != NULL) {
-        p.pad.data = (const uint8_t *)a->key_padding->data;
-        p.pad.s0 = a->key_padding->strides[0];
-        p.pad.s1 = a->key_padding->strides[1];
-    } else {
-        p.pad.data = nullptr;
-        p.pad.s0 = p.pad.s1 = 0;
-    }
-    p.H = a->H;
-    p.G = a->G;
-    p.T = a->T;
-    p.window = a->window;
-    p.n_tiles = 0;
-    p.D = (int)a->D;
-    p.ld = odd_ld(a->D);
-    p.scale = a->scale;
-    return p;
-}
-
-/* One block per (tile, batch and head): `outer` counts the latter. */
-dms_status launch(void (*kernel)(AttnParams), const AttnParams &p,
-                  int64_t tiles, int64_t outer, int64_t smem,
-                  cudaStream_t stream)
-{
-    const int64_t blocks = tiles * outer;
-    DMS_TRY(grid_check(blocks, "training attention"));
-    if (smem > 48 * 1024)
-        DMS_CUDA_CHECK(cudaFuncSetAttribute(
-            kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem));
-    AttnParams args = p;
-    args.n_tiles = tiles;
-    kernel<<<(unsigned)blocks, kThreads, (size_t)smem, stream>>>(args);
-    DMS_CUDA_CHECK(cudaGetLastError());
-    return DMS_OK;
-}
-
 dms_status no_fit(const char *what, int64_t D, int64_t need, int64_t limit)
 {
     return dms_fail(DMS_ERR_SHAPE, "q: head dim %lld needs %lld bytes of "
@@ -628,7 +533,8 @@ bool try_launch(void (*kernel)(AttnParams), int64_t smem_floats,
     const int64_t smem = smem_floats * (int64_t)sizeof(float);
     if (smem > limit)
         return false;
-    *status = launch(kernel, p, (p.T + R - 1) / R, outer, smem, stream);
+    *status = launch_tiles(kernel, p, kThreads, (p.T + R - 1) / R, outer, smem,
+                           stream);
     return true;
 }
 
@@ -642,8 +548,10 @@ extern "C" dms_status dms_attn_train_forward_cuda(
     int64_t limit = 0;
     DMS_TRY(smem_optin_limit(args->q->device_index, &limit));
     const AttnParams p = make_params(args);
-    const int64_t outer = args->B * args->H * args->G;
     const cudaStream_t s = (cudaStream_t)stream;
+    if (dms_attn_mma::supports(args, limit))
+        return dms_attn_mma::forward(args, p, s);
+    const int64_t outer = args->B * args->H * args->G;
     dms_status status = DMS_OK;
     /* largest tile shape first */
     if (try_launch<64>(attn_fwd_kernel<64, 32>,
@@ -670,6 +578,8 @@ extern "C" dms_status dms_attn_train_backward_cuda(
     DMS_TRY(smem_optin_limit(args->q->device_index, &limit));
     const AttnParams p = make_params(args);
     const cudaStream_t s = (cudaStream_t)stream;
+    if (dms_attn_mma::supports(args, limit))
+        return dms_attn_mma::backward(args, p, s);
     dms_status status = DMS_OK;
 
     /* grad_k, grad_v, grad_y: tiles of keys */
