@@ -59,6 +59,8 @@ step bench_gate 60 "$PY" bench/gate.py --device cuda --dtype bfloat16
 if command -v compute-sanitizer >/dev/null; then
     step racecheck 120 compute-sanitizer --tool racecheck --error-exitcode 9 \
         "$PY" -m pytest -q -m cuda -p no:cacheprovider tests/test_attn_train.py tests/test_cache.py -k "float32"
+    step racecheck_mma 120 compute-sanitizer --tool racecheck --error-exitcode 9 \
+        "$PY" -m pytest -q -m cuda -p no:cacheprovider tests/test_attn_train.py -k "tensor_core and T17"
 fi
 step all_tests 300 "$PY" -m pytest -q -x tests --ignore=tests/test_sanitized.py
 
