@@ -10,9 +10,10 @@
  * changes nothing; the K/V copies then run in parallel. Prefill uses the
  * tiles of tiles.h (one task per (batch, kv head, query tile), G query
  * heads sharing each key tile). Decode is memory-bound: one pass over the
- * row's slots per (batch, kv head), K/V converted on the fly, rows split
- * into key ranges merged by log-sum-exp when there are fewer rows than
- * threads.
+ * row's slots per (batch, kv head) by the kernel of decode_kernel.h (K/V
+ * converted in registers straight from the pages), in the variant this
+ * CPU runs best (chosen by cpuid when the library loads), rows split into
+ * key ranges merged by log-sum-exp when there are fewer rows than threads.
  */
 #include <math.h>
 #include <stdio.h>
@@ -415,7 +416,6 @@ void dms_attn_prefill_cpu(const dms_cache_call *x, int num_threads)
 #define DK_AVX2 1
 #define DK_AVX512 2
 #define DK_AVX512BF16 3
-
 
 /* W-lane vectors of the decode kernels (W = 16, 8, 4). */
 #define DK_VECTORS(W)                                                     \

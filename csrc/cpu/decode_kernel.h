@@ -80,6 +80,8 @@
  * rescale are paid once per block and head group). */
 #define DK_BLOCK 64
 #define DK_TILES (DK_BLOCK / DK_SLOTS) /* score vectors per block */
+/* Blocks between a row's prefetch and its use. */
+#define DK_PF_BLOCKS 3
 #define VF DK_CAT(dk_vf, DK_W)
 #define VI DK_CAT(dk_vi, DK_W)
 #define VU DK_CAT(dk_vu, DK_W)
@@ -115,8 +117,13 @@ DK_INLINE void DK(load_pair)(const char *src, dms_dtype dtype, VF *lo,
     } else if (dtype == DMS_BFLOAT16) {
         VU w;
         memcpy(&w, src, sizeof w);
+#if defined(__BYTE_ORDER__) && __BYTE_ORDER__ == __ORDER_BIG_ENDIAN__
+        *lo = (VF)(w & 0xffff0000u); /* the even element is the high half */
+        *hi = (VF)(w << 16);
+#else
         *lo = (VF)(w << 16);
         *hi = (VF)(w & 0xffff0000u);
+#endif
     } else {
         *lo = DK(load_f16)(src);
         *hi = DK(load_f16)(src + 2 * DK_W);
@@ -131,6 +138,25 @@ DK_INLINE void DK(load_pair_tail)(const char *src, dms_dtype dtype,
     _Alignas(64) char buf[8 * DK_W] = {0};
     memcpy(buf, src, (size_t)n * (dtype == DMS_FLOAT32 ? 4u : 2u));
     DK(load_pair)(buf, dtype, lo, hi);
+}
+
+/*
+ * Asks for the `bytes` at row (one K or V row), several blocks ahead of its
+ * use, into L2 (prefetcht2: a few blocks of rows are too much for L1). A
+ * software prefetch that misses the TLB is dropped on some CPUs (AMD Zen
+ * 4 here), so the first row of each 4 KiB page is touched with a load
+ * instead, which walks the page table for the prefetches after it: on
+ * 4 KiB pages that lifts decode from about 60% to about 75% of the copy
+ * bandwidth of one core (bench/decode.py, Zen 4).
+ */
+DK_INLINE void DK(prefetch_row)(const char *row, int64_t bytes)
+{
+    if (((uintptr_t)row & 4095) < (uintptr_t)bytes) {
+        const char touched = *(const volatile char *)row;
+        (void)touched;
+    }
+    for (int64_t byte = 0; byte < bytes; byte += 64)
+        __builtin_prefetch(row + byte, 0, 1);
 }
 
 DK_INLINE VF DK(splat)(float x)
@@ -340,12 +366,14 @@ DK_INLINE VF DK(dot_tile_bf16)(const uint16_t *q16, int64_t ld,
  * (p: the block's probability vectors, p[h][c] in lane h * DK_SLOTS +
  * c % DK_SLOTS of vector c / DK_SLOTS; acc: stride ld, pair order).
  * tail > 0: the last pair has only `tail` columns in the row (acc is
- * padded, so whole vectors are stored).
+ * padded, so whole vectors are stored). Prefetches the value rows vnext[c]
+ * (c < nnext) of the next block on the way.
  */
 DK_INLINE void DK(pv_tile)(const float *p, const char *const *vrow,
                            int64_t kn, int64_t d0, dms_dtype dtype,
                            const int HG, const int NP, int64_t tail,
-                           float *acc, int64_t ld)
+                           float *acc, int64_t ld, const char *const *vnext,
+                           int64_t nnext, int64_t row_bytes)
 {
     const int64_t esize = dtype == DMS_FLOAT32 ? 4 : 2;
     VF a[4][2 * DK_PAIRS];
@@ -353,6 +381,8 @@ DK_INLINE void DK(pv_tile)(const float *p, const char *const *vrow,
         for (int j = 0; j < 2 * NP; ++j)
             memcpy(&a[h][j], acc + h * ld + d0 + DK_W * j, sizeof(VF));
     for (int64_t c = 0; c < kn; ++c) {
+        if (c < nnext)
+            DK(prefetch_row)(vnext[c], row_bytes);
         VF v[2 * DK_PAIRS];
         for (int j = 0; j < NP; ++j) {
             const char *src = vrow[c] + (d0 + 2 * DK_W * j) * esize;
@@ -373,18 +403,28 @@ DK_INLINE void DK(pv_tile)(const float *p, const char *const *vrow,
             memcpy(acc + h * ld + d0 + DK_W * j, &a[h][j], sizeof(VF));
 }
 
-/* P.V of one block for HG heads (p as for pv_tile, acc: HG x ld). */
+/* P.V of one block for HG heads (p as for pv_tile, acc: HG x ld); the
+ * first pass over the block prefetches the next block's nnext value rows. */
 DK_INLINE void DK(pv_block)(const float *p, const char *const *vrow,
                             int64_t kn, int64_t D, dms_dtype dtype,
-                            const int HG, float *acc, int64_t ld)
+                            const int HG, float *acc, int64_t ld,
+                            const char *const *vnext, int64_t nnext)
 {
+    const int64_t row_bytes = D * (dtype == DMS_FLOAT32 ? 4 : 2);
     int64_t d0 = 0;
-    for (; d0 + 2 * DK_W * DK_PAIRS <= D; d0 += 2 * DK_W * DK_PAIRS)
-        DK(pv_tile)(p, vrow, kn, d0, dtype, HG, DK_PAIRS, 0, acc, ld);
-    for (; d0 + 2 * DK_W <= D; d0 += 2 * DK_W)
-        DK(pv_tile)(p, vrow, kn, d0, dtype, HG, 1, 0, acc, ld);
+    for (; d0 + 2 * DK_W * DK_PAIRS <= D; d0 += 2 * DK_W * DK_PAIRS) {
+        DK(pv_tile)(p, vrow, kn, d0, dtype, HG, DK_PAIRS, 0, acc, ld, vnext,
+                    nnext, row_bytes);
+        nnext = 0;
+    }
+    for (; d0 + 2 * DK_W <= D; d0 += 2 * DK_W) {
+        DK(pv_tile)(p, vrow, kn, d0, dtype, HG, 1, 0, acc, ld, vnext, nnext,
+                    row_bytes);
+        nnext = 0;
+    }
     if (d0 < D)
-        DK(pv_tile)(p, vrow, kn, d0, dtype, HG, 1, D - d0, acc, ld);
+        DK(pv_tile)(p, vrow, kn, d0, dtype, HG, 1, D - d0, acc, ld, vnext,
+                    nnext, row_bytes);
 }
 
 /* Pair order <-> column order of the 2W columns at x (bfloat16 only). */
@@ -409,6 +449,32 @@ DK_INLINE void DK(to_column_order)(float *x, int64_t ld)
             t[2 * j + 1] = x[d0 + DK_W + j];
         }
         memcpy(x + d0, t, sizeof t);
+    }
+}
+
+/*
+ * The K and V rows of the next n (<= DK_BLOCK) slots of a row, from the
+ * cursor (page: index into the row's page table, off: slot in that page),
+ * which moves past them; entries n .. DK_BLOCK - 1 repeat row 0 (they fill
+ * the last score tile and are masked).
+ */
+DK_INLINE void DK(walk_rows)(const int32_t *pages, int64_t P, int64_t *page,
+                             int64_t *off, const char *kp, const char *vp,
+                             int64_t row_bytes, int64_t n, const char **krow,
+                             const char **vrow)
+{
+    for (int64_t i = 0; i < n; ++i) {
+        const int64_t at = ((int64_t)pages[*page] * P + *off) * row_bytes;
+        krow[i] = kp + at;
+        vrow[i] = vp + at;
+        if (++*off == P) {
+            *off = 0;
+            ++*page;
+        }
+    }
+    for (int64_t i = n; i < DK_BLOCK && n > 0; ++i) {
+        krow[i] = krow[0];
+        vrow[i] = vrow[0];
     }
 }
 
@@ -460,51 +526,41 @@ DK_INLINE void DK(decode_range_impl)(const dms_cache_view *c, int64_t r,
         lane_head[e] = e / DK_SLOTS;
     }
 
-    /* Cursors (page, offset) of the block and of the prefetch, which runs
-     * AHEAD slots ahead (slots of a page are contiguous: a page segment is
-     * one address range). */
-    enum { AHEAD = 32 };
+    /* The K and V rows of a block and of the DK_PF_BLOCKS after it, in a
+     * ring (the page walk is incremental: no division per slot). The rows
+     * DK_PF_BLOCKS blocks ahead are prefetched, K while this block's
+     * scores are computed and V during its P.V, so the memory system
+     * always has requests; the first blocks are asked for at once. */
+    enum { RING = DK_PF_BLOCKS + 1 };
     int64_t page = i0 / P, off = i0 % P;
-    int64_t pf = i0, pf_page = i0 / P, pf_off = i0 % P;
-    const char *krow[DK_BLOCK], *vrow[DK_BLOCK];
-    for (int64_t k0 = i0; k0 < i1; k0 += DK_BLOCK) {
+    const char *rows[RING][2][DK_BLOCK]; /* [block % RING][K, V][slot] */
+    for (int64_t j = 0; j < DK_PF_BLOCKS; ++j) {
+        const int64_t n0 = i1 - i0 - j * DK_BLOCK;
+        const int64_t n = n0 < DK_BLOCK ? n0 : DK_BLOCK;
+        DK(walk_rows)(pages, P, &page, &off, kp, vp, row_bytes, n,
+                      rows[j][0], rows[j][1]);
+        for (int64_t i = 0; i < n; ++i) {
+            DK(prefetch_row)(rows[j][0][i], row_bytes);
+            DK(prefetch_row)(rows[j][1][i], row_bytes);
+        }
+    }
+    for (int64_t k0 = i0, b = 0; k0 < i1; k0 += DK_BLOCK, ++b) {
         const int64_t kn = i1 - k0 < DK_BLOCK ? i1 - k0 : DK_BLOCK;
         const int64_t tiles = (kn + DK_SLOTS - 1) / DK_SLOTS;
-        for (int64_t i = 0; i < DK_BLOCK; ++i) {
-            if (i >= kn) { /* a valid row to fill the last tile; masked */
-                krow[i] = krow[0];
-                vrow[i] = vrow[0];
-                continue;
-            }
-            const int64_t at = ((int64_t)pages[page] * P + off) * row_bytes;
-            krow[i] = kp + at;
-            vrow[i] = vp + at;
-            if (++off == P) {
-                off = 0;
-                ++page;
-            }
-        }
+        const int cur = (int)(b % RING), ahead = (int)((b + DK_PF_BLOCKS) % RING);
+        const int64_t left = i1 - k0 - DK_PF_BLOCKS * DK_BLOCK;
+        const int64_t nnext = left < 0 ? 0 : left < DK_BLOCK ? left : DK_BLOCK;
+        DK(walk_rows)(pages, P, &page, &off, kp, vp, row_bytes, nnext,
+                      rows[ahead][0], rows[ahead][1]);
+        const char *const *krow = rows[cur][0], *const *vrow = rows[cur][1];
+        const char *const *knext = rows[ahead][0];
+        const char *const *vnext = rows[ahead][1];
 
-        /* Scores, one DK_SLOTS-slot tile of every head group at a time,
-         * prefetching as the block goes. */
+        /* Scores, one DK_SLOTS-slot tile of every head group at a time. */
         for (int64_t t = 0; t < tiles; ++t) {
-            const int64_t until = k0 + (t + 1) * DK_SLOTS + AHEAD;
-            while (pf < i1 && pf < until) {
-                int64_t n = P - pf_off;
-                n = n < until - pf ? n : until - pf;
-                n = n < i1 - pf ? n : i1 - pf;
-                const int64_t at =
-                    ((int64_t)pages[pf_page] * P + pf_off) * row_bytes;
-                for (int64_t byte = 0; byte < n * row_bytes; byte += 64) {
-                    __builtin_prefetch(kp + at + byte);
-                    __builtin_prefetch(vp + at + byte);
-                }
-                pf += n;
-                if ((pf_off += n) == P) {
-                    pf_off = 0;
-                    ++pf_page;
-                }
-            }
+            for (int64_t i = t * DK_SLOTS; i < (t + 1) * DK_SLOTS; ++i)
+                if (i < nnext)
+                    DK(prefetch_row)(knext[i], row_bytes);
             const char *const *kt = krow + t * DK_SLOTS;
             for (int64_t gr = 0; gr < groups; ++gr) {
                 const int hg = G - 4 * gr < 4 ? (int)(G - 4 * gr) : 4;
@@ -575,16 +631,17 @@ DK_INLINE void DK(decode_range_impl)(const dms_cache_view *c, int64_t r,
             }
         }
 
-        /* P.V, one head group at a time. */
+        /* P.V, one head group at a time; the first prefetches. */
         for (int64_t gr = 0; gr < groups; ++gr) {
             const int hg = G - 4 * gr < 4 ? (int)(G - 4 * gr) : 4;
             const float *pg = prob + gr * DK_TILES * DK_W;
             float *ag = acc + 4 * gr * ld;
+            const int64_t pf = gr == 0 ? nnext : 0;
             switch (hg) {
-            case 1: DK(pv_block)(pg, vrow, kn, D, dtype, 1, ag, ld); break;
-            case 2: DK(pv_block)(pg, vrow, kn, D, dtype, 2, ag, ld); break;
-            case 3: DK(pv_block)(pg, vrow, kn, D, dtype, 3, ag, ld); break;
-            default: DK(pv_block)(pg, vrow, kn, D, dtype, 4, ag, ld); break;
+            case 1: DK(pv_block)(pg, vrow, kn, D, dtype, 1, ag, ld, vnext, pf); break;
+            case 2: DK(pv_block)(pg, vrow, kn, D, dtype, 2, ag, ld, vnext, pf); break;
+            case 3: DK(pv_block)(pg, vrow, kn, D, dtype, 3, ag, ld, vnext, pf); break;
+            default: DK(pv_block)(pg, vrow, kn, D, dtype, 4, ag, ld, vnext, pf); break;
             }
         }
     }
