@@ -421,7 +421,8 @@ void dms_attn_prefill_cpu(const dms_cache_call *x, int num_threads)
 #define DK_VECTORS(W)                                                     \
     typedef float dk_vf_##W __attribute__((vector_size(4 * W)));          \
     typedef int32_t dk_vi_##W __attribute__((vector_size(4 * W)));        \
-    typedef uint32_t dk_vu_##W __attribute__((vector_size(4 * W)));
+    typedef uint32_t dk_vu_##W __attribute__((vector_size(4 * W)));       \
+    typedef uint16_t dk_vh_##W __attribute__((vector_size(2 * W)));
 DK_VECTORS(16)
 DK_VECTORS(8)
 DK_VECTORS(4)
