@@ -112,7 +112,12 @@ unsigned dms_cpu_features(void);
 /*
  * The CPU code path an op takes on this machine ("baseline" x86-64/other,
  * "avx2", "avx512"), chosen at load time from the CPU's features; NULL for
- * an unknown op name. Ops: "gate", "logistic_noise", "attn_train".
+ * an unknown op name. Ops: "gate", "logistic_noise", "attn_train",
+ * "attn_decode". attn_decode can also be "avx512bf16" (bfloat16 caches use
+ * the AVX512-BF16 dot product) and follows the DMS_DECODE_KERNEL variable
+ * (auto | baseline | avx2 | avx512 | avx512bf16, read when the library
+ * loads; a variant this CPU lacks makes decode fail, and is reported here
+ * as "invalid DMS_DECODE_KERNEL").
  */
 const char *dms_cpu_kernel(const char *op);
 /* Threads an OpenMP region would use by default (1 without OpenMP). */

@@ -288,6 +288,5 @@ dms_status dms_attn_decode(const dms_cache *cache, const dms_tensor *q,
         return dms_fail(DMS_ERR_NO_CUDA, "cache.k_pages: " DMS_NO_CUDA_MESSAGE);
 #endif
     }
-    dms_attn_decode_cpu(&x, dms_resolve_threads(exec));
-    return DMS_OK;
+    return dms_attn_decode_cpu(&x, dms_resolve_threads(exec));
 }

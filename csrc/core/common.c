@@ -287,6 +287,9 @@ const char *dms_cpu_kernel(const char *op)
      * noise drawn once per training step. */
     if (strcmp(op, "logistic_noise") == 0)
         return "baseline";
+    /* Decode picks its variant itself (cpuid, DMS_DECODE_KERNEL). */
+    if (strcmp(op, "attn_decode") == 0)
+        return dms_attn_decode_cpu_kernel();
     return NULL;
 }
 

@@ -142,7 +142,16 @@ typedef struct dms_cache_call {
 
 dms_status dms_cache_append_cpu(const dms_cache_call *call);
 void dms_attn_prefill_cpu(const dms_cache_call *call, int num_threads);
-void dms_attn_decode_cpu(const dms_cache_call *call, int num_threads);
+/* Fails (DMS_ERR_VALUE) only when DMS_DECODE_KERNEL names a variant this
+ * CPU cannot run. */
+dms_status dms_attn_decode_cpu(const dms_cache_call *call, int num_threads);
+/* The variant dms_attn_decode_cpu runs: "baseline", "avx2", "avx512" or
+ * "avx512bf16" (bfloat16 caches multiply with vdpbf16ps), chosen when the
+ * library loads from the CPU and the DMS_DECODE_KERNEL variable. */
+const char *dms_attn_decode_cpu_kernel(void);
+/* Tests: switch to variant `name`; 0 if this CPU cannot run it. Not
+ * thread-safe against running decodes. */
+int dms_attn_decode_cpu_use(const char *name);
 
 #ifdef DMS_WITH_CUDA
 dms_status dms_cache_append_cuda(const dms_cache_call *call, void *stream);

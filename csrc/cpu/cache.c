@@ -10,13 +10,30 @@
  * changes nothing; the K/V copies then run in parallel. Prefill uses the
  * tiles of tiles.h (one task per (batch, kv head, query tile), G query
  * heads sharing each key tile). Decode is memory-bound: one pass over the
- * row's slots per (batch, kv head), K/V converted on the fly, rows split
- * into key ranges merged by log-sum-exp when there are fewer rows than
- * threads.
+ * row's slots per (batch, kv head) by the kernel of decode_kernel.h (K/V
+ * converted in registers straight from the pages), in the variant this
+ * CPU runs best (chosen by cpuid when the library loads), rows split into
+ * key ranges merged by log-sum-exp when there are fewer rows than threads.
  */
 #include <math.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+
+/* The decode kernel's x86 variants (decode_kernel.h); vdpbf16ps and its
+ * cpuid test need GCC 12 or clang. */
+#if (defined(__GNUC__) || defined(__clang__)) && defined(__x86_64__)
+#define DK_X86 1
+#include <immintrin.h>
+#if defined(__clang__) || __GNUC__ >= 12
+#define DK_X86_BF16 1
+#else
+#define DK_X86_BF16 0
+#endif
+#else
+#define DK_X86 0
+#define DK_X86_BF16 0
+#endif
 
 #include "../core/internal.h"
 #include "../core/scalar.h"
@@ -394,152 +411,161 @@ void dms_attn_prefill_cpu(const dms_cache_call *x, int num_threads)
 
 /* ---- decode attention --------------------------------------------------- */
 
-/* The sum of 16 partial sums, as a tree (4 dependent adds, not 15). */
-static inline float sum16(const float *restrict part)
+/* The variants of decode_kernel.h, in order of preference. */
+#define DK_BASELINE 0
+#define DK_AVX2 1
+#define DK_AVX512 2
+#define DK_AVX512BF16 3
+
+/* W-lane vectors of the decode kernels (W = 16, 8, 4). */
+#define DK_VECTORS(W)                                                     \
+    typedef float dk_vf_##W __attribute__((vector_size(4 * W)));          \
+    typedef int32_t dk_vi_##W __attribute__((vector_size(4 * W)));        \
+    typedef uint32_t dk_vu_##W __attribute__((vector_size(4 * W)));       \
+    typedef uint16_t dk_vh_##W __attribute__((vector_size(2 * W)));
+DK_VECTORS(16)
+DK_VECTORS(8)
+DK_VECTORS(4)
+
+/* Floats of per-thread scratch decode_range needs for G heads of padded
+ * head dim ld (a multiple of 32): the queries, and per group of 4 heads a
+ * 64-slot block of score vectors (64 x 4 floats) and the running max and
+ * sum (a 16-float vector each, 64-byte aligned). */
+static int64_t decode_scratch_floats(int64_t G, int64_t ld)
 {
-    float s8[8], s4[4];
-    for (int e = 0; e < 8; ++e)
-        s8[e] = part[e] + part[e + 8];
-    for (int e = 0; e < 4; ++e)
-        s4[e] = s8[e] + s8[e + 4];
-    return (s4[0] + s4[2]) + (s4[1] + s4[3]);
+    return G * ld + (G + 3) / 4 * (64 * 4 + 2 * 16);
+}
+
+#define DK_ISA DK_BASELINE
+#define DK_SUFFIX baseline
+#include "decode_kernel.h"
+#undef DK_ISA
+#undef DK_SUFFIX
+#if DK_X86
+#define DK_ISA DK_AVX2
+#define DK_SUFFIX avx2
+#include "decode_kernel.h"
+#undef DK_ISA
+#undef DK_SUFFIX
+#define DK_ISA DK_AVX512
+#define DK_SUFFIX avx512
+#include "decode_kernel.h"
+#undef DK_ISA
+#undef DK_SUFFIX
+#if DK_X86_BF16
+#define DK_ISA DK_AVX512BF16
+#define DK_SUFFIX avx512bf16
+#include "decode_kernel.h"
+#undef DK_ISA
+#undef DK_SUFFIX
+#endif
+#endif
+
+typedef void (*decode_range_fn)(const dms_cache_view *c, int64_t r,
+                                int64_t i0, int64_t i1, int64_t G,
+                                float scale, const void *q_data,
+                                int64_t q_off, int64_t q_stride,
+                                float *scratch, float *acc, float *m,
+                                float *l);
+
+static const char *const decode_kernel_names[] = {"baseline", "avx2",
+                                                  "avx512", "avx512bf16"};
+
+static decode_range_fn decode_kernel_fn(int isa)
+{
+    switch (isa) {
+#if DK_X86
+    case DK_AVX2: return decode_range_avx2;
+    case DK_AVX512: return decode_range_avx512;
+#if DK_X86_BF16
+    case DK_AVX512BF16: return decode_range_avx512bf16;
+#endif
+#endif
+    default: return decode_range_baseline;
+    }
+}
+
+/* Whether this build and this CPU can run variant `isa`. */
+static int decode_kernel_supported(int isa)
+{
+    if (isa == DK_BASELINE)
+        return 1;
+#if DK_X86
+    __builtin_cpu_init();
+    const int avx2 = __builtin_cpu_supports("avx2") &&
+                     __builtin_cpu_supports("fma") &&
+                     __builtin_cpu_supports("f16c");
+    const int avx512 = avx2 && __builtin_cpu_supports("avx512f") &&
+                       __builtin_cpu_supports("avx512bw") &&
+                       __builtin_cpu_supports("avx512vl") &&
+                       __builtin_cpu_supports("avx512dq");
+    switch (isa) {
+    case DK_AVX2: return avx2;
+    case DK_AVX512: return avx512;
+#if DK_X86_BF16
+    case DK_AVX512BF16: return avx512 && __builtin_cpu_supports("avx512bf16");
+#endif
+    default: return 0;
+    }
+#else
+    return 0;
+#endif
 }
 
 /*
- * scores[g][c] = q[g] . k[c] for a tile of BK slots (k: BK x ld, q: G x ld,
- * ld a multiple of 16, zero-padded). Four heads at a time share each
- * loaded key chunk; each dot product keeps 16 partial sums so the loop
- * vectorises without reassociating a reduction.
+ * The variant decode runs, fixed when the library loads: the best this CPU
+ * supports, or the one DMS_DECODE_KERNEL names ("auto" = the best). A name
+ * that is unknown or unsupported here is kept (decode_kernel = -1) and
+ * every decode call fails with a message saying so.
  */
-DMS_SIMD_CLONES
-static void decode_scores(const float *restrict q, const float *restrict k,
-                          int64_t G, int64_t ld, int64_t kn,
-                          float *restrict scores)
+static int decode_kernel = DK_BASELINE;
+static char decode_kernel_request[32];
+
+__attribute__((constructor)) static void choose_decode_kernel(void)
 {
-    for (int64_t c = 0; c < BK; ++c) {
-        const float *kr = k + c * ld;
-        int64_t g = 0;
-        for (; g + 4 <= G; g += 4) {
-            const float *q0 = q + g * ld, *q1 = q0 + ld, *q2 = q1 + ld,
-                        *q3 = q2 + ld;
-            float p0[16], p1[16], p2[16], p3[16];
-            for (int e = 0; e < 16; ++e)
-                p0[e] = p1[e] = p2[e] = p3[e] = 0.0f;
-            for (int64_t d0 = 0; d0 < ld; d0 += 16)
-                for (int e = 0; e < 16; ++e) {
-                    const float kv = kr[d0 + e];
-                    p0[e] += q0[d0 + e] * kv;
-                    p1[e] += q1[d0 + e] * kv;
-                    p2[e] += q2[d0 + e] * kv;
-                    p3[e] += q3[d0 + e] * kv;
-                }
-            scores[(g + 0) * BK + c] = c < kn ? sum16(p0) : -INFINITY;
-            scores[(g + 1) * BK + c] = c < kn ? sum16(p1) : -INFINITY;
-            scores[(g + 2) * BK + c] = c < kn ? sum16(p2) : -INFINITY;
-            scores[(g + 3) * BK + c] = c < kn ? sum16(p3) : -INFINITY;
+    int best = DK_BASELINE;
+    for (int isa = DK_AVX512BF16; isa > DK_BASELINE; --isa)
+        if (decode_kernel_supported(isa)) {
+            best = isa;
+            break;
         }
-        for (; g < G; ++g) {
-            const float *qr = q + g * ld;
-            float part[16];
-            for (int e = 0; e < 16; ++e)
-                part[e] = 0.0f;
-            for (int64_t d0 = 0; d0 < ld; d0 += 16)
-                for (int e = 0; e < 16; ++e)
-                    part[e] += qr[d0 + e] * kr[d0 + e];
-            scores[g * BK + c] = c < kn ? sum16(part) : -INFINITY;
-        }
-    }
+    decode_kernel = best;
+    const char *want = getenv("DMS_DECODE_KERNEL");
+    if (want == NULL || *want == '\0' || strcmp(want, "auto") == 0)
+        return;
+    snprintf(decode_kernel_request, sizeof decode_kernel_request, "%s", want);
+    decode_kernel = -1;
+    for (int isa = 0; isa <= DK_AVX512BF16; ++isa)
+        if (strcmp(want, decode_kernel_names[isa]) == 0 &&
+            decode_kernel_supported(isa))
+            decode_kernel = isa;
 }
 
-/*
- * acc[g][:] += sum_c p[g][c] * v[c][:] (v: BK x ld), for 4 heads and 32
- * columns at a time: 8 independent accumulator vectors hide the latency of
- * the multiply-adds, and each value row is loaded once per 4 heads.
- */
-DMS_SIMD_CLONES
-static void decode_values(const float *restrict p, const float *restrict v,
-                          int64_t G, int64_t ld, float *restrict acc)
+const char *dms_attn_decode_cpu_kernel(void)
 {
-    int64_t g = 0;
-    for (; g + 4 <= G; g += 4) {
-        for (int64_t d0 = 0; d0 < ld; d0 += 32) {
-            float blk[4][32];
-            for (int h = 0; h < 4; ++h)
-                memcpy(blk[h], acc + (g + h) * ld + d0, sizeof blk[h]);
-            for (int c = 0; c < BK; ++c) {
-                const float *vr = v + c * ld + d0;
-                const float w0 = p[(g + 0) * BK + c], w1 = p[(g + 1) * BK + c];
-                const float w2 = p[(g + 2) * BK + c], w3 = p[(g + 3) * BK + c];
-                for (int e = 0; e < 32; ++e) {
-                    blk[0][e] += w0 * vr[e];
-                    blk[1][e] += w1 * vr[e];
-                    blk[2][e] += w2 * vr[e];
-                    blk[3][e] += w3 * vr[e];
-                }
-            }
-            for (int h = 0; h < 4; ++h)
-                memcpy(acc + (g + h) * ld + d0, blk[h], sizeof blk[h]);
-        }
-    }
-    for (; g < G; ++g) {
-        for (int64_t d0 = 0; d0 < ld; d0 += 32) {
-            float blk[32];
-            memcpy(blk, acc + g * ld + d0, sizeof blk);
-            for (int c = 0; c < BK; ++c) {
-                const float w = p[g * BK + c];
-                const float *vr = v + c * ld + d0;
-                for (int e = 0; e < 32; ++e)
-                    blk[e] += w * vr[e];
-            }
-            memcpy(acc + g * ld + d0, blk, sizeof blk);
-        }
-    }
+    return decode_kernel < 0 ? "invalid DMS_DECODE_KERNEL"
+                             : decode_kernel_names[decode_kernel];
 }
 
-typedef struct decode_scratch {
-    float *q, *k, *v, *scores; /* G x ld, BK x ld, BK x ld, G x BK */
-} decode_scratch;
-
-/*
- * Slots [i0, i1) of row r for the G query heads (q pre-scaled, G x ld):
- * the unnormalised output acc (G x ld), running max m and sum l per head,
- * BK slots at a time.
- */
-static void decode_range(const dms_cache_view *c, int64_t r, int64_t i0,
-                         int64_t i1, int64_t G, decode_scratch *w,
-                         float *acc, float *m, float *l)
+int dms_attn_decode_cpu_use(const char *name)
 {
-    const int64_t D = c->D, ld = padded_dim(D);
-    const int64_t row_bytes = D * (int64_t)dms_dtype_size(c->dtype);
-    for (int64_t g = 0; g < G; ++g) {
-        m[g] = -INFINITY;
-        l[g] = 0.0f;
-    }
-    memset(acc, 0, sizeof(float) * (size_t)(G * ld));
-    for (int64_t k0 = i0; k0 < i1; k0 += BK) {
-        const int64_t kn = i1 - k0 < BK ? i1 - k0 : BK;
-        int64_t slot[BK];
-        for (int64_t i = 0; i < kn; ++i)
-            slot[i] = slot_of(c, r, k0 + i);
-        /* Ask for the next tile's rows now: the memory system fetches them
-         * while this tile is computed (decode is bound by memory). */
-        for (int64_t i = k0 + BK; i < k0 + 2 * BK && i < i1; ++i) {
-            const int64_t s = slot_of(c, r, i);
-            for (int64_t byte = 0; byte < row_bytes; byte += 64) {
-                __builtin_prefetch((const char *)c->k_pages + s * row_bytes + byte);
-                __builtin_prefetch((const char *)c->v_pages + s * row_bytes + byte);
-            }
+    for (int isa = 0; isa <= DK_AVX512BF16; ++isa)
+        if (strcmp(name, decode_kernel_names[isa]) == 0 &&
+            decode_kernel_supported(isa)) {
+            decode_kernel = isa;
+            return 1;
         }
-        gather_tile(c->k_pages, c->dtype, slot, kn, D, ld, w->k);
-        gather_tile(c->v_pages, c->dtype, slot, kn, D, ld, w->v);
-        decode_scores(w->q, w->k, G, ld, kn, w->scores);
-        online_softmax(w->scores, G, m, l, acc, ld);
-        decode_values(w->scores, w->v, G, ld, acc);
-    }
+    return 0;
 }
 
-void dms_attn_decode_cpu(const dms_cache_call *x, int num_threads)
+dms_status dms_attn_decode_cpu(const dms_cache_call *x, int num_threads)
 {
+    if (decode_kernel < 0)
+        return dms_fail(DMS_ERR_VALUE, "DMS_DECODE_KERNEL: expected auto, "
+                        "baseline, avx2, avx512 or avx512bf16 (one this CPU "
+                        "supports), got '%s'", decode_kernel_request);
+    const int isa = decode_kernel;
+    const decode_range_fn range = decode_kernel_fn(isa);
     const dms_cache_view *c = &x->c;
     const int64_t G = x->G, D = c->D, R = c->R, ld = padded_dim(D);
     /* Enough key ranges for every thread, each at least 256 slots. */
@@ -558,11 +584,7 @@ void dms_attn_decode_cpu(const dms_cache_call *x, int num_threads)
 #pragma omp parallel num_threads(num_threads) if (R * splits > 1)
 #endif
     {
-        decode_scratch w;
-        w.q = alloc_floats((size_t)(G * ld));
-        w.k = alloc_floats((size_t)(BK * ld));
-        w.v = alloc_floats((size_t)(BK * ld));
-        w.scores = alloc_floats((size_t)(G * BK));
+        float *scratch = alloc_floats((size_t)decode_scratch_floats(G, ld));
 #ifdef _OPENMP
 #pragma omp for schedule(dynamic, 1)
 #endif
@@ -570,23 +592,13 @@ void dms_attn_decode_cpu(const dms_cache_call *x, int num_threads)
             const int64_t r = task / splits, sp = task % splits;
             const int64_t b = r / x->H, h = r % x->H, n = c->row_slots[r];
             const int64_t i0 = n * sp / splits, i1 = n * (sp + 1) / splits;
+            const dms_tensor *t = x->q;
             float *base = part + task * part_size;
-            for (int64_t g = 0; g < G; ++g) {
-                const dms_tensor *t = x->q;
-                const int64_t off = b * t->strides[0] +
-                                    (h * G + g) * t->strides[1];
-                for (int64_t d = 0; d < ld; ++d)
-                    w.q[g * ld + d] = d < D ? dms_load(t->data, t->dtype,
-                                                       off + d) * x->scale
-                                            : 0.0f;
-            }
-            decode_range(c, r, i0, i1, G, &w, base, base + G * ld,
-                         base + G * ld + G);
+            range(c, r, i0, i1, G, x->scale, t->data,
+                  b * t->strides[0] + h * G * t->strides[1], t->strides[1],
+                  scratch, base, base + G * ld, base + G * ld + G);
         }
-        free(w.q);
-        free(w.k);
-        free(w.v);
-        free(w.scores);
+        free(scratch);
     }
     /* Merge the splits by log-sum-exp; write o and lse. */
     float *lse = (float *)x->lse->data;
@@ -625,4 +637,5 @@ void dms_attn_decode_cpu(const dms_cache_call *x, int num_threads)
     }
     free(out);
     free(part);
+    return DMS_OK;
 }

@@ -6,7 +6,9 @@
  *
  * It checks values against hand-computed ones, the float16/bfloat16
  * conversions exhaustively, Philox against its published known-answer
- * vectors, every argument check, and guard bytes after every output.
+ * vectors, every argument check, decode attention (every CPU kernel
+ * variant the machine runs) against a double-precision sum, and guard
+ * bytes after every output.
  */
 #include <math.h>
 #include <stdio.h>
@@ -14,6 +16,7 @@
 #include <string.h>
 
 #include "dms.h"
+#include "core/internal.h"
 #include "core/scalar.h"
 
 static int passed, failed;
@@ -355,6 +358,218 @@ static void test_philox_and_noise(void)
     free(b);
 }
 
+/* An n-dim C-contiguous CPU view. */
+static dms_tensor view_n(void *data, dms_dtype dtype, int ndim,
+                         const int64_t *shape)
+{
+    dms_tensor v;
+    memset(&v, 0, sizeof v);
+    v.data = data;
+    v.dtype = dtype;
+    v.device_type = DMS_CPU;
+    v.ndim = ndim;
+    int64_t stride = 1;
+    for (int d = ndim - 1; d >= 0; --d) {
+        v.shape[d] = shape[d];
+        v.strides[d] = stride;
+        stride *= shape[d];
+    }
+    return v;
+}
+
+static float round_to(dms_dtype dtype, float x)
+{
+    if (dtype == DMS_BFLOAT16)
+        return dms_bf16_to_f32(dms_f32_to_bf16(x));
+    if (dtype == DMS_FLOAT16)
+        return dms_f16_to_f32(dms_f32_to_f16(x));
+    return x;
+}
+
+static void store_as(void *base, dms_dtype dtype, int64_t i, float x)
+{
+    if (dtype == DMS_FLOAT32)
+        ((float *)base)[i] = x;
+    else if (dtype == DMS_BFLOAT16)
+        ((uint16_t *)base)[i] = dms_f32_to_bf16(x);
+    else
+        ((uint16_t *)base)[i] = dms_f32_to_f16(x);
+}
+
+/*
+ * One decode call on a hand-built cache (every slot stored, rows of
+ * different lengths - one empty - on pages in a scrambled order) against
+ * the double-precision softmax over each row's slots; o and lse end in
+ * guard bytes. The pool is exactly as large as the stored rows need, so a
+ * kernel reading past a row's last key or value trips the sanitizer.
+ */
+static int decode_case(dms_dtype dtype, int64_t D, int64_t G, int64_t P,
+                       double tol)
+{
+    enum { H = 3 };
+    const int64_t lengths[H] = {301, 16, 0}, max_pages = 301 / P + 1;
+    int64_t n_pages = 0;
+    for (int h = 0; h < H; ++h)
+        n_pages += (lengths[h] + P - 1) / P;
+    const size_t esize = dms_dtype_size(dtype);
+    const size_t pool = (size_t)(n_pages * P * D) * esize;
+    /* Exactly the pool's size: ASan catches a read past its end. */
+    void *k_pages = malloc(pool), *v_pages = malloc(pool);
+    float *kf = malloc(sizeof(float) * (size_t)(n_pages * P * D));
+    float *vf = malloc(sizeof(float) * (size_t)(n_pages * P * D));
+    int32_t *slot_limit = malloc(sizeof(int32_t) * (size_t)(n_pages * P));
+    int32_t *page_table = malloc(sizeof(int32_t) * (size_t)(H * max_pages));
+    int32_t row_slots[H], row_seen[H], window[H * 2] = {0}, free_count = 0;
+    int32_t *free_pages = calloc((size_t)n_pages, sizeof(int32_t));
+    uint32_t state = 7u * (uint32_t)(D + G + P);
+    for (int64_t i = 0; i < n_pages * P * D; ++i) {
+        state = state * 1664525u + 1013904223u;
+        kf[i] = round_to(dtype, (float)(state >> 8) / 8388608.0f - 1.0f);
+        state = state * 1664525u + 1013904223u;
+        vf[i] = round_to(dtype, (float)(state >> 8) / 8388608.0f - 1.0f);
+        store_as(k_pages, dtype, i, kf[i]);
+        store_as(v_pages, dtype, i, vf[i]);
+    }
+    for (int64_t i = 0; i < n_pages * P; ++i)
+        slot_limit[i] = INT32_MAX;
+    /* Row 0 ends on the pool's last page (with P = 1 and 7 its last slot
+     * is the pool's last slot); otherwise rows take pages from the end of
+     * the pool backwards. */
+    const int64_t row0_pages = (lengths[0] + P - 1) / P;
+    int64_t next = n_pages - 1;
+    for (int h = 0; h < H; ++h) {
+        row_slots[h] = row_seen[h] = (int32_t)lengths[h];
+        for (int64_t p = 0; p < max_pages; ++p) {
+            int32_t page = -1;
+            if (h == 0 && p == row0_pages - 1)
+                page = (int32_t)(n_pages - 1);
+            else if (p < (lengths[h] + P - 1) / P)
+                page = (int32_t)--next;
+            page_table[h * max_pages + p] = page;
+        }
+    }
+    const int64_t HG = H * G;
+    float *q = malloc(sizeof(float) * (size_t)(HG * D));
+    void *q_data = malloc((size_t)(HG * D) * esize);
+    for (int64_t i = 0; i < HG * D; ++i) {
+        q[i] = round_to(dtype, (float)((i * 37) % 29) / 14.0f - 1.0f);
+        store_as(q_data, dtype, i, q[i]);
+    }
+    float *o = guarded_alloc(sizeof(float) * (size_t)(HG * D));
+    float *lse = guarded_alloc(sizeof(float) * (size_t)HG);
+
+    const int64_t s_pages[3] = {n_pages, P, D}, s_limit[2] = {n_pages, P};
+    const int64_t s_table[2] = {H, max_pages}, s_rows[1] = {H};
+    const int64_t s_window[2] = {H, 2}, s_free[1] = {n_pages}, s_one[1] = {1};
+    const int64_t s_q[4] = {1, HG, 1, D}, s_lse[3] = {1, HG, 1};
+    dms_tensor tk = view_n(k_pages, dtype, 3, s_pages);
+    dms_tensor tv = view_n(v_pages, dtype, 3, s_pages);
+    dms_tensor tl = view_n(slot_limit, DMS_INT32, 2, s_limit);
+    dms_tensor tt = view_n(page_table, DMS_INT32, 2, s_table);
+    dms_tensor ts = view_n(row_slots, DMS_INT32, 1, s_rows);
+    dms_tensor tn = view_n(row_seen, DMS_INT32, 1, s_rows);
+    dms_tensor tw = view_n(window, DMS_INT32, 2, s_window);
+    dms_tensor tf = view_n(free_pages, DMS_INT32, 1, s_free);
+    dms_tensor tc = view_n(&free_count, DMS_INT32, 1, s_one);
+    dms_cache cache = {&tk, &tv, &tl, &tt, &ts, &tn, &tw, &tf, &tc, 1};
+    dms_tensor tq = view_n(q_data, dtype, 4, s_q);
+    dms_tensor to = view_n(o, DMS_FLOAT32, 4, s_q);
+    dms_tensor tlse = view_n(lse, DMS_FLOAT32, 3, s_lse);
+    dms_exec ex = {2, NULL};
+    const float scale = 1.0f / sqrtf((float)D);
+
+    int ok = dms_attn_decode(&cache, &tq, scale, &to, &tlse, NULL, &ex) ==
+             DMS_OK;
+    double worst = 0.0;
+    double *s = malloc(sizeof(double) * 301);
+    for (int h = 0; h < H && ok; ++h) {
+        for (int64_t g = 0; g < G; ++g) {
+            const int64_t qh = h * G + g;
+            if (lengths[h] == 0) {
+                ok &= isinf(lse[qh]) && lse[qh] < 0;
+                for (int64_t d = 0; d < D; ++d)
+                    ok &= o[qh * D + d] == 0.0f;
+                continue;
+            }
+            double mx = -INFINITY, l = 0.0;
+            for (int64_t i = 0; i < lengths[h]; ++i) {
+                const int64_t slot = page_table[h * max_pages + i / P] * P +
+                                     i % P;
+                double dot = 0.0;
+                for (int64_t d = 0; d < D; ++d)
+                    dot += (double)q[qh * D + d] * kf[slot * D + d];
+                s[i] = dot * scale;
+                mx = s[i] > mx ? s[i] : mx;
+            }
+            for (int64_t i = 0; i < lengths[h]; ++i)
+                l += exp(s[i] - mx);
+            const double want_lse = mx + log(l);
+            worst = fmax(worst, fabs(lse[qh] - want_lse) / (1 + fabs(want_lse)));
+            for (int64_t d = 0; d < D; ++d) {
+                double want = 0.0;
+                for (int64_t i = 0; i < lengths[h]; ++i) {
+                    const int64_t slot =
+                        page_table[h * max_pages + i / P] * P + i % P;
+                    want += exp(s[i] - mx) / l * vf[slot * D + d];
+                }
+                worst = fmax(worst, fabs(o[qh * D + d] - want) /
+                                        (1 + fabs(want)));
+            }
+        }
+    }
+    ok &= worst <= tol;
+    ok &= guard_intact(o, sizeof(float) * (size_t)(HG * D));
+    ok &= guard_intact(lse, sizeof(float) * (size_t)HG);
+    if (!ok)
+        fprintf(stderr, "  decode %s %s D=%lld G=%lld P=%lld: error %.3g\n",
+                dms_attn_decode_cpu_kernel(), dms_dtype_name(dtype),
+                (long long)D, (long long)G, (long long)P, worst);
+    free(s);
+    free(k_pages);
+    free(v_pages);
+    free(kf);
+    free(vf);
+    free(slot_limit);
+    free(page_table);
+    free(free_pages);
+    free(q);
+    free(q_data);
+    free(o);
+    free(lse);
+    return ok;
+}
+
+static void test_decode_variants(void)
+{
+    static const char *const variants[] = {"baseline", "avx2", "avx512",
+                                           "avx512bf16"};
+    const char *chosen = dms_attn_decode_cpu_kernel();
+    CHECK(strcmp(dms_cpu_kernel("attn_decode"), chosen) == 0);
+    static const dms_dtype dtypes[] = {DMS_FLOAT32, DMS_BFLOAT16,
+                                       DMS_FLOAT16};
+    static const double tols[] = {1e-5, 2e-5, 2e-5};
+    static const int64_t dims[] = {8, 24, 40, 128};
+    static const int64_t groups[] = {1, 4, 5};
+    static const int64_t page_sizes[] = {1, 7, 64};
+    for (size_t vi = 0; vi < sizeof variants / sizeof *variants; ++vi) {
+        if (!dms_attn_decode_cpu_use(variants[vi])) {
+            printf("decode variant %s: not supported here\n", variants[vi]);
+            continue;
+        }
+        int ok = 1;
+        for (size_t t = 0; t < 3; ++t)
+            for (size_t d = 0; d < sizeof dims / sizeof *dims; ++d)
+                for (size_t g = 0; g < sizeof groups / sizeof *groups; ++g)
+                    for (size_t p = 0; p < 3; ++p)
+                        ok &= decode_case(dtypes[t], dims[d], groups[g],
+                                          page_sizes[p], tols[t]);
+        CHECK(ok);
+    }
+    CHECK(!dms_attn_decode_cpu_use("avx9000"));
+    if (chosen[0] != 'i') /* not "invalid DMS_DECODE_KERNEL" */
+        CHECK(dms_attn_decode_cpu_use(chosen));
+}
+
 int main(void)
 {
     test_gate_values();
@@ -362,6 +577,7 @@ int main(void)
     test_argument_checks();
     test_f16_bf16();
     test_philox_and_noise();
+    test_decode_variants();
     printf("%d passed, %d failed\n", passed, failed);
     return failed != 0;
 }
