@@ -29,7 +29,14 @@ def test_build_info_fields():
     best = "avx512" if "avx512f" in feats else "avx2" if "avx2" in feats else "baseline"
     if info["sanitized"]:  # SIMD clones are compiled out under the sanitizers
         best = "baseline"
-    assert info["cpu_kernels"] == {"gate": best, "logistic_noise": "baseline", "attn_train": best}
+    # Decode picks its variant by cpuid itself (also under the sanitizers);
+    # DMS_DECODE_KERNEL can override it (tests/test_attn_decode.py).
+    decode = ("avx512bf16" if "avx512bf16" in feats else "avx512" if "avx512f" in feats
+              else "avx2" if {"avx2", "fma", "f16c"} <= set(feats) else "baseline")
+    if os.environ.get("DMS_DECODE_KERNEL", "auto") not in ("", "auto"):
+        decode = os.environ["DMS_DECODE_KERNEL"]
+    assert info["cpu_kernels"] == {"gate": best, "logistic_noise": "baseline", "attn_train": best,
+                                   "attn_decode": decode}
     if info["cuda"]:
         assert info["cuda_archs"] == os.environ.get("DMS_CUDA_ARCHS", "80;90")
         assert info["cuda_runtime_version"] >= 12000
