@@ -441,19 +441,10 @@ _CONFIG_KEYS = tuple(f.name for f in dataclasses.fields(DataConfig))
 
 # --------------------------------------------------------------------------
 # Loading sources: each becomes a random-access table of rows plus a
-# row -> document converter.
+# row -> document converter. A table (_ListRows, _ArrowRows, _HubRows,
+# _ChainRows) has len() and rows(indices) -> list of dicts.
 
-class _Rows:
-    """Random access to a source's rows as dicts."""
-
-    def __len__(self):
-        raise NotImplementedError
-
-    def rows(self, indices):
-        raise NotImplementedError
-
-
-class _ListRows(_Rows):
+class _ListRows:
     def __init__(self, records):
         self.records = records
 
@@ -464,7 +455,7 @@ class _ListRows(_Rows):
         return [self.records[i] for i in indices]
 
 
-class _ArrowRows(_Rows):
+class _ArrowRows:
     def __init__(self, table):
         self.table = table
 
@@ -475,7 +466,7 @@ class _ArrowRows(_Rows):
         return self.table.take(np.asarray(indices, dtype=np.int64)).to_pylist()
 
 
-class _HubRows(_Rows):
+class _HubRows:
     def __init__(self, dataset):
         self.dataset = dataset
 
@@ -488,7 +479,7 @@ class _HubRows(_Rows):
         return [dict(zip(names, values)) for values in zip(*(batch[n] for n in names))]
 
 
-class _ChainRows(_Rows):
+class _ChainRows:
     """Several files' rows, one after another (`names[k]`: part k's file)."""
 
     def __init__(self, parts, names):
