@@ -117,7 +117,10 @@ unsigned dms_cpu_features(void);
  * the AVX512-BF16 dot product) and follows the DMS_DECODE_KERNEL variable
  * (auto | baseline | avx2 | avx512 | avx512bf16, read when the library
  * loads; a variant this CPU lacks makes decode fail, and is reported here
- * as "invalid DMS_DECODE_KERNEL").
+ * as "invalid DMS_DECODE_KERNEL"). attn_train is "avx512bf16" when
+ * bfloat16 calls compute their score products with the AVX512-BF16 dot
+ * product (the rest of the kernel and other dtypes run the avx512 code);
+ * DMS_ATTN_TRAIN_BF16DOT=off, read when the library loads, turns that off.
  */
 const char *dms_cpu_kernel(const char *op);
 /* Threads an OpenMP region would use by default (1 without OpenMP). */

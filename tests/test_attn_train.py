@@ -3,6 +3,11 @@ kernel against the float64 oracle - output, log-sum-exp and all four
 gradients - over awkward shapes, GQA factors, windows, padding and dtypes;
 finite differences for grad_y; layouts; determinism; bad input."""
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -12,6 +17,8 @@ import dms
 from dms import ops
 from tests import oracle
 from tests.conftest import DEVICES
+
+ROOT = Path(__file__).resolve().parents[1]
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 # Relative error bounds (max abs error / max abs reference) per input dtype.
@@ -94,6 +101,26 @@ def test_forward_and_gradients_match_oracle(case, dtype, device):
         assert torch.all(ins[1].grad.cpu().transpose(1, 2)[pad] == 0)  # padding keys
         assert torch.all(ins[2].grad.cpu().transpose(1, 2)[pad] == 0)
     assert torch.all(ins[3].grad[..., 0] == 0)  # no key precedes token 0
+
+
+@pytest.mark.skipif(os.environ.get("DMS_ATTN_TRAIN_BF16DOT") in ("off", "0"), reason="already the float32 path")
+def test_bfloat16_float32_score_path():
+    """bfloat16 scores run on vdpbf16ps where the CPU has AVX512-BF16; the
+    oracle tests again with DMS_ATTN_TRAIN_BF16DOT=off cover the float32
+    products every other CPU takes."""
+    feats = dms.build_info()["cpu_features"]
+    assert dms.build_info()["cpu_kernels"]["attn_train"] == (
+        "avx512bf16" if "avx512bf16" in feats else dms.build_info()["cpu_kernels"]["gate"])
+    env = {**os.environ, "DMS_ATTN_TRAIN_BF16DOT": "off"}
+    probe = subprocess.run([sys.executable, "-c", "import dms; print(dms.build_info()['cpu_kernels']['attn_train'])"],
+                           cwd=ROOT, env=env, capture_output=True, text=True)
+    assert probe.returncode == 0, probe.stderr
+    assert probe.stdout.strip() != "avx512bf16"
+    run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+                          str(Path(__file__).relative_to(ROOT)), "-k", "match_oracle and bfloat16 and cpu"],
+                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-2000:]
+    assert f"{len(CASES)} passed" in run.stdout
 
 
 @pytest.mark.parametrize("device", DEVICES)

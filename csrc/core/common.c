@@ -281,8 +281,10 @@ static const char *simd_clone(void)
 
 const char *dms_cpu_kernel(const char *op)
 {
-    if (strcmp(op, "gate") == 0 || strcmp(op, "attn_train") == 0)
+    if (strcmp(op, "gate") == 0)
         return simd_clone();
+    if (strcmp(op, "attn_train") == 0)
+        return dms_attn_train_cpu_bf16dot() ? "avx512bf16" : simd_clone();
     /* Philox is 32x32->64-bit multiplies: baseline code is fast enough for
      * noise drawn once per training step. */
     if (strcmp(op, "logistic_noise") == 0)

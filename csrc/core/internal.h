@@ -152,6 +152,9 @@ const char *dms_attn_decode_cpu_kernel(void);
 /* Tests: switch to variant `name`; 0 if this CPU cannot run it. Not
  * thread-safe against running decodes. */
 int dms_attn_decode_cpu_use(const char *name);
+/* 1 when bfloat16 training attention on the CPU computes its scores with
+ * the AVX512-BF16 dot product (cpuid, DMS_ATTN_TRAIN_BF16DOT). */
+int dms_attn_train_cpu_bf16dot(void);
 
 #ifdef DMS_WITH_CUDA
 dms_status dms_cache_append_cuda(const dms_cache_call *call, void *stream);

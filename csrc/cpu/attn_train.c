@@ -13,6 +13,13 @@
  * a tile below the diagonal, inside the window and free of padding keys
  * goes straight from the product to the softmax.
  *
+ * With bfloat16 inputs on a CPU with AVX512-BF16 the score products
+ * (q k^T, and dO v^T in the backward) use vdpbf16ps on the raw bfloat16
+ * tiles instead (tiles.h: exact products, float32 sums, so the same
+ * numbers up to summation order, at twice the rate); everything after the
+ * scores is float32 either way. DMS_ATTN_TRAIN_BF16DOT=off (read when the
+ * library loads) keeps the float32 products.
+ *
  * Work split (deterministic, no atomics):
  *   forward     one task per (batch, kv head, query tile), all G query
  *               heads of the group against each key tile loaded once;
@@ -29,6 +36,90 @@
 #include "../core/scalar.h"
 #include "simd_math.h"
 #include "tiles.h"
+
+/* ---- kernel choice ------------------------------------------------------ */
+
+/* Whether bfloat16 score products run on vdpbf16ps (fixed at load). */
+static int use_bf16dot;
+
+#if DMS_TILE_BF16DOT
+__attribute__((constructor)) static void choose_score_product(void)
+{
+    const char *want = getenv("DMS_ATTN_TRAIN_BF16DOT");
+    const int off = want != NULL &&
+                    (strcmp(want, "off") == 0 || strcmp(want, "0") == 0);
+    use_bf16dot = !off && cpu_has_bf16dot();
+}
+#endif
+
+int dms_attn_train_cpu_bf16dot(void)
+{
+    return use_bf16dot;
+}
+
+/* Whether score products with operand t take the bf16 path. */
+static int dot_for(const dms_tensor *t)
+{
+    return use_bf16dot && t->dtype == DMS_BFLOAT16;
+}
+
+/*
+ * s = a b^T for a tile of BQ rows against BK keys: from the raw bfloat16
+ * rows a16 and key pairs bp (times `scale`) when a16 is set, else from the
+ * float32 rows a (already scaled) and transposed keys bt.
+ */
+static void score_tile(const float *a, const float *bt, const uint16_t *a16,
+                       const uint32_t *bp, int64_t ld, float scale, float *s)
+{
+#if DMS_TILE_BF16DOT
+    if (a16 != NULL) {
+        matmul_nt_bf16(a16, bp, ld, scale, s);
+        return;
+    }
+#else
+    (void)a16;
+    (void)bp;
+    (void)scale;
+#endif
+    matmul_nt(a, bt, ld, s);
+}
+
+/* Keys [k0, k0 + kn) of t for score_tile: pairs when bp is set, else
+ * transposed float32 columns. */
+static void load_key_operand(const dms_tensor *t, int64_t b, int64_t h,
+                             int64_t k0, int64_t kn, int64_t D, float *row,
+                             float *bt, uint32_t *bp)
+{
+    const int64_t ld = padded_dim(D);
+#if DMS_TILE_BF16DOT
+    if (bp != NULL) {
+        load_pairs_bf16(t, b, h, k0, kn, D, ld, bp);
+        return;
+    }
+#else
+    (void)bp;
+#endif
+    load_cols(t, b, h, k0, kn, D, ld, row, bt);
+}
+
+/* Raw bfloat16 rows for score_tile (no-op without a destination). */
+static void load_row_operand(const dms_tensor *t, int64_t b, int64_t h,
+                             int64_t i0, int64_t n, int64_t D, uint16_t *dst)
+{
+#if DMS_TILE_BF16DOT
+    if (dst != NULL)
+        load_rows_bf16(t, b, h, i0, n, BQ, D, padded_dim(D), dst);
+#else
+    (void)t, (void)b, (void)h, (void)i0, (void)n, (void)D, (void)dst;
+#endif
+}
+
+/* Scratch for the bf16 operands: NULL (unused) unless `dot`. */
+static void *alloc_if(int dot, size_t bytes)
+{
+    return dot ? alloc_floats((bytes + sizeof(float) - 1) / sizeof(float))
+               : NULL;
+}
 
 /* ---- masks ------------------------------------------------------------- */
 
@@ -112,6 +203,8 @@ static void apply_masks(int64_t q0, int64_t k0, int64_t window,
 typedef struct fwd_scratch {
     query_group qg;
     float *kt, *v, *s, *row;
+    uint16_t *q16; /* bf16 path: raw query rows, G x BQ x ld, else NULL */
+    uint32_t *kp;  /* bf16 path: key pairs, ld / 2 x BK */
 } fwd_scratch;
 
 /* Queries [q0, q0 + BQ) of all G query heads of kv head (b, h). */
@@ -121,16 +214,21 @@ static void forward_tile(const dms_attn_train_args *a, int64_t b, int64_t h,
     const int64_t D = a->D, ld = padded_dim(D), G = a->G;
     const int64_t qn = a->T - q0 < BQ ? a->T - q0 : BQ;
     start_query_group(a->q, b, h, G, q0, qn, D, a->scale, &w->qg);
+    for (int64_t g = 0; g < G; ++g)
+        load_row_operand(a->q, b, h * G + g, q0, qn, D,
+                         w->q16 ? w->q16 + g * BQ * ld : NULL);
     const int64_t last_key = q0 + qn - 1;
     for (int64_t k0 = 0; k0 <= last_key; k0 += BK) {
         tile_keys tk;
         load_keys(a, b, h, k0, &tk);
-        load_cols(a->k, b, h, k0, tk.kn, D, ld, w->row, w->kt);
+        load_key_operand(a->k, b, h, k0, tk.kn, D, w->row, w->kt, w->kp);
         load_rows(a->v, b, h, k0, tk.kn, BK, D, ld, 1.0f, w->v);
         const int full = tile_is_full(a, q0, qn, &tk);
         for (int64_t g = 0; g < G; ++g) {
             float *o = w->qg.o + g * BQ * ld;
-            matmul_nt(w->qg.q + g * BQ * ld, w->kt, ld, w->s);
+            score_tile(w->qg.q + g * BQ * ld, w->kt,
+                       w->q16 ? w->q16 + g * BQ * ld : NULL, w->kp, ld,
+                       a->scale, w->s);
             if (!full)
                 apply_masks(q0, k0, a->y ? a->window : INT64_MAX, tk.penalty,
                             tk.hidden_bias, w->s);
@@ -151,6 +249,7 @@ void dms_attn_train_forward_cpu(const dms_attn_train_args *a,
 {
     const int64_t tiles = (a->T + BQ - 1) / BQ, G = a->G;
     const int64_t tasks = a->B * a->H * tiles, ld = padded_dim(a->D);
+    const int dot = dot_for(a->q);
     (void)num_threads;
 #ifdef _OPENMP
 #pragma omp parallel num_threads(num_threads) if (tasks > 1)
@@ -162,6 +261,8 @@ void dms_attn_train_forward_cpu(const dms_attn_train_args *a,
         w.v = alloc_floats((size_t)(BK * ld));
         w.s = alloc_floats(BQ * BK);
         w.row = alloc_floats((size_t)ld);
+        w.q16 = alloc_if(dot, sizeof(uint16_t) * (size_t)(G * BQ * ld));
+        w.kp = alloc_if(dot, sizeof(uint32_t) * (size_t)(ld / 2 * BK));
         /* Later query tiles (more keys) first, for balance. */
 #ifdef _OPENMP
 #pragma omp for schedule(dynamic, 1)
@@ -176,6 +277,8 @@ void dms_attn_train_forward_cpu(const dms_attn_train_args *a,
         free(w.v);
         free(w.s);
         free(w.row);
+        free(w.q16);
+        free(w.kp);
     }
 }
 
@@ -186,6 +289,10 @@ void dms_attn_train_forward_cpu(const dms_attn_train_args *a,
 typedef struct bwd_scratch {
     float *q, *dout, *lse, *delta; /* G x BQ x ld (twice), G x BQ (twice) */
     float *kt, *vt, *k, *s, *dp, *acc, *acc2, *row;
+    /* bf16 path of s (q16, kp) and of dp (dout16, vp), else NULL: raw
+     * rows G x BQ x ld, key pairs ld / 2 x BK. */
+    uint16_t *q16, *dout16;
+    uint32_t *kp, *vp;
 } bwd_scratch;
 
 /*
@@ -233,6 +340,10 @@ static void load_query_side(const dms_attn_train_args *a, const float *delta,
     load_rows(a->q, b, qh, q0, qn, BQ, D, ld, a->scale, w->q + slot * BQ * ld);
     load_rows(a->grad_o, b, qh, q0, qn, BQ, D, ld, 1.0f,
               w->dout + slot * BQ * ld);
+    load_row_operand(a->q, b, qh, q0, qn, D,
+                     w->q16 ? w->q16 + slot * BQ * ld : NULL);
+    load_row_operand(a->grad_o, b, qh, q0, qn, D,
+                     w->dout16 ? w->dout16 + slot * BQ * ld : NULL);
     for (int r = 0; r < BQ; ++r) {
         const int visible = r < qn && !is_padding(a, b, q0 + r);
         lse[r] = visible ? ((const float *)a->lse->data)[off3(a->lse, b, qh,
@@ -283,12 +394,14 @@ static void probs_and_dscores(const dms_attn_train_args *a, int64_t q0,
                               int64_t qn, const tile_keys *tk, bwd_scratch *w,
                               int64_t slot)
 {
-    const int64_t ld = padded_dim(a->D);
-    matmul_nt(w->q + slot * BQ * ld, w->kt, ld, w->s);
+    const int64_t ld = padded_dim(a->D), at = slot * BQ * ld;
+    score_tile(w->q + at, w->kt, w->q16 ? w->q16 + at : NULL, w->kp, ld,
+               a->scale, w->s);
     if (!tile_is_full(a, q0, qn, tk))
         apply_masks(q0, tk->k0, a->y ? a->window : INT64_MAX, tk->penalty,
                     tk->hidden_bias, w->s);
-    matmul_nt(w->dout + slot * BQ * ld, w->vt, ld, w->dp);
+    score_tile(w->dout + at, w->vt, w->dout16 ? w->dout16 + at : NULL, w->vp,
+               ld, 1.0f, w->dp);
     softmax_grad(w->s, w->dp, w->lse + slot * BQ, w->delta + slot * BQ);
 }
 
@@ -300,8 +413,8 @@ static void backward_key_tile(const dms_attn_train_args *a,
     const int64_t D = a->D, ld = padded_dim(D);
     tile_keys tk;
     load_keys(a, b, h, k0, &tk);
-    load_cols(a->k, b, h, k0, tk.kn, D, ld, w->row, w->kt);
-    load_cols(a->v, b, h, k0, tk.kn, D, ld, w->row, w->vt);
+    load_key_operand(a->k, b, h, k0, tk.kn, D, w->row, w->kt, w->kp);
+    load_key_operand(a->v, b, h, k0, tk.kn, D, w->row, w->vt, w->vp);
     float *dk = w->acc, *dv = w->acc2;
     memset(dk, 0, sizeof(float) * (size_t)(BK * ld));
     memset(dv, 0, sizeof(float) * (size_t)(BK * ld));
@@ -353,8 +466,8 @@ static void backward_query_tile(const dms_attn_train_args *a,
     for (int64_t k0 = 0; k0 <= q0 + qn - 1; k0 += BK) {
         tile_keys tk;
         load_keys(a, b, h, k0, &tk);
-        load_cols(a->k, b, h, k0, tk.kn, D, ld, w->row, w->kt);
-        load_cols(a->v, b, h, k0, tk.kn, D, ld, w->row, w->vt);
+        load_key_operand(a->k, b, h, k0, tk.kn, D, w->row, w->kt, w->kp);
+        load_key_operand(a->v, b, h, k0, tk.kn, D, w->row, w->vt, w->vp);
         load_rows(a->k, b, h, k0, tk.kn, BK, D, ld, 1.0f, w->k);
         for (int64_t g = 0; g < G; ++g) {
             probs_and_dscores(a, q0, qn, &tk, w, g);
@@ -372,6 +485,7 @@ void dms_attn_train_backward_cpu(const dms_attn_train_args *a,
     const int64_t ld = padded_dim(a->D), G = a->G;
     const int64_t k_tiles = (a->T + BK - 1) / BK, q_tiles = (a->T + BQ - 1) / BQ;
     const int64_t tasks_a = a->B * a->H * k_tiles, tasks_b = a->B * a->H * q_tiles;
+    const int dot_s = dot_for(a->q), dot_dp = dot_s && dot_for(a->grad_o);
     float *delta = alloc_floats((size_t)(a->B * a->H * G * a->T));
     compute_delta(a, delta, num_threads);
     (void)num_threads;
@@ -393,6 +507,10 @@ void dms_attn_train_backward_cpu(const dms_attn_train_args *a,
         w.acc = alloc_floats(tile * (size_t)G);
         w.acc2 = alloc_floats(tile);
         w.row = alloc_floats((size_t)ld);
+        w.q16 = alloc_if(dot_s, sizeof(uint16_t) * (size_t)(G * BQ * ld));
+        w.dout16 = alloc_if(dot_dp, sizeof(uint16_t) * (size_t)(G * BQ * ld));
+        w.kp = alloc_if(dot_s, sizeof(uint32_t) * (size_t)(ld / 2 * BK));
+        w.vp = alloc_if(dot_dp, sizeof(uint32_t) * (size_t)(ld / 2 * BK));
         /* Early key tiles are seen by the most queries: schedule first. */
 #ifdef _OPENMP
 #pragma omp for schedule(dynamic, 1) nowait
@@ -423,6 +541,10 @@ void dms_attn_train_backward_cpu(const dms_attn_train_args *a,
         free(w.acc);
         free(w.acc2);
         free(w.row);
+        free(w.q16);
+        free(w.dout16);
+        free(w.kp);
+        free(w.vp);
     }
     free(delta);
 }

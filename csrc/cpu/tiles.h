@@ -215,6 +215,102 @@ DMS_TILE_FN void matmul_acc_tn(const float *restrict p, const float *restrict x,
     }
 }
 
+/* ---- bfloat16 products with AVX512-BF16 ------------------------------ */
+
+/*
+ * With bfloat16 inputs the two score products (s = q k^T and dp = dO v^T)
+ * can run on vdpbf16ps: the product of two bfloat16 is exact in float32 and
+ * the sum is float32, so this loses nothing against widening the tiles to
+ * float32 first, at twice the multiply-adds per instruction. The other
+ * products take a float32 probability or gradient tile and stay float32.
+ * Packed layouts: the row operand as raw bfloat16 rows (BQ x ld), the key
+ * operand as pairs - 32-bit lanes holding columns (2 e, 2 e + 1) of one
+ * key - in [ld / 2][BK] order, zero past D and past the last key.
+ */
+#if (defined(__GNUC__) || defined(__clang__)) && defined(__x86_64__) &&   \
+    (defined(__clang__) || __GNUC__ >= 12)
+#define DMS_TILE_BF16DOT 1
+#include <immintrin.h>
+
+/* Rows [i0, i0 + n) of a bfloat16 tensor as raw rows of length ld, zero
+ * past D and for rows >= n (of `rows`). */
+DMS_TILE_FN void load_rows_bf16(const dms_tensor *t, int64_t b, int64_t h,
+                                int64_t i0, int64_t n, int64_t rows,
+                                int64_t D, int64_t ld, uint16_t *dst)
+{
+    for (int64_t r = 0; r < rows; ++r) {
+        uint16_t *out = dst + r * ld;
+        int64_t d = 0;
+        if (r < n) {
+            memcpy(out, (const uint16_t *)t->data + off4(t, b, h, i0 + r),
+                   sizeof(uint16_t) * (size_t)D);
+            d = D;
+        }
+        memset(out + d, 0, sizeof(uint16_t) * (size_t)(ld - d));
+    }
+}
+
+/* Keys [i0, i0 + n) of a bfloat16 tensor as pairs: dst[e * BK + c]. */
+DMS_TILE_FN void load_pairs_bf16(const dms_tensor *t, int64_t b, int64_t h,
+                                 int64_t i0, int64_t n, int64_t D,
+                                 int64_t ld, uint32_t *dst)
+{
+    memset(dst, 0, sizeof(uint32_t) * (size_t)(ld / 2 * BK));
+    for (int64_t c = 0; c < n; ++c) {
+        const uint16_t *src = (const uint16_t *)t->data + off4(t, b, h, i0 + c);
+        for (int64_t e = 0; e < D / 2; ++e)
+            dst[e * BK + c] = (uint32_t)src[2 * e] |
+                              (uint32_t)src[2 * e + 1] << 16;
+        if (D % 2)
+            dst[D / 2 * BK + c] = src[D - 1];
+    }
+}
+
+/* s[r][c] = scale * sum_d a[r][d] * b_c[d] for r < BQ, c < BK, from raw
+ * rows a (BQ x ld) and key pairs bt; 4 rows x 64 keys of accumulators. */
+__attribute__((target("avx512f,avx512bf16"), unused))
+static void matmul_nt_bf16(const uint16_t *restrict a,
+                           const uint32_t *restrict bt, int64_t ld,
+                           float scale, float *restrict s)
+{
+    for (int r = 0; r < BQ; r += 4) {
+        __m512 acc[4][BK / 16];
+        for (int rr = 0; rr < 4; ++rr)
+            for (int j = 0; j < BK / 16; ++j)
+                acc[rr][j] = _mm512_setzero_ps();
+        for (int64_t e = 0; e < ld / 2; ++e) {
+            __m512bh bv[BK / 16];
+            for (int j = 0; j < BK / 16; ++j)
+                memcpy(&bv[j], bt + e * BK + 16 * j, sizeof bv[j]);
+            for (int rr = 0; rr < 4; ++rr) {
+                uint32_t pair;
+                memcpy(&pair, a + (r + rr) * ld + 2 * e, sizeof pair);
+                const __m512i av = _mm512_set1_epi32((int)pair);
+                __m512bh ab;
+                memcpy(&ab, &av, sizeof ab);
+                for (int j = 0; j < BK / 16; ++j)
+                    acc[rr][j] = _mm512_dpbf16_ps(acc[rr][j], ab, bv[j]);
+            }
+        }
+        const __m512 sc = _mm512_set1_ps(scale);
+        for (int rr = 0; rr < 4; ++rr)
+            for (int j = 0; j < BK / 16; ++j)
+                _mm512_storeu_ps(s + (r + rr) * BK + 16 * j,
+                                 _mm512_mul_ps(acc[rr][j], sc));
+    }
+}
+
+/* Whether this CPU runs matmul_nt_bf16 (cpuid). */
+DMS_TILE_FN int cpu_has_bf16dot(void)
+{
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx512f") &&
+           __builtin_cpu_supports("avx512bf16");
+}
+#else
+#define DMS_TILE_BF16DOT 0
+#endif
+
 /*
  * One step of the online softmax for `rows` rows (BQ for a query tile, G
  * at decode) against a tile of scores s (rows x BK):
