@@ -19,7 +19,9 @@ The extension never links libtorch: tensors arrive through DLPack.
 import os
 import shutil
 import subprocess
+import sys
 import sysconfig
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy
@@ -136,16 +138,23 @@ class BuildExt(build_ext):
             includes.append(f"-I{cublas[0]}")
         out_dir = Path(self.build_temp) / "cuda"
         out_dir.mkdir(parents=True, exist_ok=True)
+        stale = []
         for source in sorted((CSRC / "cuda").glob("*.cu")):
             obj = out_dir / (source.stem + ".o")
             deps = [source, *(CSRC / "cuda").glob("*.cuh"), *(CSRC / "core").glob("*.h"), CSRC / "dms.h"]
-            if not self.force and obj.exists() and all(obj.stat().st_mtime >= d.stat().st_mtime for d in deps):
-                ext.extra_objects.append(str(obj))
-                continue
-            cmd = [nvcc, "-c", str(source), "-o", str(obj), *flags, *gencode, *includes]
-            print(" ".join(cmd))
-            subprocess.check_call(cmd)
+            if self.force or not obj.exists() or any(obj.stat().st_mtime < d.stat().st_mtime for d in deps):
+                stale.append([nvcc, "-c", str(source), "-o", str(obj), *flags, *gencode, *includes])
             ext.extra_objects.append(str(obj))
+        # nvcc runs one file on one core: compile the files side by side.
+        with ThreadPoolExecutor(max_workers=max(1, os.cpu_count() or 1)) as pool:
+            for cmd in stale:
+                print(" ".join(cmd))
+            runs = list(pool.map(lambda cmd: subprocess.run(cmd, capture_output=True, text=True), stale))
+        for cmd, run in zip(stale, runs):
+            sys.stdout.write(run.stdout)
+            sys.stderr.write(run.stderr)
+            if run.returncode != 0:
+                raise SystemExit(f"nvcc failed ({run.returncode}) on {cmd[2]}")
 
         lib_dir = cuda_home / "lib64" if (cuda_home / "lib64").exists() else cuda_home / "lib"
         ext.define_macros += [("DMS_WITH_CUDA", "1"), ("DMS_CUDA_ARCHS", f'"{";".join(archs)}"')]

@@ -40,6 +40,12 @@ step() {  # step NAME TIMEOUT_S COMMAND...
 }
 
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$OUT/gpu.txt"
+# Build for this GPU only (half the nvcc time of the default "80;90").
+if [ -z "${DMS_CUDA_ARCHS:-}" ]; then
+    cap=$(nvidia-smi --query-gpu=compute_cap --format=csv,noheader 2>/dev/null | head -n 1 | tr -d '. ')
+    case $cap in ''|*[!0-9]*) ;; *) export DMS_CUDA_ARCHS=$cap ;; esac
+fi
+echo "DMS_CUDA_ARCHS=${DMS_CUDA_ARCHS:-80;90 (default)}"
 
 if ! step build 400 "$PY" -m pip install --no-build-isolation --no-deps -e .; then
     step build_inplace 400 "$PY" setup.py build_ext --inplace
