@@ -294,6 +294,33 @@ __device__ __forceinline__ void zero(float (&acc)[N][4])
 }
 
 /*
+ * The two products of a backward tile, over the whole head dim:
+ * s = As Bs^T and dp = Ad Bd^T for the 16 rows r0 .. r0 + 15 of As / Ad
+ * (dq: Q K^T and dO V^T; dkv: K Q^T and V dO^T). One k loop for both, so
+ * the ldmatrix of one product overlaps the mma of the other.
+ */
+template <bool kBf16, int D, int N>
+__device__ __forceinline__ void scores_and_dp(float (&s)[N][4],
+                                              float (&dp)[N][4],
+                                              const uint16_t *As,
+                                              const uint16_t *Ad, int r0,
+                                              const uint16_t *Bs,
+                                              const uint16_t *Bd, int lane)
+{
+    constexpr int LD = D + 8;
+    zero(s);
+    zero(dp);
+#pragma unroll
+    for (int ks = 0; ks < D / 16; ++ks) {
+        uint32_t as[4], ad[4];
+        ldsm_x4(as, a_rows<LD>(As, r0, 16 * ks, lane));
+        ldsm_x4(ad, a_rows<LD>(Ad, r0, 16 * ks, lane));
+        mma_rows<kBf16, LD, N>(s, as, Bs, 16 * ks, lane);
+        mma_rows<kBf16, LD, N>(dp, ad, Bd, 16 * ks, lane);
+    }
+}
+
+/*
  * Scores of one warp's 16 query rows against a key tile, in the log2
  * domain: x = log2(e) (scale * q.k + penalty), -inf where masked. Row r
  * (0 .. 63 in the query tile) of accumulator element e is rbase + 8 (e / 2),
@@ -546,8 +573,7 @@ template <bool kBf16, int D, int BQ>
 __global__ void __launch_bounds__(kThreads, 1)
     attn_bwd_dkv_mma_kernel(AttnParams p)
 {
-    constexpr int BK = kRows, LD = D + 8, KS = D / 16, NQ = BQ / 8,
-                  NO = D / 8;
+    constexpr int BK = kRows, LD = D + 8, NQ = BQ / 8, NO = D / 8;
     static_assert(D % 16 == 0 && BQ % 16 == 0, "tiles");
     extern __shared__ __align__(16) uint16_t dms_smem16[];
     uint16_t *Ks = dms_smem16;
@@ -622,16 +648,8 @@ __global__ void __launch_bounds__(kThreads, 1)
             const uint16_t *Qt = Qs + buf * BQ * LD, *dOt = dOs + buf * BQ * LD;
             const float *tlse2 = qlse2 + buf * BQ, *tdelta = qdelta + buf * BQ;
             float st[NQ][4], dpt[NQ][4]; /* S^T, dP^T: keys x queries */
-            zero(st);
-            zero(dpt);
-#pragma unroll
-            for (int ks = 0; ks < KS; ++ks) {
-                uint32_t ak[4], av[4];
-                ldsm_x4(ak, a_rows<LD>(Ks, 16 * warp, 16 * ks, lane));
-                ldsm_x4(av, a_rows<LD>(Vs, 16 * warp, 16 * ks, lane));
-                mma_rows<kBf16, LD, NQ>(st, ak, Qt, 16 * ks, lane);
-                mma_rows<kBf16, LD, NQ>(dpt, av, dOt, 16 * ks, lane);
-            }
+            scores_and_dp<kBf16, D, NQ>(st, dpt, Ks, Vs, 16 * warp, Qt, dOt,
+                                        lane);
             /* key row r (0 .. 63), query column c: j - i = (q0 - k0) + c - r */
             const bool pen_all = has_y && q0 - (wk0 + 15) > w;
             const bool pen_any = has_y && q_last - wk0 > w;
@@ -718,8 +736,7 @@ template <bool kBf16, int D, int BK>
 __global__ void __launch_bounds__(kThreads, 1)
     attn_bwd_dq_mma_kernel(AttnParams p)
 {
-    constexpr int BQ = kRows, LD = D + 8, KS = D / 16, NS = BK / 8,
-                  NO = D / 8;
+    constexpr int BQ = kRows, LD = D + 8, NS = BK / 8, NO = D / 8;
     static_assert(D % 16 == 0 && BK % 16 == 0 && BK <= kThreads, "tiles");
     extern __shared__ __align__(16) uint16_t dms_smem16[];
     uint16_t *Qs = dms_smem16;
@@ -790,16 +807,8 @@ __global__ void __launch_bounds__(kThreads, 1)
         if (k0 <= wlast) {
             const uint16_t *Kt = Ks + buf * BK * LD, *Vt = Vs + buf * BK * LD;
             float s[NS][4], dp[NS][4];
-            zero(s);
-            zero(dp);
-#pragma unroll
-            for (int ks = 0; ks < KS; ++ks) {
-                uint32_t aq[4], ao[4];
-                ldsm_x4(aq, a_rows<LD>(Qs, 16 * warp, 16 * ks, lane));
-                ldsm_x4(ao, a_rows<LD>(dOs, 16 * warp, 16 * ks, lane));
-                mma_rows<kBf16, LD, NS>(s, aq, Kt, 16 * ks, lane);
-                mma_rows<kBf16, LD, NS>(dp, ao, Vt, 16 * ks, lane);
-            }
+            scores_and_dp<kBf16, D, NS>(s, dp, Qs, dOs, 16 * warp, Kt, Vt,
+                                        lane);
             scores_log2<NS>(s, sl2, 16 * warp + g, t,
                             has_y && wq0 - (k0 + BK - 1) > w,
                             has_y && wlast - k0 > w, clamp_diff(w - (q0 - k0)),
