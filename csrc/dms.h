@@ -237,10 +237,6 @@ dms_status dms_attn_train_forward(const dms_tensor *q, const dms_tensor *k,
  *   grad_y          : [B, H, T] floating output, or NULL (also when y is
  *                     NULL); grad_y[..., 0] is 0 (no key precedes token 0)
  * Results are deterministic: no atomics, the same on every run.
- * One exception to "never allocate": on CUDA with bfloat16/float16 and D of
- * 64 or 128 (the tensor-core kernels) the call takes a workspace of 8 bytes
- * per query row from the device's stream-ordered memory pool
- * (cudaMallocAsync) and returns it on the same stream.
  */
 dms_status dms_attn_train_backward(
     const dms_tensor *q, const dms_tensor *k, const dms_tensor *v,

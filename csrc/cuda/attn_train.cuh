@@ -39,10 +39,6 @@ struct AttnParams {
     int64_t n_tiles; /* tiles along T of the kernel's own tiling */
     int D, ld;       /* head dim, SIMT shared-memory row stride (odd) */
     float scale;
-    /* backward workspace of the tensor-core kernels: per query row
-     * (b * H * G + qh) * T + j, log2(e) * lse (+inf: padding) and
-     * delta = grad_o . o; nullptr elsewhere */
-    float *row_lse2, *row_delta;
 };
 
 /* log(sigmoid(x)), stable for any x. */
@@ -106,7 +102,6 @@ inline AttnParams make_params(const dms_attn_train_args *a)
     p.D = (int)a->D;
     p.ld = dms_tiles::odd_ld(a->D);
     p.scale = a->scale;
-    p.row_lse2 = p.row_delta = nullptr;
     return p;
 }
 

@@ -19,20 +19,23 @@
  *            buffered with cp.async, per-key padding / penalty prefetched
  *            one tile ahead), online softmax in the log2 domain. Writes o
  *            and the float32 log-sum-exp.
- *   prep     one warp per query row: delta = grad_o . o and the row's
- *            log2-domain lse (+inf for padding) into a stream-ordered
- *            workspace of 2 floats per row (cudaMallocAsync on the
- *            caller's stream, freed behind the kernels).
  *   dkv      one block per (b, kv head, 64 keys): loops over the G query
  *            heads of the group and the query tiles of BQ that can see its
- *            keys (Q, dO and the row statistics double buffered with
- *            cp.async); recomputes P^T = exp(S^T - lse) and dP^T = V dO^T,
- *            accumulates dK += dS^T Q, dV += P^T dO and the dy sums of its
- *            keys in registers.
+ *            keys (Q, dO double buffered with cp.async, the tile's row
+ *            statistics computed one tile ahead); recomputes
+ *            P^T = exp(S^T - lse) and dP^T = V dO^T, accumulates
+ *            dK += dS^T Q, dV += P^T dO and the dy sums of its keys in
+ *            registers.
  *   dq       one block per (b, query head, 64 queries): the same P and dP
  *            per key tile, dQ += dS K in registers.
- * No atomics: each output element is written once, by one thread, after a
- * fixed-order sum, so results are deterministic.
+ * The row statistics of the backward (delta = grad_o . o and the lse in
+ * log2 units) are recomputed by each kernel for the query rows it visits
+ * (row_stats), as the SIMT kernels do: reading BQ rows of o and grad_o is
+ * small next to the tile's products, and it leaves the backward needing
+ * no memory beyond its outputs (nothing to allocate, so nothing that a
+ * CUDA graph or a full memory pool could trip on). No atomics: each output
+ * element is written once, by one thread, after a fixed-order sum, so
+ * results are deterministic.
  *
  * Work that cannot matter is skipped: key tiles above the diagonal are not
  * visited, a warp whose rows see no key of a tile skips it, the causal /
@@ -291,6 +294,33 @@ __device__ __forceinline__ void zero(float (&acc)[N][4])
 }
 
 /*
+ * The two products of a backward tile, over the whole head dim:
+ * s = As Bs^T and dp = Ad Bd^T for the 16 rows r0 .. r0 + 15 of As / Ad
+ * (dq: Q K^T and dO V^T; dkv: K Q^T and V dO^T). One k loop for both, so
+ * the ldmatrix of one product overlaps the mma of the other.
+ */
+template <bool kBf16, int D, int N>
+__device__ __forceinline__ void scores_and_dp(float (&s)[N][4],
+                                              float (&dp)[N][4],
+                                              const uint16_t *As,
+                                              const uint16_t *Ad, int r0,
+                                              const uint16_t *Bs,
+                                              const uint16_t *Bd, int lane)
+{
+    constexpr int LD = D + 8;
+    zero(s);
+    zero(dp);
+#pragma unroll
+    for (int ks = 0; ks < D / 16; ++ks) {
+        uint32_t as[4], ad[4];
+        ldsm_x4(as, a_rows<LD>(As, r0, 16 * ks, lane));
+        ldsm_x4(ad, a_rows<LD>(Ad, r0, 16 * ks, lane));
+        mma_rows<kBf16, LD, N>(s, as, Bs, 16 * ks, lane);
+        mma_rows<kBf16, LD, N>(dp, ad, Bd, 16 * ks, lane);
+    }
+}
+
+/*
  * Scores of one warp's 16 query rows against a key tile, in the log2
  * domain: x = log2(e) (scale * q.k + penalty), -inf where masked. Row r
  * (0 .. 63 in the query tile) of accumulator element e is rbase + 8 (e / 2),
@@ -466,31 +496,67 @@ __global__ void __launch_bounds__(kThreads, 1)
 /* ---- backward: per-row statistics --------------------------------------- */
 
 /*
- * One warp per query row (b, qh, j), row index (b * H * G + qh) * T + j:
- * row_delta = grad_o . o and row_lse2 = log2(e) * lse, or +inf for padding
- * queries so that their probabilities come out 0 in dkv and dq.
+ * The statistics of query row j (batch b, query head qh), computed by the
+ * whole warp (lanes along D; j must be warp-uniform), every lane gets both:
+ * delta = grad_o . o, and lse2 = log2(e) * lse, or +inf for a padding
+ * query so that its probabilities come out 0; +inf / 0 past T. One fixed
+ * summation order, so dkv and dq, which both recompute a row, agree to
+ * the bit.
  */
-__global__ void __launch_bounds__(kThreads) attn_bwd_prep_kernel(AttnParams p)
+template <bool kBf16, int D>
+__device__ __forceinline__ void row_stats(const AttnParams &p, int64_t b,
+                                          int64_t qh, int64_t j, int lane,
+                                          float *lse2, float *delta)
 {
-    const int lane = threadIdx.x & 31;
-    const int64_t HG = p.H * p.G;
-    const int64_t row = (int64_t)blockIdx.x * (kThreads / 32) +
-                        (threadIdx.x >> 5);
-    if (row >= p.B * HG * p.T) /* warp-uniform */
+    if (j >= p.T) {
+        *lse2 = INFINITY;
+        *delta = 0.0f;
         return;
-    const int64_t j = row % p.T, qh = row / p.T % HG, b = row / p.T / HG;
+    }
+    constexpr dms_dtype kElem = kBf16 ? DMS_BFLOAT16 : DMS_FLOAT16;
     const int64_t ooff = p.o.at(b, qh, j), goff = p.grad_o.at(b, qh, j);
     float dsum = 0.0f;
-    for (int d = lane; d < p.D; d += 32)
-        dsum = fmaf(dms_load(p.grad_o.data, p.grad_o.dtype, goff + d),
-                    dms_load(p.o.data, p.o.dtype, ooff + d), dsum);
-    dsum = dms_tiles::warp_sum(dsum);
-    if (lane == 0) {
-        p.row_delta[row] = dsum;
-        p.row_lse2[row] =
-            p.pad.is_pad(b, j)
+    if (p.o.dtype == kElem && p.grad_o.dtype == kElem) {
+        /* the common case without a dtype switch per element, so the loads
+         * of a row are all in flight at once (same values, same order) */
+        const uint16_t *o = (const uint16_t *)p.o.data + ooff;
+        const uint16_t *go = (const uint16_t *)p.grad_o.data + goff;
+#pragma unroll
+        for (int d = lane; d < D; d += 32)
+            dsum = fmaf(kBf16 ? dms_bf16_to_f32(go[d]) : dms_f16_to_f32(go[d]),
+                        kBf16 ? dms_bf16_to_f32(o[d]) : dms_f16_to_f32(o[d]),
+                        dsum);
+    } else {
+#pragma unroll
+        for (int d = lane; d < D; d += 32)
+            dsum = fmaf(dms_load(p.grad_o.data, p.grad_o.dtype, goff + d),
+                        dms_load(p.o.data, p.o.dtype, ooff + d), dsum);
+    }
+    *delta = dms_tiles::warp_sum(dsum); /* xor tree: every lane, same bits */
+    *lse2 = p.pad.is_pad(b, j)
                 ? INFINITY
                 : kLog2e * ((const float *)p.lse.data)[p.lse.at(b, qh, j)];
+}
+
+/*
+ * row_stats of query rows q0 .. q0 + BQ - 1 into shared memory, row c by
+ * warp c % 4. Plain loads: the caller issues this right after its cp.async
+ * prefetch, so the two sets of loads are in flight together.
+ */
+template <bool kBf16, int D, int BQ>
+__device__ __forceinline__ void tile_row_stats(const AttnParams &p, int64_t b,
+                                               int64_t qh, int64_t q0,
+                                               float *lse2, float *delta)
+{
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+#pragma unroll
+    for (int c = warp; c < BQ; c += kThreads / 32) {
+        float l, d;
+        row_stats<kBf16, D>(p, b, qh, q0 + c, lane, &l, &d);
+        if (lane == 0) {
+            lse2[c] = l;
+            delta[c] = d;
+        }
     }
 }
 
@@ -503,38 +569,12 @@ constexpr int64_t dkv_smem_bytes()
     return (int64_t)(2 * kRows + 4 * BQ) * (D + 8) * 2 + 4 * BQ * 4;
 }
 
-/*
- * The row statistics of query rows q0 .. q0 + BQ - 1 of query head qh into
- * shared memory (cp.async; +inf / 0 past T): threads 0 .. BQ - 1 copy
- * lse2, threads BQ .. 2 BQ - 1 delta.
- */
-template <int BQ>
-__device__ __forceinline__ void load_row_stats(const AttnParams &p, int64_t b,
-                                               int64_t qh, int64_t q0,
-                                               float *lse2, float *delta)
-{
-    const int c = threadIdx.x % BQ;
-    if (threadIdx.x >= 2 * BQ)
-        return;
-    const bool is_lse = threadIdx.x < BQ;
-    float *dst = is_lse ? lse2 + c : delta + c;
-    const int64_t j = q0 + c;
-    if (j >= p.T) {
-        *dst = is_lse ? INFINITY : 0.0f;
-        return;
-    }
-    const int64_t row = (b * p.H * p.G + qh) * p.T + j;
-    cp_async_4(dst, is_lse ? p.row_lse2 + row : p.row_delta + row);
-}
-
 template <bool kBf16, int D, int BQ>
 __global__ void __launch_bounds__(kThreads, 1)
     attn_bwd_dkv_mma_kernel(AttnParams p)
 {
-    constexpr int BK = kRows, LD = D + 8, KS = D / 16, NQ = BQ / 8,
-                  NO = D / 8;
-    static_assert(D % 16 == 0 && BQ % 16 == 0 && 2 * BQ <= kThreads,
-                  "tiles");
+    constexpr int BK = kRows, LD = D + 8, NQ = BQ / 8, NO = D / 8;
+    static_assert(D % 16 == 0 && BQ % 16 == 0, "tiles");
     extern __shared__ __align__(16) uint16_t dms_smem16[];
     uint16_t *Ks = dms_smem16;
     uint16_t *Vs = Ks + BK * LD;
@@ -578,8 +618,8 @@ __global__ void __launch_bounds__(kThreads, 1)
 
     load_tile<kBf16, D, BQ>(Qs, p.q, b, h * p.G, qt0 * BQ, T);
     load_tile<kBf16, D, BQ>(dOs, p.grad_o, b, h * p.G, qt0 * BQ, T);
-    load_row_stats<BQ>(p, b, h * p.G, qt0 * BQ, qlse2, qdelta);
     cp_async_commit();
+    tile_row_stats<kBf16, D, BQ>(p, b, h * p.G, qt0 * BQ, qlse2, qdelta);
 
     float dk[NO][4], dv[NO][4];
     zero(dk);
@@ -595,10 +635,12 @@ __global__ void __launch_bounds__(kThreads, 1)
             load_tile<kBf16, D, BQ>(Qs + nb * BQ * LD, p.q, b, qh1, q1, T);
             load_tile<kBf16, D, BQ>(dOs + nb * BQ * LD, p.grad_o, b, qh1, q1,
                                     T);
-            load_row_stats<BQ>(p, b, qh1, q1, qlse2 + nb * BQ,
-                               qdelta + nb * BQ);
         }
         cp_async_commit();
+        if (it + 1 < n_items) /* published by the barrier below */
+            tile_row_stats<kBf16, D, BQ>(p, b, h * p.G + (it + 1) / per_head,
+                                         (qt0 + (it + 1) % per_head) * BQ,
+                                         qlse2 + nb * BQ, qdelta + nb * BQ);
         cp_async_wait<1>();
         __syncthreads();
         const int64_t q_last = (q0 + BQ < T ? q0 + BQ : T) - 1;
@@ -606,16 +648,8 @@ __global__ void __launch_bounds__(kThreads, 1)
             const uint16_t *Qt = Qs + buf * BQ * LD, *dOt = dOs + buf * BQ * LD;
             const float *tlse2 = qlse2 + buf * BQ, *tdelta = qdelta + buf * BQ;
             float st[NQ][4], dpt[NQ][4]; /* S^T, dP^T: keys x queries */
-            zero(st);
-            zero(dpt);
-#pragma unroll
-            for (int ks = 0; ks < KS; ++ks) {
-                uint32_t ak[4], av[4];
-                ldsm_x4(ak, a_rows<LD>(Ks, 16 * warp, 16 * ks, lane));
-                ldsm_x4(av, a_rows<LD>(Vs, 16 * warp, 16 * ks, lane));
-                mma_rows<kBf16, LD, NQ>(st, ak, Qt, 16 * ks, lane);
-                mma_rows<kBf16, LD, NQ>(dpt, av, dOt, 16 * ks, lane);
-            }
+            scores_and_dp<kBf16, D, NQ>(st, dpt, Ks, Vs, 16 * warp, Qt, dOt,
+                                        lane);
             /* key row r (0 .. 63), query column c: j - i = (q0 - k0) + c - r */
             const bool pen_all = has_y && q0 - (wk0 + 15) > w;
             const bool pen_any = has_y && q_last - wk0 > w;
@@ -702,8 +736,7 @@ template <bool kBf16, int D, int BK>
 __global__ void __launch_bounds__(kThreads, 1)
     attn_bwd_dq_mma_kernel(AttnParams p)
 {
-    constexpr int BQ = kRows, LD = D + 8, KS = D / 16, NS = BK / 8,
-                  NO = D / 8;
+    constexpr int BQ = kRows, LD = D + 8, NS = BK / 8, NO = D / 8;
     static_assert(D % 16 == 0 && BK % 16 == 0 && BK <= kThreads, "tiles");
     extern __shared__ __align__(16) uint16_t dms_smem16[];
     uint16_t *Qs = dms_smem16;
@@ -738,13 +771,18 @@ __global__ void __launch_bounds__(kThreads, 1)
         if (n_kt > 1)
             ki.fetch(p, b, h, BK, has_y && q_last - BK > w);
     }
-    float lse2[2], delta[2]; /* of this lane's rows; +inf / 0 past T */
-#pragma unroll
-    for (int r = 0; r < 2; ++r) {
-        const int64_t j = wq0 + g + 8 * r;
-        const int64_t row = (b * p.H * p.G + qh) * T + j;
-        lse2[r] = j < T ? p.row_lse2[row] : INFINITY;
-        delta[r] = j < T ? p.row_delta[row] : 0.0f;
+    float lse2[2], delta[2]; /* of this lane's rows g, g + 8 */
+    for (int rr = 0; rr < 16; ++rr) { /* the warp's rows, one at a time */
+        float l, d;
+        row_stats<kBf16, D>(p, b, qh, wq0 + rr, lane, &l, &d);
+        if (rr == g) {
+            lse2[0] = l;
+            delta[0] = d;
+        }
+        if (rr == g + 8) {
+            lse2[1] = l;
+            delta[1] = d;
+        }
     }
 
     float dq[NO][4];
@@ -769,16 +807,8 @@ __global__ void __launch_bounds__(kThreads, 1)
         if (k0 <= wlast) {
             const uint16_t *Kt = Ks + buf * BK * LD, *Vt = Vs + buf * BK * LD;
             float s[NS][4], dp[NS][4];
-            zero(s);
-            zero(dp);
-#pragma unroll
-            for (int ks = 0; ks < KS; ++ks) {
-                uint32_t aq[4], ao[4];
-                ldsm_x4(aq, a_rows<LD>(Qs, 16 * warp, 16 * ks, lane));
-                ldsm_x4(ao, a_rows<LD>(dOs, 16 * warp, 16 * ks, lane));
-                mma_rows<kBf16, LD, NS>(s, aq, Kt, 16 * ks, lane);
-                mma_rows<kBf16, LD, NS>(dp, ao, Vt, 16 * ks, lane);
-            }
+            scores_and_dp<kBf16, D, NS>(s, dp, Qs, dOs, 16 * warp, Kt, Vt,
+                                        lane);
             scores_log2<NS>(s, sl2, 16 * warp + g, t,
                             has_y && wq0 - (k0 + BK - 1) > w,
                             has_y && wlast - k0 > w, clamp_diff(w - (q0 - k0)),
@@ -864,15 +894,11 @@ dms_status forward_typed(const AttnParams &p, cudaStream_t stream)
                         fwd_smem_bytes<D, BK>(), stream);
 }
 
-/* The three backward kernels, given the workspace of p.row_*. */
 template <bool kBf16, int D>
 dms_status backward_typed(const AttnParams &p, cudaStream_t stream)
 {
     constexpr int BQ = Tiles<D>::kDkvBQ, BK = Tiles<D>::kDqBK;
-    const int64_t rows = p.B * p.H * p.G * p.T, per_block = kThreads / 32;
     const int64_t tiles = (p.T + kRows - 1) / kRows;
-    DMS_TRY(launch_tiles(attn_bwd_prep_kernel, p, kThreads,
-                         (rows + per_block - 1) / per_block, 1, 0, stream));
     DMS_TRY(launch_tiles(attn_bwd_dkv_mma_kernel<kBf16, D, BQ>, p, kThreads,
                          tiles, p.B * p.H, dkv_smem_bytes<D, BQ>(), stream));
     return launch_tiles(attn_bwd_dq_mma_kernel<kBf16, D, BK>, p, kThreads,
@@ -892,35 +918,16 @@ inline dms_status forward(const dms_attn_train_args *a, const AttnParams &p,
                 : forward_typed<false, 128>(p, stream);
 }
 
-/*
- * Launch the backward; only after supports() said yes. The per-row
- * workspace (2 floats per query row) is allocated and freed in stream
- * order on the caller's stream.
- */
+/* Launch the backward; only after supports() said yes. */
 inline dms_status backward(const dms_attn_train_args *a, const AttnParams &p,
                            cudaStream_t stream)
 {
-    const int64_t rows = p.B * p.H * p.G * p.T;
-    float *ws = nullptr;
-    DMS_CUDA_CHECK(cudaMallocAsync((void **)&ws,
-                                   (size_t)(2 * rows) * sizeof(float), stream));
-    AttnParams q = p;
-    q.row_lse2 = ws;
-    q.row_delta = ws + rows;
     const bool bf16 = a->q->dtype == DMS_BFLOAT16;
-    dms_status status;
     if (a->D == 64)
-        status = bf16 ? backward_typed<true, 64>(q, stream)
-                      : backward_typed<false, 64>(q, stream);
-    else
-        status = bf16 ? backward_typed<true, 128>(q, stream)
-                      : backward_typed<false, 128>(q, stream);
-    if (status != DMS_OK) {
-        (void)cudaFreeAsync(ws, stream); /* keep the first error */
-        return status;
-    }
-    DMS_CUDA_CHECK(cudaFreeAsync(ws, stream));
-    return DMS_OK;
+        return bf16 ? backward_typed<true, 64>(p, stream)
+                    : backward_typed<false, 64>(p, stream);
+    return bf16 ? backward_typed<true, 128>(p, stream)
+                : backward_typed<false, 128>(p, stream);
 }
 
 } // namespace dms_attn_mma
