@@ -453,3 +453,20 @@ def test_decode_steps_after_the_batch_changes():
     want = one.attend(q[:, :, sl], k[:, :, sl], v[:, :, sl], alpha[:, :, sl])
     got = two.attend(q[rep, :, sl], k[rep, :, sl], v[rep, :, sl], alpha[rep, :, sl])
     assert torch.equal(got, want[rep])
+
+
+@pytest.mark.cuda
+def test_cuda_cache_views_belong_to_one_stream():
+    from dms import _C
+
+    cache = PagedLayerCache(1, 2, 4, 3, page_size=2, dtype=torch.float32, device="cuda")
+    q = torch.randn(1, 4, 1, 4, device="cuda")
+    o, lse = torch.empty_like(q), torch.empty(1, 4, 1, device="cuda")
+    side = torch.cuda.Stream()
+    views = _C.CacheViews(cache._state(), stream=side.cuda_stream)
+    with pytest.raises(ValueError, match=r"^cache: its CacheViews were exported for CUDA stream"):
+        _C.attn_decode(views, 3, q, 0.5, o, lse, None, stream=torch.cuda.current_stream().cuda_stream)
+    with torch.cuda.stream(side):  # the Python cache imports again for the stream it runs on
+        cache.append(q[:, :2], q[:, :2], torch.zeros(1, 2, 1, dtype=torch.bool, device="cuda"))
+        assert cache._views.holds(cache._state(), side.cuda_stream)
+    torch.cuda.synchronize()
