@@ -467,6 +467,7 @@ def test_cuda_cache_views_belong_to_one_stream():
     with pytest.raises(ValueError, match=r"^cache: its CacheViews were exported for CUDA stream"):
         _C.attn_decode(views, 3, q, 0.5, o, lse, None, stream=torch.cuda.current_stream().cuda_stream)
     with torch.cuda.stream(side):  # the Python cache imports again for the stream it runs on
-        cache.append(q[:, :2], q[:, :2], torch.zeros(1, 2, 1, dtype=torch.bool, device="cuda"))
+        k = torch.randn(1, 2, 1, 4, device="cuda")
+        cache.append(k, k, torch.zeros(1, 2, 1, dtype=torch.bool, device="cuda"))
         assert cache._views.holds(cache._state(), side.cuda_stream)
     torch.cuda.synchronize()
