@@ -160,10 +160,24 @@ class PagedLayerCache:
         self.free_count = torch.tensor([n_pages], dtype=torch.int32, device=dev)
         self._free_lower_bound = n_pages  # CUDA: free pages known without a sync
         self._seen_upper_bound = 0  # tokens any row may have seen (padding included)
+        self._views = None
 
     def _state(self):
         return (self.k_pages, self.v_pages, self.slot_limit, self.page_table, self.row_slots, self.row_seen,
                 self.window, self.free_pages, self.free_count)
+
+    def _cache_views(self, stream):
+        """The state tensors imported into C once (`_C.CacheViews`), not per
+        call: nine DLPack exports cost more than a short row's decode. They
+        are imported again when any state tensor was replaced (the identity
+        check covers assignments from outside too) or the stream changed;
+        methods that replace tensors drop them at once so the old tensors
+        are freed."""
+        state = self._state()
+        views = self._views
+        if views is None or not views.holds(state, stream):
+            views = self._views = _C.CacheViews(state, stream=stream)
+        return views
 
     def reset(self):
         """Forget every token; all pages return to the pool (kept allocated)."""
@@ -182,6 +196,7 @@ class PagedLayerCache:
         """Adds `extra_pages` free pages; page ids (and so every slot) stay valid."""
         if extra_pages <= 0:
             return
+        self._views = None
         old = self.k_pages.shape[0]
         new = old + extra_pages
         P, D, dev = self.page_size, self.head_dim, self.device
@@ -213,6 +228,7 @@ class PagedLayerCache:
         need = math.ceil(max_tokens / self.page_size)
         have = self.page_table.shape[1]
         if need > have:
+            self._views = None
             cols = max(need, int(have * self.growth))
             extra = torch.full((self.rows, cols - have), -1, dtype=torch.int32, device=self.device)
             self.page_table = torch.cat([self.page_table, extra], dim=1)
@@ -225,7 +241,7 @@ class PagedLayerCache:
 
     # ---- ops ---------------------------------------------------------------
 
-    def append(self, k_new, v_new, decisions, key_padding=None):
+    def append(self, k_new, v_new, decisions, key_padding=None, *, token_slots=None):
         """Stores n new tokens per row with delayed eviction (SPEC §4).
 
         Args:
@@ -233,13 +249,16 @@ class PagedLayerCache:
             decisions: [B, H, n] bool, the eviction decision of each token
                 (it flags the token before it).
             key_padding: [B, n] bool, True = padding (never stored), or None.
+            token_slots: [B, H, n] int32 tensor to write the result into
+                (default: a new one).
 
         Returns:
             token_slots: [B, H, n] int32, each token's slot (-1 for padding
             and for tokens evicted within the call).
         """
         B, H, n = k_new.shape[:3]
-        token_slots = torch.empty(B, H, n, dtype=torch.int32, device=self.device)
+        if token_slots is None:
+            token_slots = torch.empty(B, H, n, dtype=torch.int32, device=self.device)
         self._ensure_page_table(self._seen_upper_bound + n)  # capacity only: no token moves
         if self.device.type == "cuda":
             # No sync in steady state: keep a lower bound of the free pages
@@ -251,15 +270,17 @@ class PagedLayerCache:
                     self._grow_for(worst - exact)
                 else:
                     self._free_lower_bound = exact
-            _C.cache_append(self._state(), self.window_size, k_new, v_new, decisions, key_padding, token_slots,
-                            **exec_kwargs(k_new))
+            ex = exec_kwargs(k_new)
+            _C.cache_append(self._cache_views(ex["stream"]), self.window_size, k_new, v_new, decisions, key_padding,
+                            token_slots, **ex)
             self._free_lower_bound -= worst
             self._seen_upper_bound += n
             return token_slots
+        ex = exec_kwargs(k_new)
         while True:  # CPU: the C dry run refuses a call the pool cannot take
             try:
-                _C.cache_append(self._state(), self.window_size, k_new, v_new, decisions, key_padding, token_slots,
-                                **exec_kwargs(k_new))
+                _C.cache_append(self._cache_views(ex["stream"]), self.window_size, k_new, v_new, decisions,
+                                key_padding, token_slots, **ex)
                 self._seen_upper_bound += n
                 return token_slots
             except _C.PoolExhaustedError as exc:
@@ -280,20 +301,27 @@ class PagedLayerCache:
         scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
         o = torch.empty(q.shape, dtype=q.dtype, device=q.device)
         lse = torch.empty(q.shape[:3], dtype=torch.float32, device=q.device)
-        _C.attn_prefill(self._state(), self.window_size, q, k_new, v_new, decisions, key_padding, scale, o, lse,
-                        **exec_kwargs(q))
+        ex = exec_kwargs(q)
+        _C.attn_prefill(self._cache_views(ex["stream"]), self.window_size, q, k_new, v_new, decisions, key_padding,
+                        scale, o, lse, **ex)
         return o, lse
 
-    def decode_attention(self, q, scale=None):
+    def decode_attention(self, q, scale=None, *, o=None, lse=None):
         """Attention of one query per row over every stored slot, after
-        `append` of the query's own token. q: [B, H*G, 1, D]. Returns (o, lse).
-        On CUDA long rows are split over the GPU's multiprocessors
-        (flash-decoding) through a workspace kept between calls."""
+        `append` of the query's own token. q: [B, H*G, 1, D]. Returns (o, lse):
+        o [B, H*G, 1, D] in q's dtype, lse [B, H*G, 1] float32, written into
+        the `o` and `lse` given (preallocated, e.g. reused every step: saves
+        two allocations per call) or into new tensors. On CUDA long rows are
+        split over the GPU's multiprocessors (flash-decoding) through a
+        workspace kept between calls."""
         scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
-        o = torch.empty(q.shape, dtype=q.dtype, device=q.device)
-        lse = torch.empty(q.shape[:3], dtype=torch.float32, device=q.device)
-        _C.attn_decode(self._state(), self.window_size, q, scale, o, lse, self._decode_workspace(q),
-                       **exec_kwargs(q))
+        if o is None:
+            o = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+        if lse is None:
+            lse = torch.empty(q.shape[:3], dtype=torch.float32, device=q.device)
+        ex = exec_kwargs(q)
+        _C.attn_decode(self._cache_views(ex["stream"]), self.window_size, q, scale, o, lse, self._decode_workspace(q),
+                       **ex)
         return o, lse
 
     def _decode_workspace(self, q):
@@ -340,6 +368,7 @@ class PagedLayerCache:
         column = hit.int().argmax(dim=2)
         new_ring = torch.where(ring >= 0, new_table.gather(1, column) * P + ring % P, ring)
 
+        self._views = None
         k_pages = torch.zeros(n_pages, P, self.head_dim, dtype=self.dtype, device=dev)
         v_pages = torch.zeros_like(k_pages)
         slot_limit = torch.full((n_pages, P), _INT32_MAX, dtype=torch.int32, device=dev)
@@ -368,11 +397,7 @@ class PagedLayerCache:
 
     def compression_ratio(self) -> float:
         """Tokens seen / tokens stored, averaged over rows that hold tokens (1.0 if none)."""
-        seen, stored = self.row_seen.double(), self.row_slots.double()
-        live = stored > 0
-        if not bool(live.any()):
-            return 1.0
-        return float((seen[live] / stored[live]).mean())
+        return _compression_ratios([self])[0]
 
     def bytes_in_use(self) -> int:
         """Bytes of keys and values in the pages that hold tokens."""
@@ -382,6 +407,27 @@ class PagedLayerCache:
     def bytes_reserved(self) -> int:
         """Bytes of the whole pool (K and V), free pages included."""
         return 2 * self.k_pages.numel() * self.k_pages.element_size()
+
+
+def _compression_ratios(caches) -> list:
+    """`PagedLayerCache.compression_ratio` of each cache in `caches`, computed
+    together: the model reports them after every forward, so a decode step
+    pays a few tensor ops and one host read (one sync on CUDA) per device,
+    not a dozen ops and a sync per layer."""
+    ratios = [1.0] * len(caches)
+    groups = {}  # layers may sit on different devices (device_map="auto")
+    for i, c in enumerate(caches):
+        groups.setdefault((c.row_seen.device, c.row_seen.shape[0]), []).append(i)
+    for index in groups.values():
+        seen = torch.stack([caches[i].row_seen for i in index]).double()
+        stored = torch.stack([caches[i].row_slots for i in index]).double()
+        live = stored > 0
+        count = live.sum(1, dtype=torch.float64)
+        mean = torch.where(live, seen / stored.clamp_min(1), 0).sum(1) / count.clamp_min(1)
+        for i, ratio, n in zip(index, *torch.stack([mean, count]).tolist()):
+            if n:
+                ratios[i] = ratio
+    return ratios
 
 
 class DMSCacheLayer(CacheLayerMixin):
@@ -403,6 +449,7 @@ class DMSCacheLayer(CacheLayerMixin):
         self.preallocate_for_tokens, self.allow_growth = preallocate_for_tokens, allow_growth
         self.paged = None
         self.tokens_fed = 0  # positions fed, padding included: what HF masks and positions count
+        self._scratch = None  # (token_slots, lse) of decode steps, see _step_scratch
 
     def lazy_initialization(self, key_states, value_states=None):
         B, H, _, D = key_states.shape
@@ -424,8 +471,11 @@ class DMSCacheLayer(CacheLayerMixin):
             self.lazy_initialization(k, v)
         n = k.shape[2]
         if n == 1:
-            self.paged.append(k, v, decisions, key_padding)
-            o, _ = self.paged.decode_attention(q, scale)
+            # token_slots and lse are not used: buffers kept between steps
+            # spare two allocations per layer and token.
+            slots, lse = self._step_scratch(q)
+            self.paged.append(k, v, decisions, key_padding, token_slots=slots)
+            o, _ = self.paged.decode_attention(q, scale, lse=lse)
             if key_padding is not None:  # a padding position is not a token: its output is 0
                 o = o.masked_fill(key_padding.view(-1, 1, 1, 1), 0)
         else:
@@ -433,6 +483,17 @@ class DMSCacheLayer(CacheLayerMixin):
             self.paged.append(k, v, decisions, key_padding)
         self.tokens_fed += n
         return o
+
+    def _step_scratch(self, q):
+        """token_slots [B, H, 1] int32 and lse [B, H*G, 1] float32 for a
+        decode step, reallocated only when the shapes change (beam search
+        reorders keep them)."""
+        B, HG = q.shape[:2]
+        scratch = self._scratch
+        if scratch is None or scratch[1].shape[:2] != (B, HG):
+            scratch = self._scratch = (torch.empty(B, self.paged.num_kv_heads, 1, dtype=torch.int32, device=q.device),
+                                       torch.empty(B, HG, 1, dtype=torch.float32, device=q.device))
+        return scratch
 
     def update(self, key_states, value_states, *args, **kwargs):
         raise NotImplementedError(
@@ -520,11 +581,13 @@ class DMSCache(Cache):
 
     def compression_ratios(self) -> list:
         """Tokens seen / tokens stored per layer (1.0 for a layer not used yet)."""
-        return [layer.compression_ratio() for layer in self.layers]
+        used = [layer.paged for layer in self.layers if layer.is_initialized]
+        ratios = iter(_compression_ratios(used))
+        return [next(ratios) if layer.is_initialized else 1.0 for layer in self.layers]
 
     def compression_ratio(self) -> float:
         """The mean of `compression_ratios` over the layers that hold tokens."""
-        used = [layer.compression_ratio() for layer in self.layers if layer.is_initialized]
+        used = _compression_ratios([layer.paged for layer in self.layers if layer.is_initialized])
         return sum(used) / len(used) if used else 1.0
 
     def bytes_in_use(self) -> int:

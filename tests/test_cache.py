@@ -350,3 +350,124 @@ def test_dms_cache_drives_layers_like_generate_does():
         cache.update(k, v, 0)
     cache.reset()
     assert cache.get_seq_length() == 0 and cache.compression_ratio() == 1.0
+
+
+# ---- the cache tensors imported once (_C.CacheViews) ---------------------------
+
+
+def test_cache_views_are_reused_until_a_state_tensor_is_replaced():
+    cache = PagedLayerCache(1, 2, 4, 3, page_size=2, dtype=torch.float32)
+    k = torch.randn(1, 2, 1, 4)
+    keep = torch.zeros(1, 2, 1, dtype=torch.bool)
+    cache.append(k, k, keep)
+    views = cache._views
+    assert isinstance(views, dms._C.CacheViews) and views.holds(cache._state())
+    cache.decode_attention(torch.randn(1, 4, 1, 4))
+    assert cache._views is views  # reused, not imported again
+    assert not views.holds(cache._state(), 7)  # another stream
+    assert not views.holds(cache._state()[:8]) and not views.holds(list(cache._state()))
+    # Replaced from outside: the identity check notices, the op writes into the new tensor.
+    old_seen = cache.row_seen
+    cache.row_seen = old_seen.clone()
+    assert not views.holds(cache._state())
+    cache.append(k, k, keep)
+    assert cache._views is not views
+    assert cache.row_seen.tolist() == [2, 2] and old_seen.tolist() == [1, 1]
+    # Pool growth replaces the pool: imported again, contents kept.
+    views = cache._views
+    for _ in range(6):
+        cache.append(k, k, keep)
+    assert cache._views is not views and cache.k_pages.shape[0] > 2
+    assert torch.equal(cache.k_pages[0, 0], k[0, 0, 0])
+
+
+def test_cache_views_give_the_same_results_as_the_tuple():
+    from dms import _C
+
+    B, H, G, D = 2, 2, 2, 16
+    q, k, v, alpha, padding = _sequence(B, H, G, 40, D, seed=11)
+    cache = PagedLayerCache(B, H, D, 8, page_size=4, dtype=torch.float32)
+    cache.append(k, v, alpha, padding)
+    qd = q[:, :, -1:].contiguous()
+    outs = []
+    for state in (cache._state(), _C.CacheViews(cache._state())):
+        o, lse = torch.empty_like(qd), torch.empty(B, H * G, 1)
+        _C.attn_decode(state, 8, qd, 0.25, o, lse, None)
+        outs.append((o, lse))
+    assert torch.equal(outs[0][0], outs[1][0]) and torch.equal(outs[0][1], outs[1][1])
+
+
+def test_cache_views_bad_input_is_named():
+    from dms import _C
+
+    cache = PagedLayerCache(1, 2, 4, 3, page_size=2, dtype=torch.float32)
+    with pytest.raises(TypeError, match=r"^cache: expected a tuple of 9 tensors .* or a CacheViews of one, got int"):
+        _C.CacheViews(42)
+    with pytest.raises(TypeError, match=r"^cache: expected a tuple of 9 tensors"):
+        _C.CacheViews(cache._state()[:8])
+    with pytest.raises(TypeError, match=r"^cache.row_seen: expected a tensor supporting DLPack"):
+        _C.CacheViews(cache._state()[:5] + ("row_seen",) + cache._state()[6:])
+    with pytest.raises(BufferError, match=r"^cache.window: "):  # torch refuses to export it
+        _C.CacheViews(cache._state()[:6] + (cache.window.float().requires_grad_(),) + cache._state()[7:])
+    # The views hold whatever DLPack gives; the op checks them at every call.
+    state = cache._state()
+    views = _C.CacheViews(state[:2] + (state[2].float(),) + state[3:])
+    q, o, lse = torch.randn(1, 4, 1, 4), torch.empty(1, 4, 1, 4), torch.empty(1, 4, 1)
+    with pytest.raises(TypeError, match=r"^cache.slot_limit: expected dtype int32, got float32"):
+        _C.attn_decode(views, 3, q, 0.5, o, lse, None)
+    views = _C.CacheViews(state)
+    with pytest.raises(TypeError, match=r"^q: expected dtype float32, got bfloat16"):
+        _C.attn_decode(views, 3, q.bfloat16(), 0.5, o, lse, None)
+    with pytest.raises(ValueError, match=r"^lse: a tensor is required, got None"):
+        _C.attn_decode(views, 3, q, 0.5, o, None, None)
+
+
+def test_preallocated_outputs_are_written():
+    cache = PagedLayerCache(1, 2, 4, 3, page_size=2, dtype=torch.float32)
+    k = torch.randn(1, 2, 3, 4)
+    slots = torch.full((1, 2, 3), 99, dtype=torch.int32)
+    assert cache.append(k, k, torch.zeros(1, 2, 3, dtype=torch.bool), token_slots=slots) is slots
+    assert bool((slots >= 0).all()) and slots.unique().numel() == 6  # six tokens, six slots
+    q = torch.randn(1, 4, 1, 4)
+    want_o, want_lse = cache.decode_attention(q)
+    o, lse = torch.empty_like(want_o), torch.empty_like(want_lse)
+    got_o, got_lse = cache.decode_attention(q, o=o, lse=lse)
+    assert got_o is o and got_lse is lse
+    assert torch.equal(o, want_o) and torch.equal(lse, want_lse)
+
+
+def test_decode_steps_after_the_batch_changes():
+    """DMSCacheLayer keeps token_slots and lse buffers between decode steps;
+    a reorder that changes the batch size must not reuse them."""
+    from dms.cache import DMSCacheLayer
+
+    B, H, G, D, w = 2, 2, 2, 8, 3
+    q, k, v, alpha, padding = _sequence(B, H, G, 14, D, seed=9, left_pad=False)
+    one, two = DMSCacheLayer(w, 2), DMSCacheLayer(w, 2)
+    for layer in (one, two):
+        layer.attend(q[:, :, :12], k[:, :, :12], v[:, :, :12], alpha[:, :, :12])
+        layer.attend(q[:, :, 12:13], k[:, :, 12:13], v[:, :, 12:13], alpha[:, :, 12:13])
+    two.batch_repeat_interleave(2)
+    rep = torch.tensor([0, 0, 1, 1])
+    sl = slice(13, 14)
+    want = one.attend(q[:, :, sl], k[:, :, sl], v[:, :, sl], alpha[:, :, sl])
+    got = two.attend(q[rep, :, sl], k[rep, :, sl], v[rep, :, sl], alpha[rep, :, sl])
+    assert torch.equal(got, want[rep])
+
+
+@pytest.mark.cuda
+def test_cuda_cache_views_belong_to_one_stream():
+    from dms import _C
+
+    cache = PagedLayerCache(1, 2, 4, 3, page_size=2, dtype=torch.float32, device="cuda")
+    q = torch.randn(1, 4, 1, 4, device="cuda")
+    o, lse = torch.empty_like(q), torch.empty(1, 4, 1, device="cuda")
+    side = torch.cuda.Stream()
+    views = _C.CacheViews(cache._state(), stream=side.cuda_stream)
+    with pytest.raises(ValueError, match=r"^cache: its CacheViews were exported for CUDA stream"):
+        _C.attn_decode(views, 3, q, 0.5, o, lse, None, stream=torch.cuda.current_stream().cuda_stream)
+    with torch.cuda.stream(side):  # the Python cache imports again for the stream it runs on
+        k = torch.randn(1, 2, 1, 4, device="cuda")
+        cache.append(k, k, torch.zeros(1, 2, 1, dtype=torch.bool, device="cuda"))
+        assert cache._views.holds(cache._state(), side.cuda_stream)
+    torch.cuda.synchronize()

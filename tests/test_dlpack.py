@@ -198,3 +198,46 @@ def test_forged_deleters_balance_over_many_calls():
     for _ in range(2000):
         _gate_into(forged, a)
     assert forged.deleted == 2000
+
+
+def _forged_cache_state():
+    """The nine state tensors of a small float32 cache, each exported by a
+    ForgedTensor over the same memory."""
+    from dms.cache import PagedLayerCache
+
+    cache = PagedLayerCache(1, 2, 4, 3, page_size=2, dtype=torch.float32)
+    k = torch.randn(1, 2, 3, 4)
+    cache.append(k, k, torch.zeros(1, 2, 3, dtype=torch.bool))
+    return cache, tuple(ForgedTensor(t.numpy()) for t in cache._state())
+
+
+def test_cache_views_hold_their_exports_until_deleted():
+    cache, forged = _forged_cache_state()
+    views = _C.CacheViews(forged)
+    assert views.holds(forged) and not views.holds(cache._state())
+    assert [f.requests for f in forged] == [[{"max_version": (1, 0)}]] * 9
+    assert [f.deleted for f in forged] == [0] * 9
+    q = torch.randn(1, 4, 1, 4)
+    o, lse = torch.empty(1, 4, 1, 4), torch.empty(1, 4, 1)
+    for _ in range(3):
+        _C.attn_decode(views, 3, q, 0.5, o, lse, None)
+    want, _ = cache.decode_attention(q, scale=0.5)
+    assert torch.equal(o, want)
+    assert [len(f.requests) for f in forged] == [1] * 9  # not exported again per call
+    del views
+    gc.collect()
+    assert [f.deleted for f in forged] == [1] * 9
+
+
+def test_cpu_cache_calls_skip_the_device_query():
+    """With the cache on the CPU, the call's other tensors are exported
+    without a stream (and without asking their device); one that lives on
+    a GPU is then refused by the device check, before anything runs."""
+    cache, _ = _forged_cache_state()
+    q = ForgedTensor(np.ones((1, 4, 1, 4), np.float32), device=(DL_CUDA, 0))
+    o, lse = torch.empty(1, 4, 1, 4), torch.empty(1, 4, 1)
+    with pytest.raises(ValueError, match=r"^q: expected device cpu:0 \(the device of cache.k_pages\), got cuda:0"):
+        _C.attn_decode(cache._state(), 3, q, 0.5, o, lse, None)
+    assert q.requests == [{"max_version": (1, 0)}] and q.deleted == 1
+    with pytest.raises(TypeError, match=r"^q: expected a tensor supporting DLPack .*, got str"):
+        _C.attn_decode(_C.CacheViews(cache._state()), 3, "q", 0.5, o, lse, None)

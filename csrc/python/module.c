@@ -8,7 +8,9 @@
  * (torch.Tensor, numpy.ndarray, ...) or a raw DLPack capsule. The
  * versioned protocol (>= 1.0) is asked for first, the legacy one is the
  * fallback. A capsule is consumed by renaming it to "used_..." and its
- * deleter is called once the op returns.
+ * deleter is called once the op returns, except in a CacheViews (the
+ * cache's nine tensors imported once, for every op of a decode step),
+ * which releases them when it dies.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -35,6 +37,15 @@ typedef struct {
     PyObject *cuda_error;             /* the CUDA runtime failed         */
     PyObject *cuda_unavailable_error; /* CUDA tensor, CPU-only build     */
     PyObject *pool_error;             /* the page pool must grow         */
+    PyTypeObject *cache_views_type;   /* _C.CacheViews                   */
+    /* Constants of the DLPack calls, made once: a call per tensor should
+     * not build names, dicts and tuples (they also wake the cyclic GC). */
+    PyObject *str_dlpack;             /* "__dlpack__"                    */
+    PyObject *str_dlpack_device;      /* "__dlpack_device__"             */
+    PyObject *max_version;            /* (major, minor) dms reads        */
+    PyObject *kw_version;             /* ("max_version",)                */
+    PyObject *kw_stream_version;      /* ("stream", "max_version")       */
+    PyObject *kw_stream;              /* ("stream",)                     */
 } module_state;
 
 static module_state *get_state(PyObject *module)
@@ -168,71 +179,71 @@ static void prefix_error(const char *name)
 /*
  * Asks `obj` for a DLPack capsule, versioned first. New reference; on
  * failure the exception does not name the argument yet.
+ *
+ * `cpu_call`: the call's device is already known to be the CPU (its cache
+ * lives there). Then __dlpack_device__ is not asked (on a torch CPU tensor
+ * it costs about as much as the export itself) and no stream is passed: a
+ * tensor that turns out to live elsewhere is refused by the op's device
+ * check before anything runs, so no stream ordering is needed for it.
  */
-static PyObject *export_capsule(PyObject *obj, unsigned long long stream)
+static PyObject *export_capsule(const module_state *st, PyObject *obj,
+                                unsigned long long stream, int cpu_call)
 {
     if (PyCapsule_CheckExact(obj)) {
         Py_INCREF(obj);
         return obj;
     }
-    PyObject *device = PyObject_CallMethod(obj, "__dlpack_device__", NULL);
-    if (device == NULL) {
-        if (PyErr_ExceptionMatches(PyExc_AttributeError)) {
-            PyErr_Clear();
-            PyErr_Format(PyExc_TypeError,
-                         "expected a tensor supporting DLPack "
-                         "(torch.Tensor, numpy.ndarray, ...), got %.100s",
-                         Py_TYPE(obj)->tp_name);
-        }
-        return NULL;
+    long device_type = DMS_DL_CPU;
+    if (!cpu_call) {
+        PyObject *device = PyObject_VectorcallMethod(st->str_dlpack_device,
+                                                     &obj, 1, NULL);
+        if (device == NULL)
+            goto not_dlpack;
+        device_type = -1;
+        if (PyTuple_Check(device) && PyTuple_GET_SIZE(device) == 2)
+            device_type = PyLong_AsLong(PyTuple_GET_ITEM(device, 0));
+        Py_DECREF(device);
+        if (device_type == -1 && PyErr_Occurred())
+            return NULL;
     }
-    long device_type = -1;
-    if (PyTuple_Check(device) && PyTuple_GET_SIZE(device) == 2)
-        device_type = PyLong_AsLong(PyTuple_GET_ITEM(device, 0));
-    Py_DECREF(device);
-    if (device_type == -1 && PyErr_Occurred())
-        return NULL;
-
-    PyObject *method = PyObject_GetAttrString(obj, "__dlpack__");
-    if (method == NULL)
-        return NULL;
-    PyObject *kwargs = PyDict_New();
-    PyObject *capsule = NULL;
-    if (kwargs == NULL)
-        goto done;
+    /* __dlpack__(stream=..., max_version=...) as a vectorcall: args[0] is
+     * the tensor, then the keyword values named by the kwnames tuple. */
+    PyObject *args[3] = {obj, NULL, NULL};
+    PyObject *kw_both = st->kw_version, *kw_legacy = NULL;
+    size_t nkw = 0;
     if (device_type == DMS_DL_CUDA || device_type == DMS_DL_CUDA_MANAGED) {
         /* The producer makes its work visible on our stream. In the DLPack
          * protocol 1 names the legacy default stream (0 is reserved). */
-        PyObject *s = PyLong_FromUnsignedLongLong(stream == 0 ? 1 : stream);
-        if (s == NULL || PyDict_SetItemString(kwargs, "stream", s) < 0) {
-            Py_XDECREF(s);
-            goto done;
-        }
-        Py_DECREF(s);
+        args[1] = PyLong_FromUnsignedLongLong(stream == 0 ? 1 : stream);
+        if (args[1] == NULL)
+            return NULL;
+        nkw = 1;
+        kw_both = st->kw_stream_version;
+        kw_legacy = st->kw_stream;
     }
-    PyObject *version = Py_BuildValue("(ii)", DMS_DLPACK_MAJOR,
-                                      DMS_DLPACK_MINOR);
-    if (version == NULL ||
-        PyDict_SetItemString(kwargs, "max_version", version) < 0) {
-        Py_XDECREF(version);
-        goto done;
-    }
-    Py_DECREF(version);
-    PyObject *empty = PyTuple_New(0);
-    if (empty == NULL)
-        goto done;
-    capsule = PyObject_Call(method, empty, kwargs);
+    args[1 + nkw] = st->max_version;
+    PyObject *capsule = PyObject_VectorcallMethod(st->str_dlpack, args,
+                                                  1, kw_both);
     if (capsule == NULL && PyErr_ExceptionMatches(PyExc_TypeError)) {
         /* A pre-1.0 producer does not know max_version. */
         PyErr_Clear();
-        if (PyDict_DelItemString(kwargs, "max_version") == 0)
-            capsule = PyObject_Call(method, empty, kwargs);
+        capsule = PyObject_VectorcallMethod(st->str_dlpack, args, 1,
+                                            kw_legacy);
     }
-    Py_DECREF(empty);
-done:
-    Py_XDECREF(kwargs);
-    Py_DECREF(method);
+    if (nkw)
+        Py_DECREF(args[1]);
+    if (capsule == NULL && cpu_call)
+        goto not_dlpack;
     return capsule;
+not_dlpack:
+    if (PyErr_ExceptionMatches(PyExc_AttributeError)) {
+        PyErr_Clear();
+        PyErr_Format(PyExc_TypeError,
+                     "expected a tensor supporting DLPack "
+                     "(torch.Tensor, numpy.ndarray, ...), got %.100s",
+                     Py_TYPE(obj)->tp_name);
+    }
+    return NULL;
 }
 
 /*
@@ -240,10 +251,12 @@ done:
  * -1 with an exception set naming `name`. Rank, dtype set, shape and
  * device agreement are checked later by the C op itself.
  */
-static int import_tensor(PyObject *obj, const char *name, int is_output,
-                         unsigned long long stream, tensor_arg *arg)
+static int import_tensor(const module_state *st, PyObject *obj,
+                         const char *name, int is_output,
+                         unsigned long long stream, int cpu_call,
+                         tensor_arg *arg)
 {
-    PyObject *capsule = export_capsule(obj, stream);
+    PyObject *capsule = export_capsule(st, obj, stream, cpu_call);
     if (capsule == NULL) {
         prefix_error(name); /* e.g. the producer's BufferError */
         return -1;
@@ -460,13 +473,13 @@ typedef struct {
     const dms_tensor *views[MAX_TENSOR_ARGS];
 } tensor_args;
 
-/* Imports objs[i] per specs[i]; -1 with an exception set naming the
- * argument. Call release_all afterwards in every case. */
-static int import_all(const tensor_spec *specs, PyObject *const *objs, int n,
-                      unsigned long long stream, tensor_args *out)
+/* Imports objs[i] per specs[i] into out->args[first + i]; -1 with an
+ * exception set naming the argument. `cpu_call` as in export_capsule. */
+static int import_range(const module_state *st, const tensor_spec *specs,
+                        PyObject *const *objs, int n,
+                        unsigned long long stream, int cpu_call,
+                        tensor_args *out, int first)
 {
-    memset(out, 0, sizeof *out);
-    out->count = n;
     for (int i = 0; i < n; ++i) {
         if (objs[i] == Py_None) {
             if (!specs[i].optional) {
@@ -476,12 +489,25 @@ static int import_all(const tensor_spec *specs, PyObject *const *objs, int n,
             }
             continue;
         }
-        if (import_tensor(objs[i], specs[i].name, specs[i].is_output, stream,
-                          &out->args[i]) < 0)
+        tensor_arg *arg = &out->args[first + i];
+        if (import_tensor(st, objs[i], specs[i].name, specs[i].is_output,
+                          stream, cpu_call, arg) < 0)
             return -1;
-        out->views[i] = &out->args[i].view;
+        out->views[first + i] = &arg->view;
     }
     return 0;
+}
+
+/* Imports objs[i] per specs[i]; -1 with an exception set naming the
+ * argument. Call release_all afterwards in every case. */
+static int import_all(PyObject *module, const tensor_spec *specs,
+                      PyObject *const *objs, int n,
+                      unsigned long long stream, tensor_args *out)
+{
+    memset(out, 0, sizeof *out);
+    out->count = n;
+    return import_range(get_state(module), specs, objs, n, stream, 0, out,
+                        0);
 }
 
 static void release_all(tensor_args *t)
@@ -523,7 +549,7 @@ static PyObject *py_gate_forward(PyObject *module, PyObject *args,
                                      &o[3], &o[4], &num_threads, &stream))
         return NULL;
     tensor_args t;
-    if (import_all(specs, o, 5, stream, &t) < 0) {
+    if (import_all(module, specs, o, 5, stream, &t) < 0) {
         release_all(&t);
         return NULL;
     }
@@ -549,7 +575,7 @@ static PyObject *py_gate_backward(PyObject *module, PyObject *args,
                                      &tau, &o[4], &num_threads, &stream))
         return NULL;
     tensor_args t;
-    if (import_all(specs, o, 5, stream, &t) < 0) {
+    if (import_all(module, specs, o, 5, stream, &t) < 0) {
         release_all(&t);
         return NULL;
     }
@@ -577,7 +603,7 @@ static PyObject *py_attn_train_forward(PyObject *module, PyObject *args,
             &num_threads, &stream))
         return NULL;
     tensor_args t;
-    if (import_all(specs, o, 7, stream, &t) < 0) {
+    if (import_all(module, specs, o, 7, stream, &t) < 0) {
         release_all(&t);
         return NULL;
     }
@@ -611,7 +637,7 @@ static PyObject *py_attn_train_backward(PyObject *module, PyObject *args,
             &o[7], &o[8], &o[9], &o[10], &o[11], &num_threads, &stream))
         return NULL;
     tensor_args t;
-    if (import_all(specs, o, 12, stream, &t) < 0) {
+    if (import_all(module, specs, o, 12, stream, &t) < 0) {
         release_all(&t);
         return NULL;
     }
@@ -651,7 +677,7 @@ static PyObject *py_logistic_noise(PyObject *module, PyObject *args,
     }
     static const tensor_spec specs[] = {{"out", 1, 0}};
     tensor_args t;
-    if (import_all(specs, &oout, 1, stream, &t) < 0) {
+    if (import_all(module, specs, &oout, 1, stream, &t) < 0) {
         release_all(&t);
         return NULL;
     }
@@ -673,32 +699,191 @@ static const tensor_spec cache_specs[] = {
     {"cache.free_count", 1, 0}};
 #define CACHE_TENSORS 9
 
-/* Imports the cache tuple into t (first CACHE_TENSORS entries) and the
- * op's other tensors after it; fills `cache`. */
-static int import_cache_call(PyObject *state, long long window_size,
-                             const tensor_spec *specs, PyObject *const *objs,
-                             int n, unsigned long long stream, tensor_args *t,
+/*
+ * _C.CacheViews(cache, *, stream=0): the nine cache tensors imported once.
+ *
+ * Every op of a decode step hands over the same pool, page table and
+ * counters. Importing them anew per call cost nine DLPack exports, about
+ * 40 us on a CPU: more than the attention over a 512-slot row. This object
+ * keeps the exports (so their producers keep the memory alive), the tensor
+ * objects themselves and the stream they were exported for. An op given it
+ * reuses the views; the C API still checks their dtypes, shapes and devices
+ * at every call. `holds(cache, stream)` says whether it still stands for a
+ * tuple (the same objects, the same stream), so dms.cache imports again
+ * after it replaced a tensor (pool growth, select_rows). A tensor whose
+ * memory is swapped in place (torch's resize_ or set_) is not noticed; the
+ * cache never does that to its tensors.
+ */
+typedef struct {
+    PyObject_HEAD
+    PyObject *objects[CACHE_TENSORS]; /* the tensors imported, owned       */
+    unsigned long long stream;       /* the stream they were exported for */
+    tensor_args imported;            /* args[0..8]: their exports         */
+} cache_views_object;
+
+static int cache_views_clear(PyObject *self)
+{
+    cache_views_object *cv = (cache_views_object *)self;
+    release_all(&cv->imported);
+    cv->imported.count = 0;
+    for (int i = 0; i < CACHE_TENSORS; ++i)
+        Py_CLEAR(cv->objects[i]);
+    return 0;
+}
+
+static int cache_views_traverse(PyObject *self, visitproc visit, void *arg)
+{
+    cache_views_object *cv = (cache_views_object *)self;
+    Py_VISIT(Py_TYPE(self));
+    for (int i = 0; i < CACHE_TENSORS; ++i)
+        Py_VISIT(cv->objects[i]);
+    return 0;
+}
+
+static void cache_views_dealloc(PyObject *self)
+{
+    PyTypeObject *type = Py_TYPE(self);
+    PyObject_GC_UnTrack(self);
+    cache_views_clear(self);
+    type->tp_free(self);
+    Py_DECREF(type);
+}
+
+static int check_cache_tuple(PyObject *state)
+{
+    if (PyTuple_Check(state) && PyTuple_GET_SIZE(state) == CACHE_TENSORS)
+        return 0;
+    PyErr_Format(PyExc_TypeError, "cache: expected a tuple of %d tensors "
+                 "(k_pages, v_pages, slot_limit, page_table, row_slots, "
+                 "row_seen, window, free_pages, free_count) or a CacheViews "
+                 "of one, got %.100s", CACHE_TENSORS, Py_TYPE(state)->tp_name);
+    return -1;
+}
+
+static PyObject *cache_views_new(PyTypeObject *type, PyObject *args,
+                                 PyObject *kwargs)
+{
+    static char *keywords[] = {"cache", "stream", NULL};
+    PyObject *state;
+    unsigned long long stream = 0;
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "O|$K:CacheViews",
+                                     keywords, &state, &stream))
+        return NULL;
+    if (check_cache_tuple(state) < 0)
+        return NULL;
+    cache_views_object *cv = (cache_views_object *)type->tp_alloc(type, 0);
+    if (cv == NULL)
+        return NULL;
+    cv->stream = stream;
+    cv->imported.count = CACHE_TENSORS;
+    PyObject *objs[CACHE_TENSORS];
+    for (int i = 0; i < CACHE_TENSORS; ++i) {
+        objs[i] = PyTuple_GET_ITEM(state, i);
+        cv->objects[i] = Py_NewRef(objs[i]);
+    }
+    const module_state *st = get_state(PyType_GetModule(type));
+    if (import_range(st, cache_specs, objs, CACHE_TENSORS, stream, 0,
+                     &cv->imported, 0) < 0) {
+        Py_DECREF(cv);
+        return NULL;
+    }
+    return (PyObject *)cv;
+}
+
+static PyObject *cache_views_holds(PyObject *self, PyObject *const *args,
+                                   Py_ssize_t nargs)
+{
+    cache_views_object *cv = (cache_views_object *)self;
+    if (nargs < 1 || nargs > 2)
+        return PyErr_Format(PyExc_TypeError, "holds(cache, stream=0): "
+                            "expected 1 or 2 arguments, got %zd", nargs);
+    unsigned long long stream = 0;
+    if (nargs == 2) {
+        stream = PyLong_AsUnsignedLongLong(args[1]);
+        if (stream == (unsigned long long)-1 && PyErr_Occurred())
+            return NULL;
+    }
+    PyObject *state = args[0];
+    if (stream != cv->stream || !PyTuple_Check(state) ||
+        PyTuple_GET_SIZE(state) != CACHE_TENSORS)
+        Py_RETURN_FALSE;
+    for (int i = 0; i < CACHE_TENSORS; ++i)
+        if (PyTuple_GET_ITEM(state, i) != cv->objects[i])
+            Py_RETURN_FALSE;
+    Py_RETURN_TRUE;
+}
+
+static PyMethodDef cache_views_methods[] = {
+    {"holds", (PyCFunction)(void (*)(void))cache_views_holds, METH_FASTCALL,
+     "holds(cache, stream=0)\nTrue if these views were imported from the "
+     "very tensors of the tuple\n`cache` (identity, not equality) for "
+     "`stream`."},
+    {NULL, NULL, 0, NULL}};
+
+static PyType_Slot cache_views_slots[] = {
+    {Py_tp_new, cache_views_new},
+    {Py_tp_dealloc, cache_views_dealloc},
+    {Py_tp_traverse, cache_views_traverse},
+    {Py_tp_clear, cache_views_clear},
+    {Py_tp_methods, cache_views_methods},
+    {Py_tp_doc,
+     "CacheViews(cache, *, stream=0)\nThe nine cache tensors (k_pages, "
+     "v_pages, slot_limit, page_table,\nrow_slots, row_seen, window, "
+     "free_pages, free_count) imported once\nthrough DLPack; the cache ops "
+     "take it in place of the tuple and skip\nthe nine exports per call. "
+     "Keeps the tensors alive."},
+    {0, NULL}};
+
+static PyType_Spec cache_views_spec = {
+    .name = "dms._C.CacheViews",
+    .basicsize = sizeof(cache_views_object),
+    .flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC,
+    .slots = cache_views_slots,
+};
+
+/* Fills t->views[0..8] from `state` (a CacheViews, or a tuple imported
+ * here), then imports the op's other tensors after them; fills `cache`.
+ * Once the cache's device is known to be the CPU, the other tensors skip
+ * the device query (export_capsule). */
+static int import_cache_call(PyObject *module, PyObject *state,
+                             long long window_size, const tensor_spec *specs,
+                             PyObject *const *objs, int n,
+                             unsigned long long stream, tensor_args *t,
                              dms_cache *cache)
 {
     memset(t, 0, sizeof *t);
-    if (!PyTuple_Check(state) || PyTuple_GET_SIZE(state) != CACHE_TENSORS) {
-        PyErr_Format(PyExc_TypeError, "cache: expected a tuple of %d tensors "
-                     "(k_pages, v_pages, slot_limit, page_table, row_slots, "
-                     "row_seen, window, free_pages, free_count)",
-                     CACHE_TENSORS);
-        return -1;
+    t->count = CACHE_TENSORS + n;
+    const module_state *st = get_state(module);
+    if (Py_IS_TYPE(state, st->cache_views_type)) {
+        const cache_views_object *cv = (const cache_views_object *)state;
+        if (cv->imported.views[0]->device_type == DMS_CUDA &&
+            cv->stream != stream) {
+            PyErr_Format(PyExc_ValueError, "cache: its CacheViews were "
+                         "exported for CUDA stream %llu, the call runs on "
+                         "stream %llu; import them again for this stream",
+                         cv->stream, stream);
+            return -1;
+        }
+        /* Borrowed: t->args[0..8] stay empty, so release_all skips them. */
+        for (int i = 0; i < CACHE_TENSORS; ++i)
+            t->views[i] = cv->imported.views[i];
+    } else {
+        if (check_cache_tuple(state) < 0)
+            return -1;
+        PyObject *cache_objs[CACHE_TENSORS];
+        for (int i = 0; i < CACHE_TENSORS; ++i)
+            cache_objs[i] = PyTuple_GET_ITEM(state, i);
+        if (import_range(st, cache_specs, cache_objs, 1, stream, 0, t, 0) < 0)
+            return -1;
+        if (import_range(st, cache_specs + 1, cache_objs + 1,
+                         CACHE_TENSORS - 1,
+                         stream, t->views[0]->device_type == DMS_CPU, t,
+                         1) < 0)
+            return -1;
     }
-    tensor_spec all_specs[MAX_TENSOR_ARGS];
-    PyObject *all_objs[MAX_TENSOR_ARGS];
-    for (int i = 0; i < CACHE_TENSORS; ++i) {
-        all_specs[i] = cache_specs[i];
-        all_objs[i] = PyTuple_GET_ITEM(state, i);
-    }
-    for (int i = 0; i < n; ++i) {
-        all_specs[CACHE_TENSORS + i] = specs[i];
-        all_objs[CACHE_TENSORS + i] = objs[i];
-    }
-    if (import_all(all_specs, all_objs, CACHE_TENSORS + n, stream, t) < 0)
+    if (import_range(st, specs, objs, n, stream,
+                     t->views[0]->device_type == DMS_CPU, t,
+                     CACHE_TENSORS) < 0)
         return -1;
     const dms_tensor *const *v = t->views;
     cache->k_pages = v[0];
@@ -735,7 +920,7 @@ static PyObject *py_cache_append(PyObject *module, PyObject *args,
         return NULL;
     tensor_args t;
     dms_cache cache;
-    if (import_cache_call(state, window_size, specs, o, 5, stream, &t,
+    if (import_cache_call(module, state, window_size, specs, o, 5, stream, &t,
                           &cache) < 0) {
         release_all(&t);
         return NULL;
@@ -767,7 +952,7 @@ static PyObject *py_attn_prefill(PyObject *module, PyObject *args,
         return NULL;
     tensor_args t;
     dms_cache cache;
-    if (import_cache_call(state, window_size, specs, o, 7, stream, &t,
+    if (import_cache_call(module, state, window_size, specs, o, 7, stream, &t,
                           &cache) < 0) {
         release_all(&t);
         return NULL;
@@ -797,7 +982,7 @@ static PyObject *py_attn_decode(PyObject *module, PyObject *args,
         return NULL;
     tensor_args t;
     dms_cache cache;
-    if (import_cache_call(state, window_size, specs, o, 4, stream, &t,
+    if (import_cache_call(module, state, window_size, specs, o, 4, stream, &t,
                           &cache) < 0) {
         release_all(&t);
         return NULL;
@@ -832,13 +1017,13 @@ static PyObject *py_tensor_info(PyObject *module, PyObject *args,
     static char *keywords[] = {"tensor", "stream", NULL};
     PyObject *obj;
     unsigned long long stream = 0;
-    (void)module;
     if (!PyArg_ParseTupleAndKeywords(args, kwargs, "O|$K:tensor_info",
                                      keywords, &obj, &stream))
         return NULL;
     tensor_arg t = {0};
     PyObject *result = NULL, *shape = NULL, *strides = NULL;
-    if (import_tensor(obj, "tensor", 0, stream, &t) < 0)
+    if (import_tensor(get_state(module), obj, "tensor", 0, stream, 0,
+                      &t) < 0)
         goto cleanup;
     shape = int_tuple(t.view.shape, t.view.ndim);
     strides = int_tuple(t.view.strides, t.view.ndim);
@@ -981,7 +1166,8 @@ static PyMethodDef methods[] = {
      METH_VARARGS | METH_KEYWORDS,
      "cache_append(cache, window_size, k_new, v_new, decisions, key_padding,\n"
      "token_slots, *, num_threads=0, stream=0)\nAppends n tokens per row "
-     "with delayed eviction; see dms_cache_append."},
+     "with delayed eviction; see dms_cache_append.\n`cache`: the nine "
+     "cache tensors as a tuple or a CacheViews (so in\nevery cache op)."},
     {"attn_prefill", (PyCFunction)(void (*)(void))py_attn_prefill,
      METH_VARARGS | METH_KEYWORDS,
      "attn_prefill(cache, window_size, q, k_new, v_new, decisions,\n"
@@ -1038,6 +1224,23 @@ static int module_exec(PyObject *module)
     if (st->pool_error == NULL ||
         PyModule_AddObjectRef(module, "PoolExhaustedError", st->pool_error) < 0)
         return -1;
+    st->str_dlpack = PyUnicode_InternFromString("__dlpack__");
+    st->str_dlpack_device = PyUnicode_InternFromString("__dlpack_device__");
+    st->max_version = Py_BuildValue("(ii)", DMS_DLPACK_MAJOR,
+                                    DMS_DLPACK_MINOR);
+    st->kw_version = Py_BuildValue("(s)", "max_version");
+    st->kw_stream_version = Py_BuildValue("(ss)", "stream", "max_version");
+    st->kw_stream = Py_BuildValue("(s)", "stream");
+    if (st->str_dlpack == NULL || st->str_dlpack_device == NULL ||
+        st->max_version == NULL || st->kw_version == NULL ||
+        st->kw_stream_version == NULL || st->kw_stream == NULL)
+        return -1;
+    st->cache_views_type = (PyTypeObject *)PyType_FromModuleAndSpec(
+        module, &cache_views_spec, NULL);
+    if (st->cache_views_type == NULL ||
+        PyModule_AddObjectRef(module, "CacheViews",
+                              (PyObject *)st->cache_views_type) < 0)
+        return -1;
     return 0;
 }
 
@@ -1048,6 +1251,13 @@ static int module_traverse(PyObject *module, visitproc visit, void *arg)
     Py_VISIT(st->cuda_error);
     Py_VISIT(st->cuda_unavailable_error);
     Py_VISIT(st->pool_error);
+    Py_VISIT(st->cache_views_type);
+    Py_VISIT(st->str_dlpack);
+    Py_VISIT(st->str_dlpack_device);
+    Py_VISIT(st->max_version);
+    Py_VISIT(st->kw_version);
+    Py_VISIT(st->kw_stream_version);
+    Py_VISIT(st->kw_stream);
     return 0;
 }
 
@@ -1058,6 +1268,13 @@ static int module_clear(PyObject *module)
     Py_CLEAR(st->cuda_error);
     Py_CLEAR(st->cuda_unavailable_error);
     Py_CLEAR(st->pool_error);
+    Py_CLEAR(st->cache_views_type);
+    Py_CLEAR(st->str_dlpack);
+    Py_CLEAR(st->str_dlpack_device);
+    Py_CLEAR(st->max_version);
+    Py_CLEAR(st->kw_version);
+    Py_CLEAR(st->kw_stream_version);
+    Py_CLEAR(st->kw_stream);
     return 0;
 }
 
