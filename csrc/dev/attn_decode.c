@@ -18,6 +18,7 @@
 #include <time.h>
 
 #include "dms.h"
+#include "tests/host_view.h"
 
 enum { B = 1, H = 8, G = 4, D = 128, P = 256, W = 512, RUNS = 7 };
 
@@ -26,24 +27,6 @@ static double now(void)
     struct timespec t;
     clock_gettime(CLOCK_MONOTONIC, &t);
     return (double)t.tv_sec + 1e-9 * (double)t.tv_nsec;
-}
-
-static dms_tensor view(void *data, dms_dtype dtype, int ndim,
-                       const int64_t *shape)
-{
-    dms_tensor t;
-    memset(&t, 0, sizeof t);
-    t.data = data;
-    t.dtype = dtype;
-    t.device_type = DMS_CPU;
-    t.ndim = ndim;
-    int64_t stride = 1;
-    for (int d = ndim - 1; d >= 0; --d) {
-        t.shape[d] = shape[d];
-        t.strides[d] = stride;
-        stride *= shape[d];
-    }
-    return t;
 }
 
 static float bf16(uint16_t x)
@@ -111,22 +94,22 @@ int main(int argc, char **argv)
     const int64_t s_window[2] = {R, W + 1}, s_free[1] = {n_pages};
     const int64_t s_count[1] = {1}, s_q[4] = {B, H * G, 1, D};
     const int64_t s_lse[3] = {B, H * G, 1};
-    dms_tensor tk = view(k, DMS_BFLOAT16, 3, s_pages);
-    dms_tensor tv = view(v, DMS_BFLOAT16, 3, s_pages);
-    dms_tensor tl = view(slot_limit, DMS_INT32, 2, s_limit);
-    dms_tensor tt = view(table, DMS_INT32, 2, s_table);
-    dms_tensor ts = view(row_slots, DMS_INT32, 1, s_rows);
-    dms_tensor tn = view(row_seen, DMS_INT32, 1, s_rows);
-    dms_tensor tw = view(window, DMS_INT32, 2, s_window);
-    dms_tensor tf = view(free_pages, DMS_INT32, 1, s_free);
-    dms_tensor tc = view(&free_count, DMS_INT32, 1, s_count);
+    dms_tensor tk = host_view(k, DMS_BFLOAT16, 3, s_pages);
+    dms_tensor tv = host_view(v, DMS_BFLOAT16, 3, s_pages);
+    dms_tensor tl = host_view(slot_limit, DMS_INT32, 2, s_limit);
+    dms_tensor tt = host_view(table, DMS_INT32, 2, s_table);
+    dms_tensor ts = host_view(row_slots, DMS_INT32, 1, s_rows);
+    dms_tensor tn = host_view(row_seen, DMS_INT32, 1, s_rows);
+    dms_tensor tw = host_view(window, DMS_INT32, 2, s_window);
+    dms_tensor tf = host_view(free_pages, DMS_INT32, 1, s_free);
+    dms_tensor tc = host_view(&free_count, DMS_INT32, 1, s_count);
     static uint16_t q[H * G * D], o[H * G * D];
     static float lse[H * G];
     for (int i = 0; i < H * G * D; ++i)
         q[i] = to_bf16((float)rand() / RAND_MAX - 0.5f);
-    dms_tensor tq = view(q, DMS_BFLOAT16, 4, s_q);
-    dms_tensor to = view(o, DMS_BFLOAT16, 4, s_q);
-    dms_tensor tlse = view(lse, DMS_FLOAT32, 3, s_lse);
+    dms_tensor tq = host_view(q, DMS_BFLOAT16, 4, s_q);
+    dms_tensor to = host_view(o, DMS_BFLOAT16, 4, s_q);
+    dms_tensor tlse = host_view(lse, DMS_FLOAT32, 3, s_lse);
     const dms_cache cache = {&tk, &tv, &tl, &tt, &ts, &tn, &tw, &tf, &tc, W};
     const float scale = 1.0f / sqrtf((float)D);
 

@@ -18,6 +18,7 @@
 #include "dms.h"
 #include "core/internal.h"
 #include "core/scalar.h"
+#include "tests/host_view.h"
 
 static int passed, failed;
 
@@ -358,25 +359,6 @@ static void test_philox_and_noise(void)
     free(b);
 }
 
-/* An n-dim C-contiguous CPU view. */
-static dms_tensor view_n(void *data, dms_dtype dtype, int ndim,
-                         const int64_t *shape)
-{
-    dms_tensor v;
-    memset(&v, 0, sizeof v);
-    v.data = data;
-    v.dtype = dtype;
-    v.device_type = DMS_CPU;
-    v.ndim = ndim;
-    int64_t stride = 1;
-    for (int d = ndim - 1; d >= 0; --d) {
-        v.shape[d] = shape[d];
-        v.strides[d] = stride;
-        stride *= shape[d];
-    }
-    return v;
-}
-
 static float round_to(dms_dtype dtype, float x)
 {
     if (dtype == DMS_BFLOAT16)
@@ -462,19 +444,19 @@ static int decode_case(dms_dtype dtype, int64_t D, int64_t G, int64_t P,
     const int64_t s_table[2] = {H, max_pages}, s_rows[1] = {H};
     const int64_t s_window[2] = {H, 2}, s_free[1] = {n_pages}, s_one[1] = {1};
     const int64_t s_q[4] = {1, HG, 1, D}, s_lse[3] = {1, HG, 1};
-    dms_tensor tk = view_n(k_pages, dtype, 3, s_pages);
-    dms_tensor tv = view_n(v_pages, dtype, 3, s_pages);
-    dms_tensor tl = view_n(slot_limit, DMS_INT32, 2, s_limit);
-    dms_tensor tt = view_n(page_table, DMS_INT32, 2, s_table);
-    dms_tensor ts = view_n(row_slots, DMS_INT32, 1, s_rows);
-    dms_tensor tn = view_n(row_seen, DMS_INT32, 1, s_rows);
-    dms_tensor tw = view_n(window, DMS_INT32, 2, s_window);
-    dms_tensor tf = view_n(free_pages, DMS_INT32, 1, s_free);
-    dms_tensor tc = view_n(&free_count, DMS_INT32, 1, s_one);
+    dms_tensor tk = host_view(k_pages, dtype, 3, s_pages);
+    dms_tensor tv = host_view(v_pages, dtype, 3, s_pages);
+    dms_tensor tl = host_view(slot_limit, DMS_INT32, 2, s_limit);
+    dms_tensor tt = host_view(page_table, DMS_INT32, 2, s_table);
+    dms_tensor ts = host_view(row_slots, DMS_INT32, 1, s_rows);
+    dms_tensor tn = host_view(row_seen, DMS_INT32, 1, s_rows);
+    dms_tensor tw = host_view(window, DMS_INT32, 2, s_window);
+    dms_tensor tf = host_view(free_pages, DMS_INT32, 1, s_free);
+    dms_tensor tc = host_view(&free_count, DMS_INT32, 1, s_one);
     dms_cache cache = {&tk, &tv, &tl, &tt, &ts, &tn, &tw, &tf, &tc, 1};
-    dms_tensor tq = view_n(q_data, dtype, 4, s_q);
-    dms_tensor to = view_n(o, DMS_FLOAT32, 4, s_q);
-    dms_tensor tlse = view_n(lse, DMS_FLOAT32, 3, s_lse);
+    dms_tensor tq = host_view(q_data, dtype, 4, s_q);
+    dms_tensor to = host_view(o, DMS_FLOAT32, 4, s_q);
+    dms_tensor tlse = host_view(lse, DMS_FLOAT32, 3, s_lse);
     dms_exec ex = {2, NULL};
     const float scale = 1.0f / sqrtf((float)D);
 
