@@ -113,14 +113,15 @@ unsigned dms_cpu_features(void);
  * The CPU code path an op takes on this machine ("baseline" x86-64/other,
  * "avx2", "avx512"), chosen at load time from the CPU's features; NULL for
  * an unknown op name. Ops: "gate", "logistic_noise", "attn_train",
- * "attn_decode". attn_decode can also be "avx512bf16" (bfloat16 caches use
+ * "attn_prefill", "attn_decode". attn_decode can also be "avx512bf16" (bfloat16 caches use
  * the AVX512-BF16 dot product) and follows the DMS_DECODE_KERNEL variable
  * (auto | baseline | avx2 | avx512 | avx512bf16, read when the library
  * loads; a variant this CPU lacks makes decode fail, and is reported here
- * as "invalid DMS_DECODE_KERNEL"). attn_train is "avx512bf16" when
- * bfloat16 calls compute their score products with the AVX512-BF16 dot
- * product (the rest of the kernel and other dtypes run the avx512 code);
- * DMS_ATTN_TRAIN_BF16DOT=off, read when the library loads, turns that off.
+ * as "invalid DMS_DECODE_KERNEL"). attn_train and attn_prefill are
+ * "avx512bf16" when bfloat16 calls compute their score products with the
+ * AVX512-BF16 dot product (the rest of the kernel and other dtypes run the
+ * avx512 code); DMS_BF16DOT=off, read when the library loads, turns that
+ * off.
  */
 const char *dms_cpu_kernel(const char *op);
 /* Threads an OpenMP region would use by default (1 without OpenMP). */

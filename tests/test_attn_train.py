@@ -103,25 +103,26 @@ def test_forward_and_gradients_match_oracle(case, dtype, device):
     assert torch.all(ins[3].grad[..., 0] == 0)  # no key precedes token 0
 
 
-@pytest.mark.skipif(os.environ.get("DMS_ATTN_TRAIN_BF16DOT") in ("off", "0"), reason="already the float32 path")
+@pytest.mark.skipif(os.environ.get("DMS_BF16DOT") in ("off", "0"), reason="already the float32 path")
 @pytest.mark.skipif(dms.build_info()["sanitized"], reason="its subprocess would load the unsanitized build")
 def test_bfloat16_float32_score_path():
-    """bfloat16 scores run on vdpbf16ps where the CPU has AVX512-BF16; the
-    oracle tests again with DMS_ATTN_TRAIN_BF16DOT=off cover the float32
-    products every other CPU takes."""
-    feats = dms.build_info()["cpu_features"]
-    assert dms.build_info()["cpu_kernels"]["attn_train"] == (
-        "avx512bf16" if "avx512bf16" in feats else dms.build_info()["cpu_kernels"]["gate"])
-    env = {**os.environ, "DMS_ATTN_TRAIN_BF16DOT": "off"}
+    """bfloat16 scores of the training attention and of prefill run on
+    vdpbf16ps where the CPU has AVX512-BF16; their oracle tests again with
+    DMS_BF16DOT=off cover the float32 products every other CPU takes."""
+    info = dms.build_info()
+    want = "avx512bf16" if "avx512bf16" in info["cpu_features"] else info["cpu_kernels"]["gate"]
+    assert info["cpu_kernels"]["attn_train"] == info["cpu_kernels"]["attn_prefill"] == want
+    env = {**os.environ, "DMS_BF16DOT": "off"}
     probe = subprocess.run([sys.executable, "-c", "import dms; print(dms.build_info()['cpu_kernels']['attn_train'])"],
                            cwd=ROOT, env=env, capture_output=True, text=True)
     assert probe.returncode == 0, probe.stderr
     assert probe.stdout.strip() != "avx512bf16"
     run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
-                          str(Path(__file__).relative_to(ROOT)), "-k", "match_oracle and bfloat16 and cpu"],
+                          str(Path(__file__).relative_to(ROOT)), "tests/test_cache.py", "-k",
+                          "(match_oracle and bfloat16 and cpu) or (reduced_precision_cache and bfloat16)"],
                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
     assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-2000:]
-    assert f"{len(CASES)} passed" in run.stdout
+    assert f"{len(CASES) + 2} passed" in run.stdout
 
 
 @pytest.mark.parametrize("device", DEVICES)

@@ -36,11 +36,12 @@ def test_build_info_fields():
     if os.environ.get("DMS_DECODE_KERNEL", "auto") not in ("", "auto"):
         decode = os.environ["DMS_DECODE_KERNEL"]
     # bfloat16 training attention scores on vdpbf16ps where the CPU has it,
-    # unless DMS_ATTN_TRAIN_BF16DOT=off (tests/test_attn_train.py).
+    # and prefill, unless DMS_BF16DOT=off (tests/test_attn_train.py).
     train = best
-    if "avx512bf16" in feats and os.environ.get("DMS_ATTN_TRAIN_BF16DOT") not in ("off", "0"):
+    if "avx512bf16" in feats and os.environ.get("DMS_BF16DOT") not in ("off", "0"):
         train = "avx512bf16"
     assert info["cpu_kernels"] == {"gate": best, "logistic_noise": "baseline", "attn_train": train,
+                                   "attn_prefill": train,
                                    "attn_decode": decode}
     if info["cuda"]:
         assert info["cuda_archs"] == os.environ.get("DMS_CUDA_ARCHS", "80;90")

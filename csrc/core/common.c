@@ -4,6 +4,7 @@
  */
 #include <stdarg.h>
 #include <stdio.h>
+#include <stdlib.h>
 #include <string.h>
 
 #ifdef _OPENMP
@@ -267,6 +268,25 @@ unsigned dms_cpu_features(void)
     return features;
 }
 
+static int bf16dot_on;
+
+#if DMS_X86_BF16DOT
+__attribute__((constructor)) static void choose_bf16dot(void)
+{
+    const char *want = getenv("DMS_BF16DOT");
+    __builtin_cpu_init();
+    bf16dot_on = !(want != NULL && (strcmp(want, "off") == 0 ||
+                                    strcmp(want, "0") == 0)) &&
+                 __builtin_cpu_supports("avx512f") &&
+                 __builtin_cpu_supports("avx512bf16");
+}
+#endif
+
+int dms_cpu_bf16dot(void)
+{
+    return bf16dot_on;
+}
+
 /* The clone the loader picks for a DMS_SIMD_CLONES function here. */
 static const char *simd_clone(void)
 {
@@ -283,8 +303,8 @@ const char *dms_cpu_kernel(const char *op)
 {
     if (strcmp(op, "gate") == 0)
         return simd_clone();
-    if (strcmp(op, "attn_train") == 0)
-        return dms_attn_train_cpu_bf16dot() ? "avx512bf16" : simd_clone();
+    if (strcmp(op, "attn_train") == 0 || strcmp(op, "attn_prefill") == 0)
+        return dms_cpu_bf16dot() ? "avx512bf16" : simd_clone();
     /* Philox is 32x32->64-bit multiplies: baseline code is fast enough for
      * noise drawn once per training step. */
     if (strcmp(op, "logistic_noise") == 0)

@@ -152,9 +152,19 @@ const char *dms_attn_decode_cpu_kernel(void);
 /* Tests: switch to variant `name`; 0 if this CPU cannot run it. Not
  * thread-safe against running decodes. */
 int dms_attn_decode_cpu_use(const char *name);
-/* 1 when bfloat16 training attention on the CPU computes its scores with
- * the AVX512-BF16 dot product (cpuid, DMS_ATTN_TRAIN_BF16DOT). */
-int dms_attn_train_cpu_bf16dot(void);
+/*
+ * The CPU attention kernels (training, prefill) compute the scores of
+ * bfloat16 inputs with the AVX512-BF16 dot product (cpu/tiles.h) where the
+ * compiler can emit it (DMS_X86_BF16DOT) and dms_cpu_bf16dot() says so: the
+ * CPU has it and DMS_BF16DOT is not "off" (read when the library loads).
+ */
+#if (defined(__GNUC__) || defined(__clang__)) && defined(__x86_64__) &&   \
+    (defined(__clang__) || __GNUC__ >= 12)
+#define DMS_X86_BF16DOT 1
+#else
+#define DMS_X86_BF16DOT 0
+#endif
+int dms_cpu_bf16dot(void);
 
 #ifdef DMS_WITH_CUDA
 dms_status dms_cache_append_cuda(const dms_cache_call *call, void *stream);

@@ -17,8 +17,8 @@
  * (q k^T, and dO v^T in the backward) use vdpbf16ps on the raw bfloat16
  * tiles instead (tiles.h: exact products, float32 sums, so the same
  * numbers up to summation order, at twice the rate); everything after the
- * scores is float32 either way. DMS_ATTN_TRAIN_BF16DOT=off (read when the
- * library loads) keeps the float32 products.
+ * scores is float32 either way. DMS_BF16DOT=off (read when the library
+ * loads) keeps the float32 products.
  *
  * Work split (deterministic, no atomics):
  *   forward     one task per (batch, kv head, query tile), all G query
@@ -39,28 +39,10 @@
 
 /* ---- kernel choice ------------------------------------------------------ */
 
-/* Whether bfloat16 score products run on vdpbf16ps (fixed at load). */
-static int use_bf16dot;
-
-#if DMS_TILE_BF16DOT
-__attribute__((constructor)) static void choose_score_product(void)
-{
-    const char *want = getenv("DMS_ATTN_TRAIN_BF16DOT");
-    const int off = want != NULL &&
-                    (strcmp(want, "off") == 0 || strcmp(want, "0") == 0);
-    use_bf16dot = !off && cpu_has_bf16dot();
-}
-#endif
-
-int dms_attn_train_cpu_bf16dot(void)
-{
-    return use_bf16dot;
-}
-
 /* Whether score products with operand t take the bf16 path. */
 static int dot_for(const dms_tensor *t)
 {
-    return use_bf16dot && t->dtype == DMS_BFLOAT16;
+    return t->dtype == DMS_BFLOAT16 && dms_cpu_bf16dot();
 }
 
 /*
@@ -71,7 +53,7 @@ static int dot_for(const dms_tensor *t)
 static void score_tile(const float *a, const float *bt, const uint16_t *a16,
                        const uint32_t *bp, int64_t ld, float scale, float *s)
 {
-#if DMS_TILE_BF16DOT
+#if DMS_X86_BF16DOT
     if (a16 != NULL) {
         matmul_nt_bf16(a16, bp, ld, scale, s);
         return;
@@ -91,7 +73,7 @@ static void load_key_operand(const dms_tensor *t, int64_t b, int64_t h,
                              float *bt, uint32_t *bp)
 {
     const int64_t ld = padded_dim(D);
-#if DMS_TILE_BF16DOT
+#if DMS_X86_BF16DOT
     if (bp != NULL) {
         load_pairs_bf16(t, b, h, k0, kn, D, ld, bp);
         return;
@@ -106,7 +88,7 @@ static void load_key_operand(const dms_tensor *t, int64_t b, int64_t h,
 static void load_row_operand(const dms_tensor *t, int64_t b, int64_t h,
                              int64_t i0, int64_t n, int64_t D, uint16_t *dst)
 {
-#if DMS_TILE_BF16DOT
+#if DMS_X86_BF16DOT
     if (dst != NULL)
         load_rows_bf16(t, b, h, i0, n, BQ, D, padded_dim(D), dst);
 #else

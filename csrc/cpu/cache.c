@@ -9,7 +9,8 @@
  * checks the pool and the page table can take the call, so a rejected call
  * changes nothing; the K/V copies then run in parallel. Prefill uses the
  * tiles of tiles.h (one task per (batch, kv head, query tile), G query
- * heads sharing each key tile). Decode is memory-bound: one pass over the
+ * heads sharing each key tile; bfloat16 scores on vdpbf16ps where
+ * dms_cpu_bf16dot() allows, as in the training attention). Decode is memory-bound: one pass over the
  * row's slots per (batch, kv head) by the kernel of decode_kernel.h (K/V
  * converted in registers straight from the pages), in the variant this
  * CPU runs best (chosen by cpuid when the library loads), rows split into
@@ -279,6 +280,11 @@ static void mask_visible(const int64_t *restrict qpos,
 typedef struct prefill_scratch {
     query_group qg;          /* the G query heads of the tile            */
     float *k, *kt, *v, *s;   /* BK x ld, ld x BK, BK x ld, BQ x BK       */
+    /* bfloat16 with dms_cpu_bf16dot(), else NULL: the raw query rows
+     * (G x BQ x ld) and the key tile as pairs (ld / 2 x BK) for
+     * matmul_nt_bf16 (tiles.h), which replaces kt. */
+    uint16_t *q16;
+    uint32_t *kp;
     int64_t *idx, *pos;      /* n: the call's non-padding tokens, positions */
     unsigned char *flag;     /* n */
 } prefill_scratch;
@@ -290,10 +296,20 @@ static void prefill_key_tile(const dms_cache_call *x, prefill_scratch *w,
                              const int64_t *kpos)
 {
     const int64_t ld = padded_dim(x->c.D);
-    transpose_tile(w->k, ld, w->kt);
+#if DMS_X86_BF16DOT
+    if (w->q16 != NULL)
+        pack_pairs_from_f32(w->k, ld, w->kp);
+    else
+#endif
+        transpose_tile(w->k, ld, w->kt);
     for (int64_t g = 0; g < x->G; ++g) {
         float *o = w->qg.o + g * BQ * ld;
-        matmul_nt(w->qg.q + g * BQ * ld, w->kt, ld, w->s);
+#if DMS_X86_BF16DOT
+        if (w->q16 != NULL)
+            matmul_nt_bf16(w->q16 + g * BQ * ld, w->kp, ld, x->scale, w->s);
+        else
+#endif
+            matmul_nt(w->qg.q + g * BQ * ld, w->kt, ld, w->s);
         mask_visible(qpos, kpos, limit, w->s);
         online_softmax(w->s, BQ, w->qg.m + g * BQ, w->qg.l + g * BQ, o, ld);
         matmul_acc_nn(w->s, w->v, ld, o);
@@ -324,6 +340,11 @@ static void prefill_tile(const dms_cache_call *x, int64_t b, int64_t h,
         q_last = qpos[j] > q_last ? qpos[j] : q_last;
 
     start_query_group(x->q, b, h, G, q0, qn, D, x->scale, &w->qg);
+#if DMS_X86_BF16DOT
+    for (int64_t g = 0; g < G && w->q16 != NULL; ++g)
+        load_rows_bf16(x->q, b, h * G + g, q0, qn, BQ, D, ld,
+                       w->q16 + g * BQ * ld);
+#endif
     int64_t slot[BK], limit[BK], kpos[BK];
     for (int64_t i = 0; i < BK; ++i)
         kpos[i] = -1; /* cached keys precede every query of the call */
@@ -391,6 +412,12 @@ void dms_attn_prefill_cpu(const dms_cache_call *x, int num_threads)
         w.idx = malloc(sizeof(int64_t) * (size_t)x->n);
         w.pos = malloc(sizeof(int64_t) * (size_t)x->n);
         w.flag = malloc((size_t)x->n);
+        w.q16 = NULL;
+        w.kp = NULL;
+        if (x->c.dtype == DMS_BFLOAT16 && dms_cpu_bf16dot()) {
+            w.q16 = (uint16_t *)alloc_floats((size_t)(G * BQ * ld / 2));
+            w.kp = (uint32_t *)alloc_floats((size_t)(ld / 2 * BK));
+        }
 #ifdef _OPENMP
 #pragma omp for schedule(dynamic, 1)
 #endif
@@ -406,6 +433,8 @@ void dms_attn_prefill_cpu(const dms_cache_call *x, int num_threads)
         free(w.idx);
         free(w.pos);
         free(w.flag);
+        free(w.q16);
+        free(w.kp);
     }
 }
 

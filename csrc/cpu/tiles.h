@@ -227,9 +227,7 @@ DMS_TILE_FN void matmul_acc_tn(const float *restrict p, const float *restrict x,
  * operand as pairs - 32-bit lanes holding columns (2 e, 2 e + 1) of one
  * key - in [ld / 2][BK] order, zero past D and past the last key.
  */
-#if (defined(__GNUC__) || defined(__clang__)) && defined(__x86_64__) &&   \
-    (defined(__clang__) || __GNUC__ >= 12)
-#define DMS_TILE_BF16DOT 1
+#if DMS_X86_BF16DOT
 #include <immintrin.h>
 
 /* Rows [i0, i0 + n) of a bfloat16 tensor as raw rows of length ld, zero
@@ -300,15 +298,21 @@ static void matmul_nt_bf16(const uint16_t *restrict a,
     }
 }
 
-/* Whether this CPU runs matmul_nt_bf16 (cpuid). */
-DMS_TILE_FN int cpu_has_bf16dot(void)
+
+/* Raw bfloat16 rows from float32 rows that hold bfloat16 values (a tile
+ * widened from bfloat16 by load_rows / gather: dropping the low half is
+ * exact), as key pairs: dst[e * BK + c] from rows src[c] (BK x ld). */
+DMS_TILE_FN void pack_pairs_from_f32(const float *src, int64_t ld,
+                                     uint32_t *dst)
 {
-    __builtin_cpu_init();
-    return __builtin_cpu_supports("avx512f") &&
-           __builtin_cpu_supports("avx512bf16");
+    for (int64_t c = 0; c < BK; ++c)
+        for (int64_t e = 0; e < ld / 2; ++e) {
+            uint32_t lo, hi;
+            memcpy(&lo, src + c * ld + 2 * e, sizeof lo);
+            memcpy(&hi, src + c * ld + 2 * e + 1, sizeof hi);
+            dst[e * BK + c] = lo >> 16 | (hi & 0xffff0000u);
+        }
 }
-#else
-#define DMS_TILE_BF16DOT 0
 #endif
 
 /*

@@ -1072,7 +1072,7 @@ static PyObject *py_build_info(PyObject *module, PyObject *unused)
         Py_DECREF(s);
     }
     static const char *const ops[] = {"gate", "logistic_noise", "attn_train",
-                                      "attn_decode"};
+                                      "attn_prefill", "attn_decode"};
     PyObject *kernels = PyDict_New();
     if (kernels == NULL) {
         Py_DECREF(cpu);
