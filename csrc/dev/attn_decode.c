@@ -89,20 +89,11 @@ int main(int argc, char **argv)
     for (int64_t i = 0; i < n_pages; ++i)
         free_pages[i] = (int32_t)i;
 
-    const int64_t s_pages[3] = {n_pages, P, D}, s_limit[2] = {n_pages, P};
-    const int64_t s_table[2] = {R, per_row}, s_rows[1] = {R};
-    const int64_t s_window[2] = {R, W + 1}, s_free[1] = {n_pages};
-    const int64_t s_count[1] = {1}, s_q[4] = {B, H * G, 1, D};
-    const int64_t s_lse[3] = {B, H * G, 1};
-    dms_tensor tk = host_view(k, DMS_BFLOAT16, 3, s_pages);
-    dms_tensor tv = host_view(v, DMS_BFLOAT16, 3, s_pages);
-    dms_tensor tl = host_view(slot_limit, DMS_INT32, 2, s_limit);
-    dms_tensor tt = host_view(table, DMS_INT32, 2, s_table);
-    dms_tensor ts = host_view(row_slots, DMS_INT32, 1, s_rows);
-    dms_tensor tn = host_view(row_seen, DMS_INT32, 1, s_rows);
-    dms_tensor tw = host_view(window, DMS_INT32, 2, s_window);
-    dms_tensor tf = host_view(free_pages, DMS_INT32, 1, s_free);
-    dms_tensor tc = host_view(&free_count, DMS_INT32, 1, s_count);
+    host_cache hc;
+    host_cache_init(&hc, k, v, DMS_BFLOAT16, n_pages, P, D, R, per_row, W,
+                    slot_limit, table, row_slots, row_seen, window,
+                    free_pages, &free_count);
+    const int64_t s_q[4] = {B, H * G, 1, D}, s_lse[3] = {B, H * G, 1};
     static uint16_t q[H * G * D], o[H * G * D];
     static float lse[H * G];
     for (int i = 0; i < H * G * D; ++i)
@@ -110,7 +101,7 @@ int main(int argc, char **argv)
     dms_tensor tq = host_view(q, DMS_BFLOAT16, 4, s_q);
     dms_tensor to = host_view(o, DMS_BFLOAT16, 4, s_q);
     dms_tensor tlse = host_view(lse, DMS_FLOAT32, 3, s_lse);
-    const dms_cache cache = {&tk, &tv, &tl, &tt, &ts, &tn, &tw, &tf, &tc, W};
+    const dms_cache cache = hc.cache;
     const float scale = 1.0f / sqrtf((float)D);
 
     /* Validate query head 0 (KV row 0) against float64. */

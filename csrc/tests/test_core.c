@@ -440,20 +440,12 @@ static int decode_case(dms_dtype dtype, int64_t D, int64_t G, int64_t P,
     float *o = guarded_alloc(sizeof(float) * (size_t)(HG * D));
     float *lse = guarded_alloc(sizeof(float) * (size_t)HG);
 
-    const int64_t s_pages[3] = {n_pages, P, D}, s_limit[2] = {n_pages, P};
-    const int64_t s_table[2] = {H, max_pages}, s_rows[1] = {H};
-    const int64_t s_window[2] = {H, 2}, s_free[1] = {n_pages}, s_one[1] = {1};
+    host_cache hc;
+    host_cache_init(&hc, k_pages, v_pages, dtype, n_pages, P, D, H, max_pages,
+                    1, slot_limit, page_table, row_slots, row_seen, window,
+                    free_pages, &free_count);
+    const dms_cache cache = hc.cache;
     const int64_t s_q[4] = {1, HG, 1, D}, s_lse[3] = {1, HG, 1};
-    dms_tensor tk = host_view(k_pages, dtype, 3, s_pages);
-    dms_tensor tv = host_view(v_pages, dtype, 3, s_pages);
-    dms_tensor tl = host_view(slot_limit, DMS_INT32, 2, s_limit);
-    dms_tensor tt = host_view(page_table, DMS_INT32, 2, s_table);
-    dms_tensor ts = host_view(row_slots, DMS_INT32, 1, s_rows);
-    dms_tensor tn = host_view(row_seen, DMS_INT32, 1, s_rows);
-    dms_tensor tw = host_view(window, DMS_INT32, 2, s_window);
-    dms_tensor tf = host_view(free_pages, DMS_INT32, 1, s_free);
-    dms_tensor tc = host_view(&free_count, DMS_INT32, 1, s_one);
-    dms_cache cache = {&tk, &tv, &tl, &tt, &ts, &tn, &tw, &tf, &tc, 1};
     dms_tensor tq = host_view(q_data, dtype, 4, s_q);
     dms_tensor to = host_view(o, DMS_FLOAT32, 4, s_q);
     dms_tensor tlse = host_view(lse, DMS_FLOAT32, 3, s_lse);
