@@ -384,6 +384,8 @@ CASES = [
     dict(B=1, H=1, G=1, D=8, P=16, w=40, steps=[("prefill", 150), ("decode", 2), ("prefill", 70), ("decode", 2)],
          pdec=0.5, pad="bool"),
     dict(B=1, H=2, G=1, D=8, P=32, w=300, steps=[("prefill", 290), ("prefill", 40), ("decode", 2)], pdec=0.5),
+    # a flagged key at the end of a 32-key tile takes its flag from the next tile's first token
+    dict(B=1, H=1, G=1, D=8, P=4, w=3, steps=[("prefill", 140), ("decode", 2)], pdec=1.0),
     # chunked prefill of one-token chunks == decode path via prefill
     dict(B=2, H=1, G=2, D=6, P=2, w=3, steps=[("prefill", 1)] * 9 + [("decode", 2)], pad="bool"),
 ]
