@@ -298,10 +298,9 @@ static void matmul_nt_bf16(const uint16_t *restrict a,
     }
 }
 
-
-/* Raw bfloat16 rows from float32 rows that hold bfloat16 values (a tile
- * widened from bfloat16 by load_rows / gather: dropping the low half is
- * exact), as key pairs: dst[e * BK + c] from rows src[c] (BK x ld). */
+/* Key pairs (dst[e * BK + c], as load_pairs_bf16 makes them) from a float32
+ * key tile src (BK x ld) whose values are bfloat16 widened by load_rows or
+ * a gather, so dropping each float's low half is exact. */
 DMS_TILE_FN void pack_pairs_from_f32(const float *src, int64_t ld,
                                      uint32_t *dst)
 {
