@@ -49,49 +49,47 @@ class CompressionTally:
         """Forget everything added so far."""
         with self._lock:
             self.caches = 0
-            self.ratio_sum = 0.0  # sum of each cache's DMSCache.compression_ratio()
+            self.mean_row_ratio_sum = 0.0  # sum of each cache's DMSCache.mean_row_compression_ratio()
             self.tokens_seen = []  # per layer: sum over rows and caches
             self.tokens_stored = []
 
     def add(self, cache):
         """Adds `cache`'s current contents (nothing if it holds no tokens)."""
-        if not self.enabled:
+        if not self.enabled or not any(layer.is_initialized for layer in cache.layers):
             return
-        used = [(i, layer.paged) for i, layer in enumerate(cache.layers) if layer.is_initialized]
-        if not used:
+        stats = cache.compression_stats()
+        if not any(stats["tokens_seen"]):
             return
-        # Per layer: layers may sit on different devices (device_map="auto").
-        sums = [torch.stack([p.row_seen.sum(), p.row_slots.sum()]).tolist() for _, p in used]
-        if not any(seen for seen, _ in sums):
-            return
-        ratio = cache.compression_ratio()
         with self._lock:
             n = len(cache.layers)
             for per_layer in (self.tokens_seen, self.tokens_stored):
                 per_layer.extend([0] * (n - len(per_layer)))
-            for (i, _), (seen, stored) in zip(used, sums):
-                self.tokens_seen[i] += int(seen)
-                self.tokens_stored[i] += int(stored)
+            for i, (seen, stored) in enumerate(zip(stats["tokens_seen"], stats["tokens_stored"])):
+                self.tokens_seen[i] += seen
+                self.tokens_stored[i] += stored
             self.caches += 1
-            self.ratio_sum += ratio
+            self.mean_row_ratio_sum += stats["mean_row_compression_ratio"]
 
     def snapshot(self) -> dict:
         """The raw sums (to merge tallies of several processes: add them up)."""
         with self._lock:
-            return {"caches": self.caches, "ratio_sum": self.ratio_sum, "tokens_seen": list(self.tokens_seen),
-                    "tokens_stored": list(self.tokens_stored)}
+            return {"caches": self.caches, "mean_row_ratio_sum": self.mean_row_ratio_sum,
+                    "tokens_seen": list(self.tokens_seen), "tokens_stored": list(self.tokens_stored)}
 
     @staticmethod
     def summarize(snapshot) -> dict:
-        """compression_ratio: the mean over caches of each cache's ratio (tokens
-        seen / stored per row, averaged over rows and layers); token_weighted_
-        compression_ratio: all tokens seen / all tokens stored; per_layer: the
-        same per layer; plus the raw sums. Ratios are None when nothing was added."""
+        """compression_ratio: all tokens seen / all tokens stored, over every
+        cache, layer and row (the KV memory saved); per_layer: the same per
+        layer; mean_row_compression_ratio: the mean over caches of each
+        cache's `DMSCache.mean_row_compression_ratio()` (overstates the
+        memory saved when rows differ in length); plus the raw sums. Ratios
+        are None when nothing was added."""
         seen, stored = snapshot["tokens_seen"], snapshot["tokens_stored"]
+        caches = snapshot["caches"]
         return {
-            "caches": snapshot["caches"],
-            "compression_ratio": snapshot["ratio_sum"] / snapshot["caches"] if snapshot["caches"] else None,
-            "token_weighted_compression_ratio": sum(seen) / sum(stored) if sum(stored) else None,
+            "caches": caches,
+            "compression_ratio": sum(seen) / sum(stored) if sum(stored) else None,
+            "mean_row_compression_ratio": snapshot["mean_row_ratio_sum"] / caches if caches else None,
             "per_layer": [a / b if b else None for a, b in zip(seen, stored)],
             "tokens_seen": list(seen),
             "tokens_stored": list(stored),
@@ -396,8 +394,16 @@ class PagedLayerCache:
         return self.row_slots.view(self.batch_size, self.num_kv_heads)
 
     def compression_ratio(self) -> float:
-        """Tokens seen / tokens stored, averaged over rows that hold tokens (1.0 if none)."""
-        return _compression_ratios([self])[0]
+        """Tokens seen / tokens stored, summed over the rows: the KV memory
+        saved (1.0 while nothing is stored)."""
+        return _compression_stats([self])[0][0]
+
+    def mean_row_compression_ratio(self) -> float:
+        """Each row's tokens seen / stored, averaged over the rows that hold
+        tokens (1.0 if none). Short rows weigh as much as long ones, so this
+        overstates the memory saved when rows differ; `compression_ratio` is
+        the memory figure."""
+        return _compression_stats([self])[0][1]
 
     def bytes_in_use(self) -> int:
         """Bytes of keys and values in the pages that hold tokens."""
@@ -409,12 +415,13 @@ class PagedLayerCache:
         return 2 * self.k_pages.numel() * self.k_pages.element_size()
 
 
-def _compression_ratios(caches) -> list:
-    """`PagedLayerCache.compression_ratio` of each cache in `caches`, computed
-    together: the model reports them after every forward, so a decode step
-    pays a few tensor ops and one host read (one sync on CUDA) per device,
-    not a dozen ops and a sync per layer."""
-    ratios = [1.0] * len(caches)
+def _compression_stats(caches) -> list:
+    """(compression_ratio, mean_row_compression_ratio, tokens seen, tokens
+    stored) of each `PagedLayerCache` in `caches`, computed together: the
+    model reports them after every forward, so a decode step pays a few
+    tensor ops and one host read (one sync on CUDA) per device, not a dozen
+    ops and a sync per layer."""
+    stats = [(1.0, 1.0, 0, 0)] * len(caches)
     groups = {}  # layers may sit on different devices (device_map="auto")
     for i, c in enumerate(caches):
         groups.setdefault((c.row_seen.device, c.row_seen.shape[0]), []).append(i)
@@ -423,11 +430,12 @@ def _compression_ratios(caches) -> list:
         stored = torch.stack([caches[i].row_slots for i in index]).double()
         live = stored > 0
         count = live.sum(1, dtype=torch.float64)
-        mean = torch.where(live, seen / stored.clamp_min(1), 0).sum(1) / count.clamp_min(1)
-        for i, ratio, n in zip(index, *torch.stack([mean, count]).tolist()):
+        mean_row = torch.where(live, seen / stored.clamp_min(1), 0).sum(1) / count.clamp_min(1)
+        table = torch.stack([seen.sum(1), stored.sum(1), mean_row, count]).tolist()
+        for i, total_seen, total_stored, row_mean, n in zip(index, *table):
             if n:
-                ratios[i] = ratio
-    return ratios
+                stats[i] = (total_seen / total_stored, row_mean, int(total_seen), int(total_stored))
+    return stats
 
 
 class DMSCacheLayer(CacheLayerMixin):
@@ -456,6 +464,7 @@ class DMSCacheLayer(CacheLayerMixin):
         self.paged = PagedLayerCache(B, H, D, self.window_size, page_size=self.page_size, dtype=key_states.dtype,
                                      device=key_states.device, preallocate_for_tokens=self.preallocate_for_tokens,
                                      allow_growth=self.allow_growth)
+        self._scratch = None
         self.is_initialized = True
 
     def attend(self, q, k, v, decisions, key_padding=None, scale=None):
@@ -467,8 +476,8 @@ class DMSCacheLayer(CacheLayerMixin):
         q: [B, H*G, n, D]; k, v: [B, H, n, D] (RoPE applied); decisions:
         [B, H, n] bool; key_padding: [B, n] bool (True = padding) or None.
         Returns o [B, H*G, n, D]."""
-        if not self.is_initialized:
-            self.lazy_initialization(k, v)
+        if not self.is_initialized or (self.tokens_fed == 0 and not self._fits(k)):
+            self.lazy_initialization(k, v)  # new, or emptied by reset() and fed another shape
         n = k.shape[2]
         if n == 1:
             # token_slots and lse are not used: buffers kept between steps
@@ -483,6 +492,12 @@ class DMSCacheLayer(CacheLayerMixin):
             self.paged.append(k, v, decisions, key_padding)
         self.tokens_fed += n
         return o
+
+    def _fits(self, k):
+        """Whether the pages can take k [B, H, n, D] as they are."""
+        p = self.paged
+        B, H, _, D = k.shape
+        return (p.batch_size, p.num_kv_heads, p.head_dim, p.dtype, p.device) == (B, H, D, k.dtype, k.device)
 
     def _step_scratch(self, q):
         """token_slots [B, H, 1] int32 and lse [B, H*G, 1] float32 for a
@@ -537,6 +552,7 @@ class DMSCacheLayer(CacheLayerMixin):
             "(assisted decoding needs that); generate without an assistant model")
 
     def compression_ratio(self) -> float:
+        """Tokens seen / stored over this layer's rows (see `PagedLayerCache`)."""
         return self.paged.compression_ratio() if self.is_initialized else 1.0
 
 
@@ -579,16 +595,48 @@ class DMSCache(Cache):
         except Exception:  # interpreter shutdown or a half-built cache: nothing to record
             pass
 
-    def compression_ratios(self) -> list:
-        """Tokens seen / tokens stored per layer (1.0 for a layer not used yet)."""
+    def compression_stats(self) -> dict:
+        """Every compression figure of the cache from one host read:
+        compression_ratio (all tokens seen / all tokens stored, over every
+        row and layer: the KV memory saved), compression_ratios (the same per
+        layer), mean_row_compression_ratio (each row's seen / stored averaged
+        over rows and layers), tokens_seen / tokens_stored (per layer). A
+        layer not used yet counts as 1.0 and 0 tokens."""
         used = [layer.paged for layer in self.layers if layer.is_initialized]
-        ratios = iter(_compression_ratios(used))
-        return [next(ratios) if layer.is_initialized else 1.0 for layer in self.layers]
+        per_used = iter(_compression_stats(used))
+        per_layer = [next(per_used) if layer.is_initialized else (1.0, 1.0, 0, 0) for layer in self.layers]
+        seen = [row[2] for row in per_layer]
+        stored = [row[3] for row in per_layer]
+        live = [row[1] for row in per_layer if row[3]]
+        return {"compression_ratio": sum(seen) / sum(stored) if sum(stored) else 1.0,
+                "compression_ratios": [row[0] for row in per_layer],
+                "mean_row_compression_ratio": sum(live) / len(live) if live else 1.0,
+                "tokens_seen": seen, "tokens_stored": stored}
+
+    def compression_ratios(self) -> list:
+        """Tokens seen / tokens stored per layer, over its rows (1.0 for a
+        layer not used yet)."""
+        return self.compression_stats()["compression_ratios"]
 
     def compression_ratio(self) -> float:
-        """The mean of `compression_ratios` over the layers that hold tokens."""
-        used = _compression_ratios([layer.paged for layer in self.layers if layer.is_initialized])
-        return sum(used) / len(used) if used else 1.0
+        """All tokens seen / all tokens stored, over every row and layer: the
+        KV memory saved (1.0 while empty)."""
+        return self.compression_stats()["compression_ratio"]
+
+    def mean_row_compression_ratio(self) -> float:
+        """Each (layer, row)'s tokens seen / stored, averaged: rows that hold
+        few tokens weigh as much as long ones, so it overstates the memory
+        saved when rows differ; `compression_ratio` is the memory figure."""
+        return self.compression_stats()["mean_row_compression_ratio"]
+
+    def sequence_lengths(self):
+        """[B] int32 tensor: the real tokens (padding excluded) each sequence
+        has fed, on the cache's device; None while the cache is empty. New
+        tokens take the positions after them."""
+        layer = self.layers[0]
+        if not layer.is_initialized or layer.tokens_fed == 0:
+            return None
+        return layer.paged.tokens_seen()[:, 0]
 
     def bytes_in_use(self) -> int:
         return sum(layer.paged.bytes_in_use() for layer in self.layers if layer.is_initialized)

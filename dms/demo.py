@@ -71,6 +71,7 @@ def main(argv=None) -> int:
         used = cache.bytes_in_use()
         print(f"{label:<14}{args.new_tokens / seconds:>10.1f}{used:>18,}{used / dense_bytes:>10.1%}"
               f"{cache.compression_ratio():>12.2f}x")
+    print("(compression = all tokens seen / all tokens stored: the KV memory saved)")
     print("\ncompression per layer (tokens seen / stored):")
     print("  " + "  ".join(f"L{i}: {r:.2f}x" for i, r in enumerate(rows[0][2].compression_ratios())))
     model.config.dms_disable_eviction = False

@@ -72,31 +72,18 @@ def head_values(source, value="kept"):
 
     - value="kept" (default): tokens stored / tokens seen over the batch (1 =
       nothing evicted);
-    - value="compression": tokens seen / stored, averaged over the batch rows
-      that hold tokens (the mean over heads of a layer is then its
-      `DMSCache.compression_ratios()` entry).
+    - value="compression": tokens seen / stored over the batch (the memory
+      saved in that head; a layer's `DMSCache.compression_ratios()` entry is
+      its heads' seen summed over their stored).
 
     NaN where the (layer, head) has seen no token."""
     if value not in _VALUES:
         raise ValueError(f"value: expected one of {_VALUES}, got {value!r}")
-    cache = _cache_of(source)
-    if value == "kept":
-        seen, stored = head_counts(cache)
-        with np.errstate(invalid="ignore", divide="ignore"):
+    seen, stored = head_counts(_cache_of(source))
+    with np.errstate(invalid="ignore", divide="ignore"):
+        if value == "kept":
             return np.where(seen > 0, stored / np.maximum(seen, 1), np.nan)
-    width = max((layer.paged.num_kv_heads for layer in cache.layers if layer.is_initialized), default=1)
-    out = np.full((len(cache.layers), width), np.nan)
-    for i, layer in enumerate(cache.layers):
-        if not layer.is_initialized:
-            continue
-        seen = layer.paged.tokens_seen().double().cpu().numpy()  # [B, H]
-        stored = layer.paged.tokens_stored().double().cpu().numpy()
-        live = stored > 0
-        ratio = np.where(live, seen / np.maximum(stored, 1), 0.0)
-        rows = live.sum(0)
-        with np.errstate(invalid="ignore"):
-            out[i, :seen.shape[1]] = np.where(rows > 0, ratio.sum(0) / np.maximum(rows, 1), np.nan)
-    return out
+        return np.where(stored > 0, seen / np.maximum(stored, 1), np.nan)
 
 
 def plot_compression_heatmap(source, value="kept", path=None, ax=None, title=None, annotate=None):
@@ -282,7 +269,8 @@ def compression_report(source) -> str:
     lines = [f"DMS cache: {len(cache.layers)} layers x {p0.num_kv_heads} KV heads, batch {p0.batch_size}, "
              f"window {p0.window_size}, page {p0.page_size}, {p0.dtype}".replace("torch.", ""),
              f"tokens fed {cache.get_seq_length()}, stored {int(stored.sum())} of {int(seen.sum())} seen "
-             f"(all layers and rows); compression {cache.compression_ratio():.2f}x (mean of seen / stored per row)",
+             f"(all layers and rows); compression {cache.compression_ratio():.2f}x (seen / stored; "
+             f"mean of per-row ratios {cache.mean_row_compression_ratio():.2f}x)",
              f"KV bytes in use {cache.bytes_in_use():,} (reserved {cache.bytes_reserved():,}); "
              f"a dense cache would hold {dense:,}",
              "layer  compression  kept per KV head"]

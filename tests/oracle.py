@@ -22,6 +22,7 @@ import torch.nn.functional as F
 __all__ = [
     "decision_logits_separate",
     "decision_logits_borrowed",
+    "zero_borrowed",
     "per_layer",
     "gate",
     "gumbel_difference_noise",
@@ -65,9 +66,9 @@ def decision_logits_borrowed(q, num_kv_heads, *, scale=100.0, offset=5.0):
 
     q: [B, H*G, T, D], queries after q-norm and before RoPE; num_kv_heads = H.
     z[b, h, t] = scale * q[b, h*G, t, D-1] - offset, as [B, H, T].
-    q_zeroed: copy of q with q[:, h*G, :, D-1] = 0 for every h (the borrowed component is not
-    part of the attention query).
-    Returns (z, q_zeroed).
+    q_zeroed: zero_borrowed(q) (the borrowed component is not part of the attention query).
+    Returns (z, q_zeroed). RoPE moves component D/2-1 into D-1, so the rotated query must be
+    passed through zero_borrowed again (SPEC §1: "both before and after RoPE").
     """
     q = q.double()
     n_q_heads, head_dim = q.shape[1], q.shape[3]
@@ -76,15 +77,24 @@ def decision_logits_borrowed(q, num_kv_heads, *, scale=100.0, offset=5.0):
     group = n_q_heads // num_kv_heads
     first_heads = torch.arange(num_kv_heads) * group
     z = scale * q[:, first_heads, :, head_dim - 1] - offset  # [B, H, T]
-    q_zeroed = q.clone()
-    q_zeroed[:, first_heads, :, head_dim - 1] = 0.0
-    return z, q_zeroed
+    return z, zero_borrowed(q, num_kv_heads)
 
 
-def per_layer(z):
-    """dms_alpha_per = "layer": head 0's logit for all heads. z: [B, H, T] -> [B, H, T]."""
-    z = z.double()
-    return z[:, :1, :].expand_as(z).clone()
+def zero_borrowed(q, num_kv_heads):
+    """Copy of q [B, H*G, T, D] with q[:, h*G, :, D-1] = 0 for every KV head h."""
+    q = q.double().clone()
+    group = q.shape[1] // num_kv_heads
+    q[:, torch.arange(num_kv_heads) * group, :, q.shape[3] - 1] = 0.0
+    return q
+
+
+def per_layer(values):
+    """dms_alpha_per = "layer": head 0's values for all heads. values: [B, H, T] -> [B, H, T].
+
+    At inference it applies to z (equivalently to the decisions z > 0); in training to the
+    noised logits y after the gate (noise is drawn per head first, then head 0 is taken)."""
+    values = values.double()
+    return values[:, :1, :].expand_as(values).clone()
 
 
 # --------------------------------------------------------------------------------------------

@@ -58,7 +58,9 @@ def _check_against_model(cache, model):
         assert _stored_ids(cache, r) == want, r
     live = [r for r in range(cache.rows) if model.seen(r)]
     if live:
-        ratio = sum(model.seen(r) / len(model.stored(r)) for r in live) / len(live)
+        mean_row = sum(model.seen(r) / len(model.stored(r)) for r in live) / len(live)
+        assert cache.mean_row_compression_ratio() == pytest.approx(mean_row)
+        ratio = sum(model.seen(r) for r in live) / sum(len(model.stored(r)) for r in live)
         assert cache.compression_ratio() == pytest.approx(ratio)
 
 

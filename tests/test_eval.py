@@ -45,15 +45,16 @@ def test_tally_adds_each_cache_once_when_reset_or_dropped(tally):
     with torch.no_grad():
         decisions = model.model(ids, cache=cache, use_cache=True).dms_decisions.numpy().astype(np.int64)
     stored = expected_stored(decisions).sum((1, 2))  # per layer, over rows
-    ratio = cache.compression_ratio()
+    ratio, mean_row = cache.compression_ratio(), cache.mean_row_compression_ratio()
+    assert ratio == pytest.approx(800 * 4 / stored.sum())
     assert tally.summary()["caches"] == 0  # nothing until the cache is reset or dropped
     cache.reset()
     del cache
     gc.collect()
     s = tally.summary()
     assert s["caches"] == 1 and s["compression_ratio"] == pytest.approx(ratio)
+    assert s["mean_row_compression_ratio"] == pytest.approx(mean_row)
     assert s["tokens_seen"] == [2 * 2 * 200] * 4 and s["tokens_stored"] == stored.tolist()
-    assert s["token_weighted_compression_ratio"] == pytest.approx(800 * 4 / stored.sum())
     np.testing.assert_allclose(s["per_layer"], 800 / stored)
     # generate makes and drops its own cache: counted once per call
     with torch.no_grad():
@@ -67,7 +68,7 @@ def test_tally_adds_each_cache_once_when_reset_or_dropped(tally):
     gc.collect()
     assert tally.snapshot() == snap
     tally.reset()
-    assert tally.summary() == {"caches": 0, "compression_ratio": None, "token_weighted_compression_ratio": None,
+    assert tally.summary() == {"caches": 0, "compression_ratio": None, "mean_row_compression_ratio": None,
                                "per_layer": [], "tokens_seen": [], "tokens_stored": []}
 
 

@@ -29,20 +29,6 @@ def _evicting(**dms):
     return m
 
 
-def test_plain_qwen3_checkpoint_gets_keep_everything_adapters(tmp_path):
-    torch.manual_seed(1)
-    plain = Qwen3ForCausalLM(Qwen3Config(**TINY)).eval()
-    plain.save_pretrained(tmp_path)
-    m = Qwen3ForCausalLMDMS.from_pretrained(tmp_path, dms_separate_alpha=True, dms_window_size=4,
-                                            dms_paged_attention_block_size=2).eval()
-    assert all(float(layer.self_attn.dms_proj_alpha.weight.detach().abs().max()) == 0 for layer in m.model.layers)
-    ids = torch.randint(0, 128, (2, 20))
-    with torch.no_grad():
-        out = m(ids)
-        torch.testing.assert_close(out.logits, plain(ids).logits, rtol=1e-5, atol=1e-5)
-    assert out.compression_ratio == 1.0 and float(out.evicted_fraction.max()) == 0.0
-
-
 def test_fresh_adapters_are_plain_qwen3():
     m = _model(dms_separate_alpha=True)
     m.reset_dms_adapters()

@@ -55,13 +55,15 @@ def oracle_logits(m, ids, noise=None):
         else:
             z, q = oracle.decision_logits_borrowed(q, c.num_key_value_heads, scale=c.dms_alpha_scale,
                                                    offset=c.dms_initial_alpha_offset)
-        if c.dms_alpha_per == "layer":
-            z = oracle.per_layer(z)
         q, k = apply_rotary_pos_emb(q, k, cos, sin)
+        if not c.dms_separate_alpha:
+            q = oracle.zero_borrowed(q, c.num_key_value_heads)
+        layer_wide = oracle.per_layer if c.dms_alpha_per == "layer" else (lambda values: values)
         if noise is None:
-            o = oracle.attention_with_decisions(q, k, v, (z > 0).double(), c.dms_window_size, attn.scaling)
+            o = oracle.attention_with_decisions(q, k, v, layer_wide((z > 0).double()), c.dms_window_size,
+                                                attn.scaling)
         else:
-            y = oracle.gate(z, noise[i].double(), c.dms_tau)[0]
+            y = layer_wide(oracle.gate(z, noise[i].double(), c.dms_tau)[0])
             o, _ = oracle.attention_train(q, k, v, y, c.dms_window_size, attn.scaling)
         x = x + attn.o_proj(o.transpose(1, 2).reshape(B, T, -1))
         x = x + layer.mlp(layer.post_attention_layernorm(x))

@@ -53,12 +53,15 @@ def test_heatmap_draws_layers_by_heads_kept_fraction(filled):
     np.testing.assert_array_equal(stored_counts, stored.sum(1))
 
 
-def test_compression_values_average_rows_like_the_cache(filled):
+def test_compression_values_are_tokens_seen_over_stored_like_the_cache(filled):
     model, cache, decisions = filled
-    stored = expected_stored(decisions).astype(np.float64)
+    L, H = model.config.num_hidden_layers, model.config.num_key_value_heads
+    stored = expected_stored(decisions).astype(np.float64)  # [L, B, H]
     ratios = viz.head_values(cache, "compression")
-    np.testing.assert_allclose(ratios, (T / stored).mean(1), rtol=1e-12)
-    np.testing.assert_allclose(ratios.mean(1), cache.compression_ratios(), rtol=1e-9)
+    np.testing.assert_allclose(ratios, B * T / stored.sum(1), rtol=1e-12)
+    np.testing.assert_allclose(H * B * T / stored.sum((1, 2)), cache.compression_ratios(), rtol=1e-9)
+    assert cache.compression_ratio() == pytest.approx(L * H * B * T / stored.sum())
+    assert cache.mean_row_compression_ratio() == pytest.approx((T / stored).mean())
     fig, data = viz.plot_compression_heatmap(cache, value="compression", annotate=False)
     np.testing.assert_array_equal(data, ratios)
 

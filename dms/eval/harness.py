@@ -96,7 +96,8 @@ def _gathered_summary():
         parts = [None] * dist.get_world_size()
         dist.all_gather_object(parts, snapshot)
         width = max(len(p["tokens_seen"]) for p in parts)
-        snapshot = {"caches": sum(p["caches"] for p in parts), "ratio_sum": sum(p["ratio_sum"] for p in parts),
+        snapshot = {"caches": sum(p["caches"] for p in parts),
+                    "mean_row_ratio_sum": sum(p["mean_row_ratio_sum"] for p in parts),
                     "tokens_seen": [sum(p["tokens_seen"][i] if i < len(p["tokens_seen"]) else 0 for p in parts)
                                     for i in range(width)],
                     "tokens_stored": [sum(p["tokens_stored"][i] if i < len(p["tokens_stored"]) else 0
@@ -176,7 +177,7 @@ def main(argv=None) -> int:
     if ratio is None:
         print("dms: no DMS cache held tokens during this run: no compression to report")
     else:
-        print(f"dms: mean compression ratio {ratio:.3f}x over {summary['caches']} caches "
-              f"(token-weighted {summary['token_weighted_compression_ratio']:.3f}x)"
+        print(f"dms: compression ratio {ratio:.3f}x (all tokens seen / stored) over {summary['caches']} caches "
+              f"(mean of per-row ratios {summary['mean_row_compression_ratio']:.3f}x)"
               + (f"; written to {', '.join(written)}" if written else ""))
     return 0

@@ -4,6 +4,7 @@ SPEC.md, with the names, defaults and meaning of the reference implementation
 construction."""
 
 import math
+import warnings
 
 from transformers import Qwen3Config
 
@@ -36,7 +37,10 @@ class Qwen3ConfigDMS(Qwen3Config):
         dms_separate_alpha: True: decisions come from a separate adapter
             (`dms_proj_alpha_norm`, `dms_proj_alpha`); False: from the last
             component of the first query head of each group (default False,
-            as in the reference).
+            as in the reference and the published checkpoints). Loading a
+            config.json without any `dms_*` field (a plain Qwen3 checkpoint)
+            defaults to True instead: a fresh, zero adapter that keeps
+            everything until it is retrofitted (see `from_dict`).
         dms_alpha_per: "head" (a decision per KV head) or "layer" (head 0's
             decision for all heads of a layer) (default "head").
         dms_tau: Gumbel-sigmoid temperature while training (default 0.1).
@@ -93,3 +97,27 @@ class Qwen3ConfigDMS(Qwen3Config):
         self.dms_chunked_prefill = dms_chunked_prefill
         self.dms_preallocate_for_tokens = dms_preallocate_for_tokens
         super().__init__(**kwargs)
+
+    @classmethod
+    def from_dict(cls, config_dict, **kwargs):
+        """The config of a config.json (what `from_pretrained` reads), with
+        `kwargs` as overrides.
+
+        A config.json with DMS fields (a DMS checkpoint: the published hub
+        layout, or a reference or dms training output) keeps the reference's
+        defaults, so `nvidia/Qwen3-8B-DMS-8x`, which has no adapter weights
+        and no `dms_separate_alpha`, decides with the borrowed query neuron.
+        One without any (a plain Qwen3 checkpoint) gets the separate, zero
+        adapter, which keeps every token: the model then computes exactly
+        what the checkpoint did. Asking for the borrowed neuron on a plain
+        checkpoint (`dms_separate_alpha=False`) works, with a warning that
+        such a model evicts by an untrained query component."""
+        if not any(key.startswith("dms_") for key in config_dict):
+            if kwargs.get("dms_separate_alpha", True) is False:
+                warnings.warn("Qwen3ConfigDMS: dms_separate_alpha=False on a checkpoint without DMS fields: "
+                              "eviction decisions come from a query component that was never trained for it, "
+                              "so the model evicts arbitrary tokens until it is retrofitted "
+                              "(python -m models.qwen3.train)", UserWarning, stacklevel=2)
+            else:
+                config_dict = dict(config_dict, dms_separate_alpha=True)
+        return super().from_dict(config_dict, **kwargs)

@@ -93,7 +93,8 @@ def _cache_of(output):
 class CausalLMOutputDMS(CausalLMOutputWithPast):
     """`CausalLMOutputWithPast` plus what DMS reports.
 
-    compression_ratio: tokens seen / stored, averaged over layers (eval with a cache).
+    compression_ratio: all tokens seen / all tokens stored by the cache, over
+        every layer and row: the KV memory saved (eval with a cache).
     compression_ratios: the same per layer.
     evicted_fraction: [B] mean hard decision over layers, heads and non-padding tokens.
     compression_loss: SPEC §6 loss for the `dms_target` given (training).
@@ -121,6 +122,9 @@ class _DMSPretrained:
     class, and fresh adapters that keep everything."""
 
     config_class = Qwen3ConfigDMS
+    # A plain Qwen3 checkpoint has no adapters: they start fresh (keep
+    # everything), which is no reason for a "missing weights" report.
+    _keys_to_ignore_on_load_missing = [r"\.dms_proj_alpha(_norm)?\.(weight|bias)$"]
 
     def _init_weights(self, module):
         super()._init_weights(module)
@@ -150,19 +154,31 @@ class Qwen3AttentionDMS(Qwen3Attention):
     def _decision_logits(self, layer_input, q):
         """z [B, H, T] (SPEC §1) and the queries to use (the borrowed neuron is
         zeroed in them). layer_input: [B, T, hidden] before the input norm;
-        q: [B, H*G, T, D] after q-norm, before RoPE."""
+        q: [B, H*G, T, D] after q-norm, before RoPE. In "layer" mode every
+        head still has its own z here: `_per_layer` picks head 0 after the
+        gate, so training noise is drawn per head first (the reference's order)."""
         c = self.config
         if c.dms_separate_alpha:
             raw = self.dms_proj_alpha(self.dms_proj_alpha_norm(layer_input)).transpose(1, 2)
         else:
-            first = q[:, :: self.num_key_value_groups, :, -1]
-            raw = first
-            q = q.clone()
-            q[:, :: self.num_key_value_groups, :, -1] = 0
+            raw = q[:, :: self.num_key_value_groups, :, -1]
+            q = self._zero_borrowed(q.clone())
         z = c.dms_alpha_scale * raw.float() - c.dms_initial_alpha_offset
-        if c.dms_alpha_per == "layer":
-            z = z[:, :1].expand_as(z)
         return z.contiguous(), q
+
+    def _zero_borrowed(self, q):
+        """q [B, H*G, T, D] with the borrowed component (the last one of the
+        first query head of each group) set to 0, in place. Done before RoPE
+        and again after it: RoPE moves component D/2-1 into D-1, and the
+        published checkpoints were trained with it zero in the rotated query too."""
+        q[:, :: self.num_key_value_groups, :, -1] = 0
+        return q
+
+    def _per_layer(self, *per_head):
+        """dms_alpha_per = "layer": head 0's values [B, 1, T] for all H heads."""
+        if self.config.dms_alpha_per != "layer":
+            return per_head
+        return tuple(None if t is None else t[:, :1].expand_as(t) for t in per_head)
 
     def forward(self, hidden_states, position_embeddings, layer_input, key_padding=None, cache_layer=None,
                 dms_noise_counters=None):
@@ -174,6 +190,8 @@ class Qwen3AttentionDMS(Qwen3Attention):
         z, q = self._decision_logits(layer_input, q)
         cos, sin = position_embeddings
         q, k = apply_rotary_pos_emb(q, k, cos, sin)
+        if not self.config.dms_separate_alpha:
+            q = self._zero_borrowed(q)  # apply_rotary_pos_emb returned a new tensor
         disabled = self.config.dms_disable_eviction
         if self.training and cache_layer is None:
             if disabled:
@@ -185,10 +203,12 @@ class Qwen3AttentionDMS(Qwen3Attention):
                                                 accum_step=counters.get("accum_step", 0),
                                                 global_step=counters.get("global_step", 0))
                 y, _, decisions = ops.gate(z, noise, self.config.dms_tau)
+                y, decisions = self._per_layer(y, decisions)
+                y = y.contiguous()
             o = ops.attn_train(q, k.contiguous(), v.contiguous(), y, key_padding,
                                window=self.config.dms_window_size, scale=self.scaling)
         else:
-            decisions = torch.zeros_like(z, dtype=torch.bool) if disabled else z > 0
+            decisions = torch.zeros_like(z, dtype=torch.bool) if disabled else self._per_layer(z > 0)[0]
             if q.requires_grad and not _warned_no_grad[0]:
                 _warned_no_grad[0] = True
                 warnings.warn("Qwen3ForCausalLMDMS: in eval mode attention goes through the DMS cache, which has "
@@ -220,6 +240,21 @@ class Qwen3DecoderLayerDMS(Qwen3DecoderLayer):
                                          cache_layer=cache_layer, dms_noise_counters=dms_noise_counters)
         hidden_states = residual + attn
         return hidden_states + self.mlp(self.post_attention_layernorm(hidden_states)), decisions
+
+
+def _positions(start, new_mask, T, device):
+    """RoPE positions [B or 1, T] of T new tokens: each row continues from
+    `start` [B] (its real tokens so far, padding excluded; None: 0) and counts
+    only the new tokens that `new_mask` [B, T] (1 = token, 0 = padding; None:
+    all real) marks. A padding position gets its row's previous position (its
+    output is 0 and it is never stored)."""
+    if new_mask is None:
+        steps = torch.arange(T, device=device).unsqueeze(0)
+    else:
+        steps = new_mask.long().cumsum(-1) - 1
+    if start is not None:
+        steps = steps + start.to(device=device, dtype=torch.long).unsqueeze(1)
+    return steps.clamp_min(0)
 
 
 @contextlib.contextmanager
@@ -255,7 +290,7 @@ class Qwen3ModelDMS(_DMSPretrained, Qwen3Model):
             if layer.window_size != c.dms_window_size:
                 raise ValueError(f"cache: its window is {layer.window_size} tokens, the model's dms_window_size is "
                                  f"{c.dms_window_size}; make the cache with model.get_cache()")
-            if layer.is_initialized:
+            if layer.is_initialized and layer.tokens_fed:  # an empty (new or reset) cache takes any shape
                 p = layer.paged
                 if (p.num_kv_heads, p.head_dim) != (c.num_key_value_heads, c.head_dim):
                     raise ValueError(f"cache: holds {p.num_kv_heads} KV heads of dim {p.head_dim}, the model has "
@@ -286,20 +321,20 @@ class Qwen3ModelDMS(_DMSPretrained, Qwen3Model):
         if past + T > self.config.max_position_embeddings:
             raise ValueError(f"input_ids: {past} cached + {T} new positions exceed the model's "
                              f"max_position_embeddings ({self.config.max_position_embeddings})")
-        key_padding = None
+        key_padding = new_mask = None
         if attention_mask is not None:
             shape = tuple(attention_mask.shape)
-            if len(shape) != 2 or shape[0] != B or shape[1] not in (T, past + T):
-                raise ValueError(f"attention_mask: expected [batch, cached + new tokens] = [{B}, {past + T}] (or "
-                                 f"[{B}, {T}] for the new tokens only; 1 = token, 0 = padding), got {shape}")
-            key_padding = attention_mask[:, -T:] == 0
+            if shape != (B, past + T):
+                raise ValueError(f"attention_mask: expected [batch, cached + new tokens] = [{B}, {past + T}] "
+                                 "(Hugging Face's convention: with a filled cache the mask covers the cached "
+                                 f"positions too; 1 = token, 0 = padding), got {shape}")
+            new_mask = attention_mask[:, past:]
+            key_padding = new_mask == 0
             if not bool(key_padding.any()):
                 key_padding = None
         if position_ids is None:
-            if attention_mask is not None:  # left padding: positions count real tokens only
-                position_ids = (attention_mask.long().cumsum(-1) - 1).clamp_min(0)[:, -T:]
-            else:
-                position_ids = torch.arange(past, past + T, device=inputs_embeds.device).unsqueeze(0)
+            position_ids = _positions(cache.sequence_lengths() if use_cache and past else None,
+                                      new_mask, T, inputs_embeds.device)
         chunk = self.config.dms_chunked_prefill if use_cache else None
         starts = list(range(0, T, chunk)) if chunk and T > chunk else [0]
         bounds = list(zip(starts, starts[1:] + [T]))
@@ -393,10 +428,11 @@ class Qwen3ForCausalLMDMS(_DMSPretrained, Qwen3ForCausalLM):
         if dms_target is not None:
             compression_loss = torch.clamp(float(dms_target) - evicted, min=0).mean()
         cache_out = _cache_of(out)
-        ratios = cache_out.compression_ratios() if isinstance(cache_out, DMSCache) else None
+        stats = cache_out.compression_stats() if isinstance(cache_out, DMSCache) else {}
         return _output(CausalLMOutputDMS, cache_out, loss=loss, logits=logits,
-                       compression_ratio=cache_out.compression_ratio() if ratios else None,
-                       compression_ratios=ratios, evicted_fraction=evicted, compression_loss=compression_loss)
+                       compression_ratio=stats.get("compression_ratio"),
+                       compression_ratios=stats.get("compression_ratios"), evicted_fraction=evicted,
+                       compression_loss=compression_loss)
 
 
 # transformers' task heads build their body with AutoModel.from_config: map
