@@ -158,7 +158,7 @@ def main():
         f"attn_train, B={B} H={H} G={G} D={D} w={w}, {name}; matmul {rate_text}; `{command_line()}`",
         ["dtype", "T", "method", "fwd ms", "fwd GFLOP/s (of matmul)", "fwd time / dms",
          "fwd+bwd ms", "fwd+bwd GFLOP/s (of matmul)", "fwd+bwd time / dms"],
-        rows,
+        rows, args.device,
     )
 
 

@@ -43,9 +43,51 @@ def memory_bandwidth(device, nbytes=1 << 28):
     return 2 * nbytes / seconds
 
 
-def print_table(title, header, rows):
+_ISA_FLAGS = ("avx2", "fma", "avx512f", "avx512_bf16", "avx512_fp16", "amx_tile", "amx_bf16", "amx_int8")
+
+
+def cpu_model():
+    """(model name, ISA flags of interest) from /proc/cpuinfo ("unknown", ()
+    where it cannot be read)."""
+    name, flags = "unknown", set()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                key = key.strip()
+                if key == "model name" and name == "unknown":
+                    name = value.strip()
+                elif key == "flags" and not flags:
+                    flags = set(value.split())
+    except OSError:
+        pass
+    return name, tuple(flag for flag in _ISA_FLAGS if flag in flags)
+
+
+def machine_description(device="cpu"):
+    """One line naming the machine a table was measured on: the CPU model, its
+    cores and ISA extensions, the ISA path each dms CPU kernel takes, the
+    threads used and torch's own CPU path; the GPU on CUDA."""
+    import os
+
+    import dms
+
+    name, flags = cpu_model()
+    info = dms.build_info()
+    kernels = ", ".join(f"{op} {path}" for op, path in info["cpu_kernels"].items())
+    line = (f"machine: {name}, {os.cpu_count()} cores ({' '.join(flags) or 'no AVX2'}); dms {dms.get_num_threads()} "
+            f"threads, kernels: {kernels}; torch {torch.__version__} CPU path "
+            f"{torch.backends.cpu.get_cpu_capability()}")
+    if str(device).startswith("cuda") and torch.cuda.is_available():
+        line += f"; GPU {torch.cuda.get_device_name(torch.device(device))}"
+    return line
+
+
+def print_table(title, header, rows, device="cpu"):
+    """Prints a Markdown table under `title` and the machine's description."""
     widths = [max(len(str(x)) for x in col) for col in zip(header, *rows)]
     print(f"\n{title}")
+    print(machine_description(device))
     print("| " + " | ".join(str(h).ljust(w) for h, w in zip(header, widths)) + " |")
     print("|" + "|".join("-" * (w + 2) for w in widths) + "|")
     for row in rows:

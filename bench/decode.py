@@ -70,7 +70,7 @@ def main():
         f"decode attention, B={B} H={H} G={G} D={D} {args.dtype}, {name}; copy bandwidth {bandwidth / 1e9:.1f} GB/s;"
         f" `{command_line()}`",
         ["context", "compression", "stored/row", "dms us", "dense sdpa us", "speed-up", "K/V GB/s (of copy)"],
-        rows,
+        rows, args.device,
     )
 
 

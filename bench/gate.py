@@ -77,7 +77,7 @@ def main():
         f"gate, {args.dtype}, {name}; copy bandwidth {bandwidth / 1e9:.1f} GB/s; `{command_line()}`",
         ["B x H x T", "fwd kernel us", "kernel GB/s (of copy)", "fwd op us", "torch us", "op speed-up",
          "bwd kernel us", "kernel GB/s (of copy)", "bwd op us", "torch us", "op speed-up"],
-        rows,
+        rows, args.device,
     )
 
 

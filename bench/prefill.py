@@ -62,7 +62,7 @@ def main():
             rows.append([T, name, f"{t * 1e3:.1f}", f"{flops / t / 1e9:.0f}", f"{t / t_sdpa:.2f}x"])
     name = torch.cuda.get_device_name() if device.startswith("cuda") else f"CPU, {dms.get_num_threads()} threads"
     print_table(f"prefill attention, B={B} H={H} G={G} D={D} w={w} {args.dtype}, {name}; `{command_line()}`",
-                ["T", "method", "ms", "GFLOP/s (causal count)", "time / sdpa"], rows)
+                ["T", "method", "ms", "GFLOP/s (causal count)", "time / sdpa"], rows, device)
 
 
 if __name__ == "__main__":
