@@ -49,18 +49,21 @@ _ISA_FLAGS = ("avx2", "fma", "avx512f", "avx512_bf16", "avx512_fp16", "amx_tile"
 def cpu_model():
     """(model name, ISA flags of interest) from /proc/cpuinfo ("unknown", ()
     where it cannot be read)."""
-    name, flags = "unknown", set()
+    fields, flags = {}, set()
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
                 key, _, value = line.partition(":")
                 key = key.strip()
-                if key == "model name" and name == "unknown":
-                    name = value.strip()
+                if key in ("model name", "cpu family", "model") and key not in fields:
+                    fields[key] = value.strip()
                 elif key == "flags" and not flags:
                     flags = set(value.split())
     except OSError:
         pass
+    name = fields.get("model name", "unknown")
+    if "cpu family" in fields and "model" in fields:  # virtual machines often hide the marketing name
+        name += f" (family {fields['cpu family']} model {fields['model']})"
     return name, tuple(flag for flag in _ISA_FLAGS if flag in flags)
 
 

@@ -110,3 +110,19 @@ def test_missing_extension_says_how_to_build(tmp_path):
     last = run.stderr.strip().splitlines()
     assert any("ImportError: dms: the compiled extension dms._C is missing" in line for line in last), run.stderr
     assert "pip install -e ." in run.stderr
+
+
+def test_benchmarks_name_the_machine(monkeypatch, capsys):
+    """Every bench table carries one line with the CPU model and the ISA path
+    each dms kernel takes, so a figure can be traced to the machine it came from."""
+    monkeypatch.syspath_prepend(str(ROOT / "bench"))
+    import common
+
+    name, flags = common.cpu_model()
+    line = common.machine_description("cpu")
+    assert name in line and all(flag in line for flag in flags)
+    for op, path in dms.build_info()["cpu_kernels"].items():
+        assert f"{op} {path}" in line
+    common.print_table("title", ["a"], [[1]])
+    out = capsys.readouterr().out.splitlines()
+    assert out[1:3] == ["title", line]
