@@ -21,10 +21,24 @@ from dms.training.engine import cr_schedule, forward_kl, is_adapter_parameter, l
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = os.path.join(ROOT, "configs", "tiny.yaml")
 
-# Shrunk tiny.yaml: fewer language-model and retrofit steps, a shorter ramp.
-OVERRIDES = {"model.tiny_lm_steps": 100, "trainer.max_steps": 50, "distillation.final_step": 40,
+# tiny.yaml with a faster retrofit. The teacher must need context beyond the
+# window (16 tokens) for learned eviction to be told apart from content-blind
+# eviction. After 100 language-model steps (loss ~2.4 nats/byte, the plateau
+# before the model learns to copy) it barely does, and whether the retrofit
+# then beat blind eviction depended on the training trajectory: KL ratio
+# 0.99 / 0.25 / 0.19 for init seeds 0 / 1 / 2 on one machine, and a CPU whose
+# float32 GEMMs sum in another order (AMX vs AVX-512 vs AVX2 kernels) takes
+# another trajectory. After 300 steps (loss ~0.41-0.46) every trajectory
+# measured separates, without the bimodality: ratios 0.36-0.74 over 16 runs
+# (4 init seeds; final CR 2, 3, 4; 80 or 120 steps; lr 5e-4 to 1.5e-3; 1 or
+# 2 threads), so the bound below has margin on every machine while a
+# content-blind policy (ratio ~1) still fails it. Issue 13's recall model
+# gives the comparison its real footing.
+OVERRIDES = {"model.tiny_lm_steps": 300, "trainer.max_steps": 80, "distillation.final_step": 60,
              "trainer.learning_rate": 5e-4, "trainer.save_steps": 25, "trainer.report_to": "none",
              "trainer.training_arguments": {"disable_tqdm": True}}
+NOISE_DRAWS = 8  # KLs are averaged over this many gate-noise draws
+BLIND_RATIO = 0.85  # trained KL / content-blind KL at the same evicted fraction
 CR_TOLERANCE = 0.15  # |achieved / target - 1| of every 10-step window's means
 
 
@@ -82,14 +96,14 @@ def _fixed_batch(config):
 @pytest.mark.slow
 def test_training_lowers_the_objective_and_beats_content_blind_eviction(tiny_run):
     """At the final target, the trained student's loss is far below the
-    initial model's (which evicts nothing), and its KL is below that of an
-    untrained model that evicts the same fraction of tokens at random."""
+    initial model's (which evicts nothing), and its KL is clearly below that
+    of an untrained model that evicts the same fraction of tokens at random
+    (both averaged over NOISE_DRAWS gate-noise draws)."""
     from dms.models.qwen3 import Qwen3ForCausalLMDMS
 
     config, _ = tiny_run
     ids, am = _fixed_batch(config)
     target = 1 - 1 / config.distillation.final_cr
-    counters = noise_counters(123, 0, 0, 10_000)
     mask = loss_mask(ids, am, [256])
     initial = load_student(config).train()
     trained = Qwen3ForCausalLMDMS.from_pretrained(os.path.join(config.trainer.output_dir, "student_model")).train()
@@ -99,9 +113,14 @@ def test_training_lowers_the_objective_and_beats_content_blind_eviction(tiny_run
         initial.config.dms_disable_eviction = False
 
         def objective(model):
-            out = model(ids, attention_mask=am, use_cache=False, dms_noise_counters=counters, dms_target=target)
-            kl = forward_kl(out.logits, teacher, mask).item()
-            return kl, kl + out.compression_loss.item(), out.evicted_fraction.mean().item()
+            """KL, KL + compression loss and evicted fraction, averaged over noise draws."""
+            totals = torch.zeros(3, dtype=torch.float64)
+            for draw in range(NOISE_DRAWS):
+                out = model(ids, attention_mask=am, use_cache=False, dms_target=target,
+                            dms_noise_counters=noise_counters(123 + draw, 0, 0, 10_000))
+                kl = forward_kl(out.logits, teacher, mask).item()
+                totals += torch.tensor([kl, kl + out.compression_loss.item(), out.evicted_fraction.mean().item()])
+            return (totals / NOISE_DRAWS).tolist()
 
         _, before, evicted_before = objective(initial)
         kl_trained, after, evicted = objective(trained)
@@ -111,7 +130,7 @@ def test_training_lowers_the_objective_and_beats_content_blind_eviction(tiny_run
     assert evicted_before < 0.05 and before > 0.9 * target
     assert after < 0.25 * before
     assert abs(evicted_blind - evicted) < 0.03
-    assert kl_trained < 0.7 * kl_blind, (kl_trained, kl_blind)
+    assert kl_trained < BLIND_RATIO * kl_blind, (kl_trained, kl_blind)
 
 
 @pytest.mark.slow
@@ -176,7 +195,7 @@ def test_extract_from_intermediate_checkpoint_gives_its_weights(tiny_run, tmp_pa
     final = load_file(os.path.join(run, "student_model", "model.safetensors"))
     assert any(not torch.equal(final[k], stored[k]) for k in stored)  # step 25 is not the end
     with open(os.path.join(out, "config.json")) as f:
-        assert json.load(f)["dms_cr"] == pytest.approx(cr_schedule(25, 1.0, 4.0, 40))
+        assert json.load(f)["dms_cr"] == pytest.approx(cr_schedule(25, 1.0, 4.0, 60))
     assert os.path.isfile(os.path.join(out, "tokenizer_config.json"))
 
     # The FSDP layouts of the same weights read back identically.
