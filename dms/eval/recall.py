@@ -1,0 +1,233 @@
+"""Long-context recall tasks, generated: prompts whose answer sits far back in
+the context, for training and evaluating a model that needs its KV cache
+(RULER-style, offline, any length, fresh held-out examples from any seed).
+
+Three tasks, each a filler text of generated sentences with facts hidden at
+random depths and one question at the end:
+
+- ``niah``  multi-key needle in a haystack: several ``The code of KEY is
+  NNNN.`` facts; the question asks one key's code.
+- ``vt``    variable tracking (RULER's VT): ``Let AB = 41952.`` then
+  ``Let CD = AB.``, ``Let EF = CD.`` later on, next to a distractor chain;
+  the question asks the value of the last variable of one chain.
+- ``mqar``  multi-query associative recall: ``KEY -> NN.`` pairs spread
+  through the text, then several recalls ``recall KEY: NN.``, the last one
+  unanswered.
+
+``make_examples(count, context_tokens, seed)`` returns that many
+``RecallExample(task, prompt, answer, prompt_tokens)``; the prompt ends where
+the answer starts, and the answer is a run of digits. ``make_text`` returns
+plain filler documents (language-model text whose perplexity means
+something: the sentences come from a small fixed grammar). Lengths count the
+tokens of ``tokenizer`` (default: UTF-8 bytes, the tokens of the built-in
+tiny model's byte-level tokenizer). The same arguments give the same texts on
+every machine (Python's ``random`` seeded with strings, no hash salt).
+
+    >>> from dms.eval.recall import make_examples
+    >>> ex = make_examples(1, 512, seed=7, tasks=("niah",))[0]
+    >>> ex.prompt[-30:], ex.answer          # doctest: +SKIP
+    ('...\\nQ: the code of vupa?\\nA: ', '4093')
+"""
+
+import random
+from dataclasses import dataclass
+
+__all__ = ["TASKS", "RecallExample", "make_examples", "make_text", "score", "solve"]
+
+TASKS = ("niah", "vt", "mqar")
+"""The task names, in the order `make_examples` cycles through them."""
+
+NEEDLES = 4  # niah: facts per prompt
+CHAIN_HOPS = 3  # vt: assignments per chain (one value, two copies)
+PAIRS = 8  # mqar: key -> value pairs per prompt
+RECALLS = 4  # mqar: recalls at the end, the last one unanswered
+
+_SUBJECTS = ("the old bridge", "a small boat", "the village baker", "every window", "the northern road",
+             "a grey cat", "the library clock", "our neighbour", "the morning train", "a tall pine",
+             "the market square", "the river", "a paper kite", "the lighthouse", "each lantern", "the orchard",
+             "the young teacher", "a red fox", "the quiet farmer", "the harbour master")
+_VERBS = ("watches", "passes", "follows", "remembers", "paints", "visits", "ignores", "greets", "leaves",
+          "finds", "crosses", "keeps")
+_OBJECTS = ("the stone wall", "a wooden gate", "the bakery", "the far hills", "a sleeping dog", "the bell tower",
+            "the fishing nets", "a cold stream", "the empty station", "the summer fair", "a blue door",
+            "the apple trees", "the mill", "a narrow lane")
+_ENDINGS = ("after dusk", "before the rain", "in the morning", "every winter", "without a word", "at noon",
+            "near the sea", "once a year", "in silence", "with great care")
+_CONSONANTS = "bdfgklmnprstvz"
+_VOWELS = "aeiou"
+_LETTERS = "ABCDEFGHJKLMNPQRSTUVWXYZ"
+
+
+@dataclass(frozen=True)
+class RecallExample:
+    """One prompt: `task` (one of TASKS), `prompt` (ends where the answer
+    starts), `answer` (digits), `prompt_tokens` (the prompt's length in the
+    tokens it was sized with)."""
+
+    task: str
+    prompt: str
+    answer: str
+    prompt_tokens: int
+
+
+def _counter(tokenizer):
+    if tokenizer is None:
+        return lambda text: len(text.encode("utf-8"))
+    return lambda text: len(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+def _sentence(rng):
+    """One filler sentence of the fixed grammar, with a leading space."""
+    text = f"{rng.choice(_SUBJECTS)} {rng.choice(_VERBS)} {rng.choice(_OBJECTS)}"
+    if rng.random() < 0.5:
+        text += " " + rng.choice(_ENDINGS)
+    return " " + text[0].upper() + text[1:] + "."
+
+
+def _word(rng, taken):
+    """A new pronounceable 4-letter key (consonant-vowel-consonant-vowel)."""
+    while True:
+        word = "".join(rng.choice(_CONSONANTS if i % 2 == 0 else _VOWELS) for i in range(4))
+        if word not in taken:
+            taken.add(word)
+            return word
+
+
+def _variable(rng, taken):
+    while True:
+        name = rng.choice(_LETTERS) + rng.choice(_LETTERS)
+        if name not in taken:
+            taken.add(name)
+            return name
+
+
+def _facts(task, rng):
+    """(facts in the order they must appear, question, answer)."""
+    taken = set()
+    if task == "niah":
+        keys = [_word(rng, taken) for _ in range(NEEDLES)]
+        codes = [str(rng.randrange(1000, 10000)) for _ in keys]
+        facts = [f" The code of {k} is {c}." for k, c in zip(keys, codes)]
+        rng.shuffle(facts)
+        asked = rng.randrange(NEEDLES)
+        return facts, f"\nQ: the code of {keys[asked]}?\nA: ", codes[asked]
+    if task == "vt":
+        values = rng.sample(range(10000, 100000), 2)
+        chains = [[_variable(rng, taken) for _ in range(CHAIN_HOPS)] for _ in values]
+        steps = []  # (chain, hop) in an order that keeps each chain's hops in sequence
+        pending = [0, 0]
+        while any(p < CHAIN_HOPS for p in pending):
+            c = rng.choice([i for i in (0, 1) if pending[i] < CHAIN_HOPS])
+            steps.append((c, pending[c]))
+            pending[c] += 1
+        facts = [f" Let {chains[c][0]} = {values[c]}." if hop == 0 else f" Let {chains[c][hop]} = {chains[c][hop - 1]}."
+                 for c, hop in steps]
+        asked = rng.randrange(2)
+        return facts, f"\nQ: the value of {chains[asked][-1]}?\nA: ", str(values[asked])
+    if task == "mqar":
+        keys = [_word(rng, taken) for _ in range(PAIRS)]
+        values = [str(rng.randrange(10, 100)) for _ in keys]
+        facts = [f" {k} -> {v}." for k, v in zip(keys, values)]
+        rng.shuffle(facts)
+        asked = rng.sample(range(PAIRS), RECALLS)
+        done = "".join(f"\nrecall {keys[i]}: {values[i]}." for i in asked[:-1])
+        return facts, f"\n{done.lstrip(chr(10))}\nrecall {keys[asked[-1]]}: ", values[asked[-1]]
+    raise ValueError(f"tasks: expected names from {TASKS}, got {task!r}")
+
+
+def _check(count, context_tokens, seed):
+    for name, value, low in (("count", count, 0), ("context_tokens", context_tokens, 1)):
+        if not isinstance(value, int) or isinstance(value, bool) or value < low:
+            raise ValueError(f"{name}: expected an int >= {low}, got {value!r}")
+    if not isinstance(seed, int) or isinstance(seed, bool):
+        raise ValueError(f"seed: expected an int, got {seed!r}")
+
+
+def make_examples(count, context_tokens, seed=0, tasks=TASKS, tokenizer=None):
+    """`count` RecallExamples whose prompts fill `context_tokens` tokens
+    (at most; within one filler sentence of it), cycling through `tasks`.
+
+    Facts sit at uniformly random depths among the filler sentences (in
+    order within a variable chain). Raises ValueError when `context_tokens`
+    cannot hold the facts and the question."""
+    _check(count, context_tokens, seed)
+    tasks = tuple(tasks)
+    if not tasks or any(t not in TASKS for t in tasks):
+        raise ValueError(f"tasks: expected names from {TASKS}, got {tasks!r}")
+    length = _counter(tokenizer)
+    examples = []
+    for i in range(count):
+        task = tasks[i % len(tasks)]
+        rng = random.Random(f"dms.recall:{seed}:{context_tokens}:{i}:{task}")
+        facts, question, answer = _facts(task, rng)
+        budget = context_tokens - length("".join(facts) + question)
+        if budget < 0:
+            raise ValueError(f"context_tokens: {context_tokens} cannot hold a {task} prompt's facts and question "
+                             f"({context_tokens - budget} tokens)")
+        filler = []
+        while True:
+            sentence = _sentence(rng)
+            if length("".join(filler) + sentence) > budget:
+                break
+            filler.append(sentence)
+        slots = sorted(rng.randrange(len(filler) + 1) for _ in facts)
+        parts = list(filler)
+        for fact, slot in reversed(list(zip(facts, slots))):
+            parts.insert(slot, fact)  # last fact first, so facts sharing a slot keep their order
+        prompt = "".join(parts).lstrip() + question
+        examples.append(RecallExample(task, prompt, answer, length(prompt)))
+    return examples
+
+
+def make_text(count, context_tokens, seed=0, tokenizer=None):
+    """`count` plain filler documents of at most `context_tokens` tokens each
+    (within one sentence of it): the language-model part of a training mix."""
+    _check(count, context_tokens, seed)
+    length = _counter(tokenizer)
+    docs = []
+    for i in range(count):
+        rng = random.Random(f"dms.recall.text:{seed}:{context_tokens}:{i}")
+        parts = []
+        while True:
+            sentence = _sentence(rng)
+            if length("".join(parts) + sentence) > context_tokens:
+                break
+            parts.append(sentence)
+        docs.append("".join(parts).lstrip())
+    return docs
+
+
+def solve(prompt):
+    """The answer of a prompt, read from its text by rules (no model): the
+    check that every generated prompt holds what its question needs."""
+    body = " " + prompt  # every fact then starts with a space
+    question = prompt.rstrip().rsplit("\n", 1)[-1]
+    if question.startswith("A:"):
+        asked = prompt.rstrip().rsplit("\n", 2)[-2]
+        if asked.startswith("Q: the code of "):
+            key = asked[len("Q: the code of "):-1]
+            marker = f"The code of {key} is "
+            start = body.index(marker) + len(marker)
+            return body[start:body.index(".", start)]
+        if asked.startswith("Q: the value of "):
+            name = asked[len("Q: the value of "):-1]
+            while True:
+                marker = f"Let {name} = "
+                start = body.index(marker) + len(marker)
+                value = body[start:body.index(".", start)]
+                if value.isdigit():
+                    return value
+                name = value
+    if question.startswith("recall "):
+        key = question[len("recall "):].rstrip(":").strip()
+        marker = f" {key} -> "
+        start = body.index(marker) + len(marker)
+        return body[start:body.index(".", start)]
+    raise ValueError("prompt: not a recall prompt of dms.eval.recall")
+
+
+def score(example, generated):
+    """Whether `generated` (the model's continuation) starts with the answer
+    as a whole number (the next character is not a digit)."""
+    text = generated.lstrip()
+    return text.startswith(example.answer) and not text[len(example.answer):][:1].isdigit()

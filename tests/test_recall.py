@@ -1,0 +1,75 @@
+"""dms.eval.recall: every generated prompt holds what its question needs (a
+rule-based reader finds the answer in the text), prompts fill their length,
+facts sit at spread-out depths, and the same arguments give the same texts."""
+
+import statistics
+
+import pytest
+
+from dms.eval.recall import TASKS, RecallExample, make_examples, make_text, score, solve
+from dms.tiny import tiny_tokenizer
+
+
+@pytest.mark.parametrize("context_tokens", [200, 300, 1024, 2048])
+def test_every_answer_can_be_read_from_its_prompt(context_tokens):
+    examples = make_examples(60, context_tokens, seed=3)
+    assert [e.task for e in examples] == [TASKS[i % 3] for i in range(60)]
+    for e in examples:
+        assert e.answer.isdigit() and solve(e.prompt) == e.answer, e
+        assert e.prompt_tokens == len(e.prompt.encode()) <= context_tokens
+        assert e.prompt_tokens > context_tokens - 80  # filled to within one sentence
+        assert e.prompt.endswith(("A: ", ": ")) and e.answer not in e.prompt.rsplit("\n", 1)[-1]
+
+
+def test_same_arguments_same_texts_and_seeds_differ():
+    a = make_examples(9, 512, seed=11)
+    assert a == make_examples(9, 512, seed=11)
+    b = make_examples(9, 512, seed=12)
+    assert all(x.prompt != y.prompt for x, y in zip(a, b))
+    assert make_text(3, 256, seed=1) == make_text(3, 256, seed=1) != make_text(3, 256, seed=2)
+
+
+def test_asked_facts_sit_at_spread_out_depths():
+    depths = []
+    for e in make_examples(300, 1024, seed=5, tasks=("niah",)):
+        key = e.prompt.rsplit("Q: the code of ", 1)[1].split("?")[0]
+        depths.append(e.prompt.index(f"The code of {key} is") / e.prompt_tokens)
+    assert min(depths) < 0.05 and max(depths) > 0.9
+    assert 0.4 < statistics.median(depths) < 0.6
+
+
+def test_variable_chains_are_in_order_and_need_every_hop():
+    for e in make_examples(50, 600, seed=2, tasks=("vt",)):
+        name = e.prompt.rsplit("Q: the value of ", 1)[1].split("?")[0]
+        hops = []
+        while not name.isdigit():
+            at = e.prompt.index(f"Let {name} = ")
+            hops.append(at)
+            name = e.prompt[at + len(f"Let {name} = "):].split(".")[0]
+        assert len(hops) == 3 and hops == sorted(hops, reverse=True)  # assigned before being copied
+
+
+def test_lengths_in_tokens_of_a_tokenizer():
+    tok = tiny_tokenizer()  # byte-level: one token per UTF-8 byte
+    for e in make_examples(6, 700, seed=0, tokenizer=tok):
+        assert e.prompt_tokens == len(tok(e.prompt, add_special_tokens=False)["input_ids"]) <= 700
+    for doc in make_text(4, 300, seed=0, tokenizer=tok):
+        assert 220 < len(doc.encode()) <= 300
+
+
+def test_score_takes_the_whole_number_only():
+    e = RecallExample("niah", "…\nQ: the code of vupa?\nA: ", "4093", 0)
+    assert score(e, "4093") and score(e, " 4093.\n") and score(e, "4093 is the code")
+    assert not score(e, "40931") and not score(e, "409") and not score(e, "code 4093")
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(count=-1, context_tokens=100), "^count: expected an int >= 0"),
+    (dict(count=1, context_tokens=0), "^context_tokens: expected an int >= 1"),
+    (dict(count=1, context_tokens=100, seed=1.5), "^seed: expected an int"),
+    (dict(count=1, context_tokens=100, tasks=("ruler",)), "^tasks: expected names from"),
+    (dict(count=1, context_tokens=40), "^context_tokens: 40 cannot hold a niah prompt"),
+])
+def test_bad_arguments_are_named(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        make_examples(**kwargs)
