@@ -1,0 +1,268 @@
+"""Trains, from scratch, a small model that needs its memory: a plain Qwen3
+(byte-level tokenizer of `dms.tiny`) on `dms.eval.recall`'s generated mix of
+long-context recall prompts and filler text. It is the base model that DMS
+is retrofitted onto in the quality study (bench/quality.py, issue 13); the
+result is an ordinary Hugging Face directory (config, safetensors, tokenizer)
+that `Qwen3ForCausalLMDMS.from_pretrained` loads with fresh adapters.
+
+    python -m dms.training.recall_base --output outputs/recall_base
+    python -m dms.training.recall_base --output outputs/recall_base --steps 6000   # continues a run
+
+Every step draws fresh examples (a pure function of the seed and the step),
+so nothing is memorised and a resumed run sees exactly the data it would
+have seen. A checkpoint (weights, optimizer, step, log) is written every
+`--save-every` steps, atomically; a run started on an output folder that has
+one continues from it. Progress shows on a tqdm bar; `training_log.jsonl`
+records the losses and, every `--eval-every` steps, the held-out accuracy.
+"""
+
+import argparse
+import json
+import math
+import os
+import random
+import shutil
+import sys
+from dataclasses import asdict, dataclass, field
+
+import torch
+
+__all__ = ["BaseConfig", "batch_for_step", "main", "recall_accuracy", "train"]
+
+
+@dataclass
+class BaseConfig:
+    """Model and training settings (every field has a default; the command
+    line's --set KEY=VALUE overrides one)."""
+
+    hidden_size: int = 256
+    num_hidden_layers: int = 4
+    num_attention_heads: int = 8
+    num_key_value_heads: int = 2
+    head_dim: int = 32
+    intermediate_size: int = 768
+    max_position_embeddings: int = 4096
+    lengths: tuple = (512, 1024, 2048)  # prompt lengths in tokens; a step uses one
+    tokens_per_step: int = 8192  # rows per step = tokens_per_step // length
+    text_fraction: float = 0.25  # rows of plain filler text; the rest are recall prompts
+    answer_weight: float = 1.0  # extra loss weight: mean over answer tokens, added to the LM mean
+    steps: int = 4000
+    learning_rate: float = 1e-3
+    warmup_steps: int = 100
+    min_lr_ratio: float = 0.1  # cosine decay to this fraction of the learning rate
+    weight_decay: float = 0.1
+    max_grad_norm: float = 1.0
+    seed: int = 0
+    autocast_bf16: bool = False  # bfloat16 autocast (float32 master weights): ~1.6x faster where the CPU has AMX
+    eval_lengths: tuple = (1024, 2048)
+    eval_examples: int = 60  # held-out prompts per length (tasks cycled)
+    eval_seed: int = 1_000_003  # held-out examples come from seeds no training step uses
+    extra: dict = field(default_factory=dict)
+
+    def model_config(self):
+        from transformers import Qwen3Config
+
+        from dms.tiny import TINY_VOCAB_SIZE
+
+        return Qwen3Config(vocab_size=TINY_VOCAB_SIZE, hidden_size=self.hidden_size,
+                           num_hidden_layers=self.num_hidden_layers, num_attention_heads=self.num_attention_heads,
+                           num_key_value_heads=self.num_key_value_heads, head_dim=self.head_dim,
+                           intermediate_size=self.intermediate_size,
+                           max_position_embeddings=self.max_position_embeddings, tie_word_embeddings=True,
+                           bos_token_id=None, eos_token_id=256, pad_token_id=256)
+
+
+def _encode(tokenizer, text):
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def batch_for_step(config, tokenizer, step):
+    """(input_ids, labels, answer_mask) [rows, T] of training step `step`: a
+    pure function of (config.seed, step). Recall rows are prompt + answer +
+    eos, text rows text + eos; padding is eos with label -100."""
+    from dms.eval.recall import TASKS, make_examples, make_text
+
+    rng = random.Random(f"dms.recall_base:{config.seed}:{step}")
+    length = rng.choice(config.lengths)
+    rows = max(1, config.tokens_per_step // length)
+    n_text = sum(rng.random() < config.text_fraction for _ in range(rows))
+    seed = config.seed * 1_000_000 + step  # eval_seed is far from every training seed
+    tasks = list(TASKS)
+    rng.shuffle(tasks)
+    sequences = []
+    for ex in make_examples(rows - n_text, length, seed=seed, tasks=tasks, tokenizer=tokenizer):
+        prompt = _encode(tokenizer, ex.prompt)
+        answer = _encode(tokenizer, ex.answer)
+        sequences.append((prompt + answer + [tokenizer.eos_token_id], len(prompt), len(answer)))
+    for doc in make_text(n_text, length, seed=seed, tokenizer=tokenizer):
+        sequences.append((_encode(tokenizer, doc) + [tokenizer.eos_token_id], 0, 0))
+    width = max(len(s) for s, _, _ in sequences)
+    ids = torch.full((len(sequences), width), tokenizer.eos_token_id, dtype=torch.long)
+    labels = torch.full_like(ids, -100)
+    answers = torch.zeros(ids.shape, dtype=torch.bool)
+    for r, (seq, start, n) in enumerate(sequences):
+        ids[r, :len(seq)] = torch.tensor(seq)
+        labels[r, :len(seq)] = ids[r, :len(seq)]
+        answers[r, start:start + n] = n > 0
+    return ids, labels, answers
+
+
+def _losses(model, ids, labels, answers):
+    """(LM loss over every real token, loss over answer tokens or None)."""
+    logits = model(input_ids=ids).logits[:, :-1].float()
+    target = labels[:, 1:]
+    per_token = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1),
+                                                  ignore_index=-100, reduction="none").view(target.shape)
+    real = target != -100
+    lm = per_token[real].mean()
+    answer = answers[:, 1:]
+    return lm, (per_token[answer].mean() if bool(answer.any()) else None)
+
+
+@torch.no_grad()
+def recall_accuracy(model, tokenizer, examples, batch_size=8):
+    """Exact-match accuracy of greedy answers, teacher-forced: an answer
+    counts when the argmax at each of its tokens is that token and the next
+    one is not a digit (what greedy generation would print). Plain forward
+    passes, no cache: the base model's own accuracy."""
+    right = 0
+    digits = {t for d in "0123456789" for t in _encode(tokenizer, d)}
+    for i in range(0, len(examples), batch_size):
+        chunk = examples[i:i + batch_size]
+        seqs = [(_encode(tokenizer, e.prompt), _encode(tokenizer, e.answer)) for e in chunk]
+        width = max(len(p) + len(a) for p, a in seqs)
+        ids = torch.full((len(seqs), width), tokenizer.eos_token_id, dtype=torch.long)
+        for r, (p, a) in enumerate(seqs):
+            ids[r, :len(p) + len(a)] = torch.tensor(p + a)
+        predicted = model(input_ids=ids).logits.argmax(-1)
+        for r, (p, a) in enumerate(seqs):
+            guess = predicted[r, len(p) - 1:len(p) + len(a)].tolist()
+            right += guess[:-1] == a and guess[-1] not in digits
+    return right / max(1, len(examples))
+
+
+def _lr_at(config, step):
+    if step < config.warmup_steps:
+        return config.learning_rate * (step + 1) / config.warmup_steps
+    progress = min(1.0, (step - config.warmup_steps) / max(1, config.steps - config.warmup_steps))
+    cosine = 0.5 * (1 + math.cos(math.pi * progress))
+    return config.learning_rate * (config.min_lr_ratio + (1 - config.min_lr_ratio) * cosine)
+
+
+def _save_checkpoint(output, model, optimizer, step, config):
+    path = os.path.join(output, "checkpoint")
+    tmp = f"{path}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
+    torch.save({"optimizer": optimizer.state_dict(), "step": step, "config": asdict(config)},
+               os.path.join(tmp, "trainer_state.pt"))
+    old = f"{path}.old-{os.getpid()}"
+    if os.path.isdir(path):
+        os.rename(path, old)
+    os.rename(tmp, path)  # readers see the old checkpoint or the new one, never half of one
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def train(config, output, *, eval_every=250, save_every=100, show_progress=True):
+    """Trains (or continues) the base model into `output`; returns the model."""
+    from tqdm.auto import tqdm
+    from transformers import Qwen3ForCausalLM
+
+    from dms.eval.recall import make_examples
+    from dms.tiny import tiny_tokenizer
+
+    tokenizer = tiny_tokenizer()
+    os.makedirs(output, exist_ok=True)
+    checkpoint = os.path.join(output, "checkpoint")
+    start = 0
+    if os.path.isfile(os.path.join(checkpoint, "trainer_state.pt")):
+        model = Qwen3ForCausalLM.from_pretrained(checkpoint, dtype=torch.float32)
+        state = torch.load(os.path.join(checkpoint, "trainer_state.pt"), weights_only=False)
+        start = state["step"]
+        saved = {k: v for k, v in state["config"].items() if k != "steps"}
+        wanted = {k: v for k, v in asdict(config).items() if k != "steps"}
+        if json.loads(json.dumps(saved)) != json.loads(json.dumps(wanted)):
+            changed = sorted(k for k in wanted if json.dumps(saved.get(k)) != json.dumps(wanted[k]))
+            raise ValueError(f"output: its checkpoint was trained with other settings ({', '.join(changed)}); "
+                             "continue with the same settings (only --steps may change) or use another folder")
+    else:
+        torch.manual_seed(config.seed)
+        model = Qwen3ForCausalLM(config.model_config())
+        state = None
+    model.train()
+    decay = [p for n, p in model.named_parameters() if p.ndim >= 2]
+    rest = [p for n, p in model.named_parameters() if p.ndim < 2]
+    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": config.weight_decay},
+                                   {"params": rest, "weight_decay": 0.0}], lr=config.learning_rate)
+    if state is not None:
+        optimizer.load_state_dict(state["optimizer"])
+    held_out = {n: make_examples(config.eval_examples, n, seed=config.eval_seed, tokenizer=tokenizer)
+                for n in config.eval_lengths}
+    log_path = os.path.join(output, "training_log.jsonl")
+    bar = tqdm(range(start, config.steps), desc="recall base", initial=start, total=config.steps,
+               disable=not show_progress)
+    for step in bar:
+        for group in optimizer.param_groups:
+            group["lr"] = _lr_at(config, step)
+        ids, labels, answers = batch_for_step(config, tokenizer, step)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=config.autocast_bf16):
+            lm, answer = _losses(model, ids, labels, answers)
+        loss = lm if answer is None else lm + config.answer_weight * answer
+        loss.backward()
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), config.max_grad_norm)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        entry = {"step": step + 1, "loss": loss.item(), "lm_loss": lm.item(),
+                 "answer_loss": None if answer is None else answer.item(), "grad_norm": float(grad_norm),
+                 "lr": _lr_at(config, step), "length": int(ids.shape[1])}
+        if (step + 1) % eval_every == 0 or step + 1 == config.steps:
+            model.eval()
+            entry.update({f"accuracy_{n}": recall_accuracy(model, tokenizer, ex) for n, ex in held_out.items()})
+            model.train()
+        bar.set_postfix(loss=f"{entry['lm_loss']:.3f}", answer=f"{entry['answer_loss'] or 0:.3f}",
+                        **{k: f"{v:.2f}" for k, v in entry.items() if k.startswith("accuracy")})
+        with open(log_path, "a") as f:
+            f.write(json.dumps(entry) + "\n")
+        if (step + 1) % save_every == 0 or step + 1 == config.steps:
+            _save_checkpoint(output, model, optimizer, step + 1, config)
+    model.eval()
+    model.save_pretrained(output)
+    tokenizer.save_pretrained(output)
+    with open(os.path.join(output, "recall_base.json"), "w") as f:
+        json.dump(asdict(config), f, indent=2)
+    return model
+
+
+def _parse_value(text):
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return text
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--output", required=True, help="folder of the model (and of its checkpoint while training)")
+    parser.add_argument("--steps", type=int, default=BaseConfig.steps, help="total steps (default %(default)s)")
+    parser.add_argument("--eval-every", type=int, default=250, help="held-out accuracy every N steps (default 250)")
+    parser.add_argument("--save-every", type=int, default=100, help="checkpoint every N steps (default 100)")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a BaseConfig field, e.g. --set hidden_size=128 --set lengths=[256,512]")
+    args = parser.parse_args(argv)
+    for name in ("steps", "eval_every", "save_every"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')}: expected an int >= 1, got {getattr(args, name)}")
+    config = BaseConfig(steps=args.steps)
+    for item in args.set:
+        key, sep, value = item.partition("=")
+        if not sep or key not in BaseConfig.__dataclass_fields__ or key == "extra":
+            parser.error(f"--set {item}: expected KEY=VALUE with KEY one of "
+                         f"{', '.join(k for k in BaseConfig.__dataclass_fields__ if k != 'extra')}")
+        value = _parse_value(value)
+        setattr(config, key, tuple(value) if isinstance(value, list) else value)
+    train(config, args.output, eval_every=args.eval_every, save_every=args.save_every)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

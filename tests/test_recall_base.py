@@ -1,0 +1,75 @@
+"""dms.training.recall_base on a micro configuration: the batches are a pure
+function of (seed, step) with answer tokens marked, a continued run equals an
+uninterrupted one exactly, a checkpoint refuses other settings, and the
+accuracy reads greedy answers correctly."""
+
+import types
+
+import pytest
+import torch
+
+from dms.eval.recall import make_examples
+from dms.tiny import tiny_tokenizer
+from dms.training.recall_base import BaseConfig, batch_for_step, main, recall_accuracy, train
+
+MICRO = dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1, head_dim=16,
+             intermediate_size=64, max_position_embeddings=512, lengths=(200, 300), tokens_per_step=600,
+             eval_lengths=(200,), eval_examples=3, warmup_steps=2)
+
+
+def test_batches_are_a_function_of_the_step_and_mark_the_answers():
+    config, tok = BaseConfig(**MICRO), tiny_tokenizer()
+    ids, labels, answers = batch_for_step(config, tok, 3)
+    again = batch_for_step(config, tok, 3)
+    assert all(torch.equal(a, b) for a, b in zip((ids, labels, answers), again))
+    other = batch_for_step(config, tok, 4)[0]
+    assert ids.shape != other.shape or not torch.equal(ids, other)
+    assert ids.shape[0] in {config.tokens_per_step // n for n in config.lengths}
+    for r in range(ids.shape[0]):
+        marked = ids[r][answers[r]]
+        if len(marked):  # a recall row: digits, then eos
+            text = tok.decode(marked)
+            assert text.isdigit()
+            end = int(answers[r].nonzero().max()) + 1
+            assert int(ids[r, end]) == tok.eos_token_id
+        real = labels[r] != -100
+        assert torch.equal(labels[r][real], ids[r][real]) and int(ids[r][real][-1]) == tok.eos_token_id
+
+
+def test_a_continued_run_equals_an_uninterrupted_one(tmp_path):
+    config = BaseConfig(**MICRO, steps=4)
+    whole = train(config, str(tmp_path / "whole"), eval_every=2, save_every=2, show_progress=False)
+    part = BaseConfig(**MICRO, steps=2)
+    train(part, str(tmp_path / "part"), eval_every=2, save_every=2, show_progress=False)
+    assert main(["--output", str(tmp_path / "part"), "--steps", "4", "--eval-every", "2", "--save-every", "2"]
+                + [f"--set={k}={v}" for k, v in _cli(MICRO).items()]) == 0
+    from transformers import Qwen3ForCausalLM
+
+    resumed = Qwen3ForCausalLM.from_pretrained(str(tmp_path / "part"))
+    for (name, a), b in zip(whole.state_dict().items(), resumed.state_dict().values()):
+        assert torch.equal(a, b), name
+    log = (tmp_path / "part" / "training_log.jsonl").read_text().splitlines()
+    assert len(log) == 4 and '"accuracy_200"' in log[1] and '"accuracy_200"' in log[3]
+    with pytest.raises(ValueError, match=r"^output: its checkpoint was trained with other settings \(hidden_size\)"):
+        train(BaseConfig(**{**MICRO, "hidden_size": 64}, steps=6), str(tmp_path / "part"), show_progress=False)
+
+
+def _cli(fields):
+    import json
+
+    return {k: json.dumps(list(v) if isinstance(v, tuple) else v) for k, v in fields.items()}
+
+
+def test_accuracy_reads_greedy_answers():
+    tok = tiny_tokenizer()
+    examples = make_examples(5, 200, seed=0)
+
+    def oracle_model(shift):
+        """Logits whose argmax at position i is the token at i + shift."""
+        def call(input_ids):
+            target = torch.roll(input_ids, -shift, dims=1)
+            return types.SimpleNamespace(logits=torch.nn.functional.one_hot(target, 320).float())
+        return call
+
+    assert recall_accuracy(oracle_model(1), tok, examples, batch_size=2) == 1.0
+    assert recall_accuracy(oracle_model(2), tok, examples, batch_size=2) == 0.0
