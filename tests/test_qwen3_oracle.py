@@ -34,9 +34,11 @@ def _model(**dms):
     return m
 
 
-def oracle_logits(m, ids, noise=None):
+def oracle_logits(m, ids, noise=None, decisions=None, window=None):
     """Logits of the float64 model `m` over the whole of `ids` [B, T]; `noise`
-    (one [B, H, T] tensor per layer) switches to the training form."""
+    (one [B, H, T] tensor per layer) switches to the training form;
+    `decisions` (one [B, H, T] 0/1 tensor per layer) and `window` replace
+    the model's own decisions and dms_window_size at inference."""
     c = m.config
     B, T = ids.shape
     x = m.model.embed_tokens(ids)
@@ -60,7 +62,8 @@ def oracle_logits(m, ids, noise=None):
             q = oracle.zero_borrowed(q, c.num_key_value_heads)
         layer_wide = oracle.per_layer if c.dms_alpha_per == "layer" else (lambda values: values)
         if noise is None:
-            o = oracle.attention_with_decisions(q, k, v, layer_wide((z > 0).double()), c.dms_window_size,
+            alpha = layer_wide((z > 0).double()) if decisions is None else decisions[i].double()
+            o = oracle.attention_with_decisions(q, k, v, alpha, c.dms_window_size if window is None else window,
                                                 attn.scaling)
         else:
             y = layer_wide(oracle.gate(z, noise[i].double(), c.dms_tau)[0])

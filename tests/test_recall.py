@@ -73,3 +73,22 @@ def test_score_takes_the_whole_number_only():
 def test_bad_arguments_are_named(kwargs, message):
     with pytest.raises(ValueError, match=message):
         make_examples(**kwargs)
+
+
+def test_written_jsonl_is_a_local_training_source(tmp_path):
+    import json
+
+    from dms.eval.recall import main
+    from dms.training.data import DataConfig, build_dataset
+
+    path = tmp_path / "recall.jsonl"
+    assert main(["--write", str(path), "--count", "8", "--lengths", "300,400", "--text-fraction", "0.25"]) == 0
+    rows = [json.loads(line)["text"] for line in path.read_text().splitlines()]
+    recall = [r for r in rows if "\nA: " in r or "\nrecall " in r]
+    assert len(rows) == 16 and len(recall) == 12
+    for row in recall:  # prompt + answer + newline: the answer follows what solve() reads
+        prompt, answer = row[:-1].rsplit(" ", 1)
+        assert solve(prompt + " ") == answer
+    config = DataConfig.from_dict({"blend": f"local:{path}", "max_length": 256, "cache_dir": str(tmp_path / "cache")})
+    dataset = build_dataset(config, tiny_tokenizer(), show_progress=False)
+    assert len(dataset) >= sum(len(r) for r in rows) // 256

@@ -27,12 +27,21 @@ every machine (Python's ``random`` seeded with strings, no hash salt).
     >>> ex = make_examples(1, 512, seed=7, tasks=("niah",))[0]
     >>> ex.prompt[-30:], ex.answer          # doctest: +SKIP
     ('...\\nQ: the code of vupa?\\nA: ', '4093')
+
+As a training set for a retrofit (`data.blend: local:PATH`), JSONL of text
+rows (prompt + answer + newline, and filler documents):
+
+    python -m dms.eval.recall --write outputs/recall_data/train.jsonl --count 4000 --lengths 1024,2048
 """
 
+import argparse
+import json
+import os
 import random
+import sys
 from dataclasses import dataclass
 
-__all__ = ["TASKS", "RecallExample", "make_examples", "make_text", "score", "solve"]
+__all__ = ["TASKS", "RecallExample", "main", "make_examples", "make_text", "score", "solve", "write_jsonl"]
 
 TASKS = ("niah", "vt", "mqar")
 """The task names, in the order `make_examples` cycles through them."""
@@ -231,3 +240,45 @@ def score(example, generated):
     as a whole number (the next character is not a digit)."""
     text = generated.lstrip()
     return text.startswith(example.answer) and not text[len(example.answer):][:1].isdigit()
+
+
+def write_jsonl(path, count, lengths, seed=0, text_fraction=0.25, tokenizer=None):
+    """Writes `count` documents per length as JSONL `{"text": ...}` rows to
+    `path` (atomically): recall prompts followed by their answer and a
+    newline, and a `text_fraction` share of plain filler; returns `path`."""
+    rows = []
+    for length in lengths:
+        n_text = round(count * text_fraction)
+        rows += [ex.prompt + ex.answer + "\n" for ex in make_examples(count - n_text, length, seed, tokenizer=tokenizer)]
+        rows += make_text(n_text, length, seed, tokenizer=tokenizer)
+    random.Random(f"dms.recall.write:{seed}").shuffle(rows)
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "w") as f:
+        for text in rows:
+            f.write(json.dumps({"text": text}) + "\n")
+    os.replace(tmp, path)
+    return path
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description="Write generated recall documents as JSONL text rows.")
+    parser.add_argument("--write", required=True, metavar="PATH", help="the JSONL file to write")
+    parser.add_argument("--count", type=int, default=1000, help="documents per length (default 1000)")
+    parser.add_argument("--lengths", default="1024", help="comma-separated lengths in bytes (default 1024)")
+    parser.add_argument("--seed", type=int, default=0, help="seed (default 0; evaluation uses other seeds)")
+    parser.add_argument("--text-fraction", type=float, default=0.25, help="share of filler documents (default 0.25)")
+    args = parser.parse_args(argv)
+    try:
+        lengths = [int(n) for n in args.lengths.split(",")]
+    except ValueError:
+        parser.error(f"--lengths: expected comma-separated integers, got {args.lengths!r}")
+    if args.count < 1 or not all(n > 0 for n in lengths) or not 0 <= args.text_fraction <= 1:
+        parser.error("--count and --lengths must be positive and --text-fraction in [0, 1]")
+    write_jsonl(args.write, args.count, lengths, args.seed, args.text_fraction)
+    print(f"wrote {args.count * len(lengths)} documents to {args.write}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

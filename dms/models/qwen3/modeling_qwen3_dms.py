@@ -132,7 +132,15 @@ class _DMSPretrained:
 
 
 class Qwen3AttentionDMS(Qwen3Attention):
-    """Qwen3 attention whose keys are evicted by learned, delayed decisions."""
+    """Qwen3 attention whose keys are evicted by learned, delayed decisions.
+
+    `decision_policy` (default None) replaces the learned decisions in eval
+    mode: called as policy(layer_idx, z [B, H, T], tokens_fed) -> bool
+    [B, H, T], with tokens_fed the positions the cache had seen before these
+    T tokens. The training-free baselines of `dms.eval.baselines` set it so
+    that they run on the same paged cache, freeing memory as DMS does."""
+
+    decision_policy = None
 
     def __init__(self, config, layer_idx):
         super().__init__(config, layer_idx)
@@ -217,6 +225,8 @@ class Qwen3AttentionDMS(Qwen3Attention):
             q, k, v = q.detach(), k.detach(), v.detach()
             if cache_layer is None:  # no cache asked for: a private one, dropped after the call
                 cache_layer = DMSCacheLayer(self.config.dms_window_size, self.config.dms_paged_attention_block_size)
+            if self.decision_policy is not None:  # a training-free baseline (dms.eval.baselines)
+                decisions = self.decision_policy(self.layer_idx, z, cache_layer.tokens_fed)
             o = cache_layer.attend(q.contiguous(), k.contiguous(), v.contiguous(), decisions, key_padding,
                                    self.scaling)
         o = o.transpose(1, 2).reshape(B, T, -1)
