@@ -35,7 +35,7 @@ def _minimal(**sections):
     return raw
 
 
-@pytest.mark.parametrize("name", ["tiny", "qwen3_8b", "qwen3_1.7b"])
+@pytest.mark.parametrize("name", ["tiny", "qwen3_8b", "qwen3_1.7b", "recall_adapters", "recall_all_weights"])
 def test_shipped_configs_load(name):
     config = load_config(os.path.join(CONFIGS, f"{name}.yaml"))
     assert config.model.dms.separate_alpha is True
