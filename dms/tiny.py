@@ -83,13 +83,16 @@ def tiny_model(seed=0, evicting=True, **overrides):
 
     evicting=True (default) gives its adapters random weights (separate
     adapter, scale 1, offset 0) so about half of the decisions evict and
-    compression shows at once; evicting=False keeps the reference defaults
-    (every logit starts at -offset: nothing evicted until trained)."""
+    compression shows at once; evicting=False gives fresh separate adapters
+    with the reference's scale and offset (every logit is -offset: nothing
+    evicted until trained). `overrides` win over both."""
     from .models.qwen3 import Qwen3ForCausalLMDMS
 
     if evicting:
         overrides = dict(dict(dms_separate_alpha=True, dms_alpha_scale=1.0, dms_initial_alpha_offset=0.0),
                          **overrides)
+    else:
+        overrides = dict(dict(dms_separate_alpha=True), **overrides)
     torch.manual_seed(seed)
     model = Qwen3ForCausalLMDMS(tiny_config(**overrides))
     if evicting:

@@ -1,0 +1,139 @@
+"""Quality of DMS against training-free eviction at the same KV budget, on
+generated long-context recall prompts (issue 13): accuracy per task and
+held-out perplexity of the base model (vanilla), of each DMS retrofit, and of
+content-blind eviction and StreamingLLM sized to the budget each DMS model
+used, at each context length. Prints a Markdown table (and writes it, with a
+plot of accuracy against compression, when --out is given).
+
+    python bench/quality.py --models adapters-2x=outputs/recall_adapters/cr2,adapters-4x=...
+    python bench/quality.py --quick      # 20 prompts per length
+
+Every model runs through the inference path users get: `generate` with a
+`DMSCache`, greedy, one prompt per row.
+"""
+
+import argparse
+import math
+import os
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from common import command_line, machine_description  # noqa: E402
+
+from dms import Qwen3ForCausalLMDMS  # noqa: E402
+from dms.eval.baselines import eviction_policy  # noqa: E402
+from dms.eval.quality import evaluate_recall, matched_baselines  # noqa: E402
+from dms.eval.recall import make_examples, make_text  # noqa: E402
+
+EVAL_SEED = 1_000_003  # no training step of dms.training.recall_base draws from this seed
+
+
+def _models(text):
+    out = []
+    for item in filter(None, (text or "").split(",")):
+        label, sep, path = item.partition("=")
+        if not sep or not label or not path:
+            raise SystemExit(f"--models: expected LABEL=PATH[,LABEL=PATH...], got {item!r}")
+        out.append((label, path))
+    return out
+
+
+@torch.no_grad()
+def perplexity(model, tokenizer, docs):
+    """exp(mean next-token loss) over `docs`, each one prefill through a
+    DMSCache (eval mode: the attention with eviction, as decode sees it)."""
+    total, count = 0.0, 0
+    for doc in docs:
+        ids = torch.tensor([tokenizer(doc, add_special_tokens=False)["input_ids"]])
+        out = model(ids, labels=ids)
+        total += float(out.loss) * (ids.shape[1] - 1)
+        count += ids.shape[1] - 1
+    return math.exp(total / count)
+
+
+def _row(length, method, result, ppl):
+    tasks = " / ".join(f"{result['per_task'].get(t, float('nan')):.2f}" for t in ("niah", "vt", "mqar"))
+    return [length, method, f"{result['accuracy']:.3f}", tasks, f"{result['stored_per_row']:.0f}",
+            f"{result['compression_ratio']:.2f}x", f"{ppl:.3f}"]
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--base", default="outputs/recall_base", help="the base model (vanilla)")
+    parser.add_argument("--models", default="", help="DMS models, LABEL=PATH,... (default none)")
+    parser.add_argument("--lengths", default="1024,2048", help="prompt lengths in tokens (default 1024,2048)")
+    parser.add_argument("--count", type=int, default=60, help="prompts per length (default 60)")
+    parser.add_argument("--quick", action="store_true", help="20 prompts per length and 4 documents of perplexity")
+    parser.add_argument("--sinks", type=int, default=4, help="StreamingLLM's attention sinks (default 4)")
+    parser.add_argument("--out", default=None, help="write the table (.md) and the plot (.png) here")
+    args = parser.parse_args(argv)
+    count = 20 if args.quick else args.count
+    lengths = [int(n) for n in args.lengths.split(",")]
+    torch.manual_seed(0)
+
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(args.base)
+    base = Qwen3ForCausalLMDMS.from_pretrained(args.base).eval()  # a plain checkpoint: keeps everything
+    header = ["length", "method", "accuracy", "niah / vt / mqar", "stored per row", "compression", "perplexity"]
+    rows, points = [], []
+    start = time.time()
+    for length in lengths:
+        examples = make_examples(count, length, seed=EVAL_SEED)
+        docs = make_text(4 if args.quick else 12, length, seed=EVAL_SEED)
+        vanilla = evaluate_recall(base, tokenizer, examples, show_progress=True)
+        rows.append(_row(length, "vanilla", vanilla, perplexity(base, tokenizer, docs)))
+        points.append(("vanilla", length, 1.0, vanilla["accuracy"]))
+        for label, path in _models(args.models):
+            model = Qwen3ForCausalLMDMS.from_pretrained(path).eval()
+            result = evaluate_recall(model, tokenizer, examples, show_progress=True)
+            rows.append(_row(length, f"DMS {label}", result, perplexity(model, tokenizer, docs)))
+            points.append((f"DMS {label.rsplit('-', 1)[0]}", length, result["compression_ratio"], result["accuracy"]))
+            for name, (policy, window) in matched_baselines(result, model.config.dms_window_size,
+                                                            sinks=args.sinks).items():
+                baseline = evaluate_recall(base, tokenizer, examples, policy=policy, window_size=window,
+                                           show_progress=True)
+                with eviction_policy(base, policy, window):
+                    ppl = perplexity(base, tokenizer, docs)
+                rows.append(_row(length, f"{name} at {label}", baseline, ppl))
+                points.append((name, length, baseline["compression_ratio"], baseline["accuracy"]))
+    widths = [max(len(str(x)) for x in col) for col in zip(header, *rows)]
+    lines = [f"recall quality, {count} prompts per length (seed {EVAL_SEED}); `{command_line()}`",
+             machine_description("cpu") + f"; {time.time() - start:.0f} s",
+             "| " + " | ".join(h.ljust(w) for h, w in zip(header, widths)) + " |",
+             "|" + "|".join("-" * (w + 2) for w in widths) + "|"]
+    lines += ["| " + " | ".join(str(x).ljust(w) for x, w in zip(row, widths)) + " |" for row in rows]
+    print("\n".join(lines))
+    if args.out:
+        with open(args.out, "w") as f:
+            f.write("\n".join(lines) + "\n")
+        _plot(points, os.path.splitext(args.out)[0] + ".png")
+    return 0
+
+
+def _plot(points, path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    lengths = sorted({p[1] for p in points})
+    fig, axes = plt.subplots(1, len(lengths), figsize=(5 * len(lengths), 4), squeeze=False)
+    for ax, length in zip(axes[0], lengths):
+        for method in dict.fromkeys(p[0] for p in points):
+            xs = [(c, a) for m, n, c, a in points if m == method and n == length]
+            xs.sort()
+            ax.plot([c for c, _ in xs], [a for _, a in xs], marker="o", label=method)
+        ax.set_title(f"{length} tokens")
+        ax.set_xlabel("KV compression (tokens seen / stored)")
+        ax.set_ylabel("accuracy")
+        ax.set_ylim(-0.02, 1.02)
+        ax.legend(fontsize=7)
+    fig.savefig(path, dpi=110, bbox_inches="tight")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
