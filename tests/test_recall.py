@@ -18,7 +18,7 @@ def test_every_answer_can_be_read_from_its_prompt(context_tokens):
         assert e.answer.isdigit() and solve(e.prompt) == e.answer, e
         assert e.prompt_tokens == len(e.prompt.encode()) <= context_tokens
         assert e.prompt_tokens > context_tokens - 80  # filled to within one sentence
-        assert e.prompt.endswith(("A: ", ": ")) and e.answer not in e.prompt.rsplit("\n", 1)[-1]
+        assert e.prompt.endswith((" is ", ": ")) and e.answer not in e.prompt.rsplit("\n", 1)[-1]
 
 
 def test_same_arguments_same_texts_and_seeds_differ():
@@ -32,7 +32,7 @@ def test_same_arguments_same_texts_and_seeds_differ():
 def test_asked_facts_sit_at_spread_out_depths():
     depths = []
     for e in make_examples(300, 1024, seed=5, tasks=("niah",)):
-        key = e.prompt.rsplit("Q: the code of ", 1)[1].split("?")[0]
+        key = e.prompt.rsplit("Q: The code of ", 1)[1].split(" ")[0]
         depths.append(e.prompt.index(f"The code of {key} is") / e.prompt_tokens)
     assert min(depths) < 0.05 and max(depths) > 0.9
     assert 0.4 < statistics.median(depths) < 0.6
@@ -40,13 +40,13 @@ def test_asked_facts_sit_at_spread_out_depths():
 
 def test_variable_chains_are_in_order_and_need_every_hop():
     for e in make_examples(50, 600, seed=2, tasks=("vt",)):
-        name = e.prompt.rsplit("Q: the value of ", 1)[1].split("?")[0]
+        name = e.prompt.rsplit("Q: The value of ", 1)[1].split(" ")[0]
         hops = []
         while not name.isdigit():
             at = e.prompt.index(f"Let {name} = ")
             hops.append(at)
             name = e.prompt[at + len(f"Let {name} = "):].split(".")[0]
-        assert len(hops) == 3 and hops == sorted(hops, reverse=True)  # assigned before being copied
+        assert len(hops) == 2 and hops == sorted(hops, reverse=True)  # assigned before being copied
 
 
 def test_lengths_in_tokens_of_a_tokenizer():
@@ -58,7 +58,7 @@ def test_lengths_in_tokens_of_a_tokenizer():
 
 
 def test_score_takes_the_whole_number_only():
-    e = RecallExample("niah", "…\nQ: the code of vupa?\nA: ", "4093", 0)
+    e = RecallExample("niah", "…\nQ: The code of vupa is ", "4093", 0)
     assert score(e, "4093") and score(e, " 4093.\n") and score(e, "4093 is the code")
     assert not score(e, "40931") and not score(e, "409") and not score(e, "code 4093")
 
@@ -84,7 +84,7 @@ def test_written_jsonl_is_a_local_training_source(tmp_path):
     path = tmp_path / "recall.jsonl"
     assert main(["--write", str(path), "--count", "8", "--lengths", "300,400", "--text-fraction", "0.25"]) == 0
     rows = [json.loads(line)["text"] for line in path.read_text().splitlines()]
-    recall = [r for r in rows if "\nA: " in r or "\nrecall " in r]
+    recall = [r for r in rows if "\nQ: " in r or "\nrecall " in r]
     assert len(rows) == 16 and len(recall) == 12
     for row in recall:  # prompt + answer + newline: the answer follows what solve() reads
         prompt, answer = row[:-1].rsplit(" ", 1)

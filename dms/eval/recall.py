@@ -6,13 +6,17 @@ Three tasks, each a filler text of generated sentences with facts hidden at
 random depths and one question at the end:
 
 - ``niah``  multi-key needle in a haystack: several ``The code of KEY is
-  NNNN.`` facts; the question asks one key's code.
+  NNNN.`` facts; the question ``Q: The code of KEY is`` asks one of them.
 - ``vt``    variable tracking (RULER's VT): ``Let AB = 41952.`` then
-  ``Let CD = AB.``, ``Let EF = CD.`` later on, next to a distractor chain;
-  the question asks the value of the last variable of one chain.
-- ``mqar``  multi-query associative recall: ``KEY -> NN.`` pairs spread
+  ``Let CD = AB.`` later on, next to a distractor chain; the question
+  ``Q: The value of CD is`` needs both hops.
+- ``mqar``  multi-query associative recall: ``KEY: NN.`` pairs spread
   through the text, then several recalls ``recall KEY: NN.``, the last one
   unanswered.
+
+The text right before each answer repeats the text right before the value
+in its fact (``code of KEY is``, ``KEY:``), the pattern an induction head
+completes; variable tracking adds an indirection on top.
 
 ``make_examples(count, context_tokens, seed)`` returns that many
 ``RecallExample(task, prompt, answer, prompt_tokens)``; the prompt ends where
@@ -26,7 +30,7 @@ every machine (Python's ``random`` seeded with strings, no hash salt).
     >>> from dms.eval.recall import make_examples
     >>> ex = make_examples(1, 512, seed=7, tasks=("niah",))[0]
     >>> ex.prompt[-30:], ex.answer          # doctest: +SKIP
-    ('...\\nQ: the code of vupa?\\nA: ', '4093')
+    ('...\\nQ: The code of vupa is ', '4093')
 
 As a training set for a retrofit (`data.blend: local:PATH`), JSONL of text
 rows (prompt + answer + newline, and filler documents):
@@ -47,7 +51,7 @@ TASKS = ("niah", "vt", "mqar")
 """The task names, in the order `make_examples` cycles through them."""
 
 NEEDLES = 4  # niah: facts per prompt
-CHAIN_HOPS = 3  # vt: assignments per chain (one value, two copies)
+CHAIN_HOPS = 2  # vt: assignments per chain (a value, then a copy of it)
 PAIRS = 8  # mqar: key -> value pairs per prompt
 RECALLS = 4  # mqar: recalls at the end, the last one unanswered
 
@@ -119,7 +123,7 @@ def _facts(task, rng):
         facts = [f" The code of {k} is {c}." for k, c in zip(keys, codes)]
         rng.shuffle(facts)
         asked = rng.randrange(NEEDLES)
-        return facts, f"\nQ: the code of {keys[asked]}?\nA: ", codes[asked]
+        return facts, f"\nQ: The code of {keys[asked]} is ", codes[asked]
     if task == "vt":
         values = rng.sample(range(10000, 100000), 2)
         chains = [[_variable(rng, taken) for _ in range(CHAIN_HOPS)] for _ in values]
@@ -132,11 +136,11 @@ def _facts(task, rng):
         facts = [f" Let {chains[c][0]} = {values[c]}." if hop == 0 else f" Let {chains[c][hop]} = {chains[c][hop - 1]}."
                  for c, hop in steps]
         asked = rng.randrange(2)
-        return facts, f"\nQ: the value of {chains[asked][-1]}?\nA: ", str(values[asked])
+        return facts, f"\nQ: The value of {chains[asked][-1]} is ", str(values[asked])
     if task == "mqar":
         keys = [_word(rng, taken) for _ in range(PAIRS)]
         values = [str(rng.randrange(10, 100)) for _ in keys]
-        facts = [f" {k} -> {v}." for k, v in zip(keys, values)]
+        facts = [f" {k}: {v}." for k, v in zip(keys, values)]
         rng.shuffle(facts)
         asked = rng.sample(range(PAIRS), RECALLS)
         done = "".join(f"\nrecall {keys[i]}: {values[i]}." for i in asked[:-1])
@@ -210,26 +214,24 @@ def solve(prompt):
     """The answer of a prompt, read from its text by rules (no model): the
     check that every generated prompt holds what its question needs."""
     body = " " + prompt  # every fact then starts with a space
-    question = prompt.rstrip().rsplit("\n", 1)[-1]
-    if question.startswith("A:"):
-        asked = prompt.rstrip().rsplit("\n", 2)[-2]
-        if asked.startswith("Q: the code of "):
-            key = asked[len("Q: the code of "):-1]
-            marker = f"The code of {key} is "
+    question = prompt.rsplit("\n", 1)[-1]
+    if question.startswith("Q: The code of ") and question.endswith(" is "):
+        key = question[len("Q: The code of "):-len(" is ")]
+        marker = f" The code of {key} is "
+        start = body.index(marker) + len(marker)
+        return body[start:body.index(".", start)]
+    if question.startswith("Q: The value of ") and question.endswith(" is "):
+        name = question[len("Q: The value of "):-len(" is ")]
+        while True:
+            marker = f" Let {name} = "
             start = body.index(marker) + len(marker)
-            return body[start:body.index(".", start)]
-        if asked.startswith("Q: the value of "):
-            name = asked[len("Q: the value of "):-1]
-            while True:
-                marker = f"Let {name} = "
-                start = body.index(marker) + len(marker)
-                value = body[start:body.index(".", start)]
-                if value.isdigit():
-                    return value
-                name = value
-    if question.startswith("recall "):
-        key = question[len("recall "):].rstrip(":").strip()
-        marker = f" {key} -> "
+            value = body[start:body.index(".", start)]
+            if value.isdigit():
+                return value
+            name = value
+    if question.startswith("recall ") and question.endswith(": "):
+        key = question[len("recall "):-len(": ")]
+        marker = f" {key}: "
         start = body.index(marker) + len(marker)
         return body[start:body.index(".", start)]
     raise ValueError("prompt: not a recall prompt of dms.eval.recall")
