@@ -97,6 +97,18 @@ def _sentence(rng):
     return " " + text[0].upper() + text[1:] + "."
 
 
+def _filler(rng, budget, length):
+    """Filler sentences, drawn until the next one would take the text past
+    `budget` tokens (as counted by `length`)."""
+    sentences, text = [], ""
+    while True:
+        sentence = _sentence(rng)
+        if length(text + sentence) > budget:
+            return sentences
+        sentences.append(sentence)
+        text += sentence
+
+
 def _word(rng, taken):
     """A new pronounceable 4-letter key (consonant-vowel-consonant-vowel)."""
     while True:
@@ -177,12 +189,7 @@ def make_examples(count, context_tokens, seed=0, tasks=TASKS, tokenizer=None):
         if budget < 0:
             raise ValueError(f"context_tokens: {context_tokens} cannot hold a {task} prompt's facts and question "
                              f"({context_tokens - budget} tokens)")
-        filler = []
-        while True:
-            sentence = _sentence(rng)
-            if length("".join(filler) + sentence) > budget:
-                break
-            filler.append(sentence)
+        filler = _filler(rng, budget, length)
         slots = sorted(rng.randrange(len(filler) + 1) for _ in facts)
         parts = list(filler)
         for fact, slot in reversed(list(zip(facts, slots))):
@@ -200,13 +207,7 @@ def make_text(count, context_tokens, seed=0, tokenizer=None):
     docs = []
     for i in range(count):
         rng = random.Random(f"dms.recall.text:{seed}:{context_tokens}:{i}")
-        parts = []
-        while True:
-            sentence = _sentence(rng)
-            if length("".join(parts) + sentence) > context_tokens:
-                break
-            parts.append(sentence)
-        docs.append("".join(parts).lstrip())
+        docs.append("".join(_filler(rng, context_tokens, length)).lstrip())
     return docs
 
 
