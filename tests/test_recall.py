@@ -92,3 +92,10 @@ def test_written_jsonl_is_a_local_training_source(tmp_path):
     config = DataConfig.from_dict({"blend": f"local:{path}", "max_length": 256, "cache_dir": str(tmp_path / "cache")})
     dataset = build_dataset(config, tiny_tokenizer(), show_progress=False)
     assert len(dataset) >= sum(len(r) for r in rows) // 256
+
+
+def test_facts_scale_sets_the_needles_and_pairs():
+    few = make_examples(2, 600, seed=0, tasks=("niah", "mqar"), facts_scale=0.25)
+    assert few[0].prompt.count("The code of ") == 1 + 1  # one needle, and the question
+    assert few[1].prompt.count(":") == 2 + 2  # two pairs, one answered recall and the question
+    assert all(solve(e.prompt) == e.answer for e in few)

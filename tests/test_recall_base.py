@@ -76,3 +76,15 @@ def test_accuracy_reads_greedy_answers():
 
     assert recall_accuracy(oracle_model(1), tok, examples, batch_size=2) == 1.0
     assert recall_accuracy(oracle_model(2), tok, examples, batch_size=2) == 0.0
+
+
+def test_the_curriculum_starts_short_with_few_facts():
+    tok = tiny_tokenizer()
+    config = BaseConfig(**{**MICRO, "lengths": (600,), "tokens_per_step": 1200, "text_fraction": 0.0},
+                        ramp_steps=100, ramp_start=0.25, ramp_lengths=(300,))
+    early, _, _ = batch_for_step(config, tok, 0)
+    late, _, _ = batch_for_step(config, tok, 100)
+    assert early.shape[1] < 310 < late.shape[1]
+    texts = [tok.decode(row) for row in early]
+    assert all(t.count("The code of ") <= 2 for t in texts)  # one needle (and the question)
+    assert any(t.count("The code of ") == 5 for t in (tok.decode(row) for row in late))

@@ -126,15 +126,18 @@ def _variable(rng, taken):
             return name
 
 
-def _facts(task, rng):
-    """(facts in the order they must appear, question, answer)."""
+def _facts(task, rng, scale=1.0):
+    """(facts in the order they must appear, question, answer); `scale`
+    multiplies the number of needles and pairs (at least 1 and 2)."""
     taken = set()
+    needles, pairs = max(1, round(NEEDLES * scale)), max(2, round(PAIRS * scale))
+    recalls = min(RECALLS, pairs)
     if task == "niah":
-        keys = [_word(rng, taken) for _ in range(NEEDLES)]
+        keys = [_word(rng, taken) for _ in range(needles)]
         codes = [str(rng.randrange(1000, 10000)) for _ in keys]
         facts = [f" The code of {k} is {c}." for k, c in zip(keys, codes)]
         rng.shuffle(facts)
-        asked = rng.randrange(NEEDLES)
+        asked = rng.randrange(needles)
         return facts, f"\nQ: The code of {keys[asked]} is ", codes[asked]
     if task == "vt":
         values = rng.sample(range(10000, 100000), 2)
@@ -150,11 +153,11 @@ def _facts(task, rng):
         asked = rng.randrange(2)
         return facts, f"\nQ: The value of {chains[asked][-1]} is ", str(values[asked])
     if task == "mqar":
-        keys = [_word(rng, taken) for _ in range(PAIRS)]
+        keys = [_word(rng, taken) for _ in range(pairs)]
         values = [str(rng.randrange(10, 100)) for _ in keys]
         facts = [f" {k}: {v}." for k, v in zip(keys, values)]
         rng.shuffle(facts)
-        asked = rng.sample(range(PAIRS), RECALLS)
+        asked = rng.sample(range(pairs), recalls)
         done = "".join(f"\nrecall {keys[i]}: {values[i]}." for i in asked[:-1])
         return facts, f"\n{done.lstrip(chr(10))}\nrecall {keys[asked[-1]]}: ", values[asked[-1]]
     raise ValueError(f"tasks: expected names from {TASKS}, got {task!r}")
@@ -168,9 +171,11 @@ def _check(count, context_tokens, seed):
         raise ValueError(f"seed: expected an int, got {seed!r}")
 
 
-def make_examples(count, context_tokens, seed=0, tasks=TASKS, tokenizer=None):
+def make_examples(count, context_tokens, seed=0, tasks=TASKS, tokenizer=None, facts_scale=1.0):
     """`count` RecallExamples whose prompts fill `context_tokens` tokens
     (at most; within one filler sentence of it), cycling through `tasks`.
+    `facts_scale` (default 1) scales the needles (NEEDLES) and pairs (PAIRS)
+    per prompt, e.g. for a training curriculum that starts with fewer.
 
     Facts sit at uniformly random depths among the filler sentences (in
     order within a variable chain). Raises ValueError when `context_tokens`
@@ -184,7 +189,7 @@ def make_examples(count, context_tokens, seed=0, tasks=TASKS, tokenizer=None):
     for i in range(count):
         task = tasks[i % len(tasks)]
         rng = random.Random(f"dms.recall:{seed}:{context_tokens}:{i}:{task}")
-        facts, question, answer = _facts(task, rng)
+        facts, question, answer = _facts(task, rng, facts_scale)
         budget = context_tokens - length("".join(facts) + question)
         if budget < 0:
             raise ValueError(f"context_tokens: {context_tokens} cannot hold a {task} prompt's facts and question "

@@ -46,6 +46,9 @@ class BaseConfig:
     tokens_per_step: int = 8192  # rows per step = tokens_per_step // length
     text_fraction: float = 0.25  # rows of plain filler text; the rest are recall prompts
     answer_weight: float = 1.0  # extra loss weight: mean over answer tokens, added to the LM mean
+    ramp_steps: int = 0  # curriculum: over these first steps the facts per prompt grow linearly ...
+    ramp_start: float = 0.25  # ... from this share of the full count (dms.eval.recall facts_scale) ...
+    ramp_lengths: tuple = (256, 512)  # ... at these prompt lengths
     steps: int = 4000
     learning_rate: float = 1e-3
     warmup_steps: int = 100
@@ -83,14 +86,16 @@ def batch_for_step(config, tokenizer, step):
     from dms.eval.recall import TASKS, make_examples, make_text
 
     rng = random.Random(f"dms.recall_base:{config.seed}:{step}")
-    length = rng.choice(config.lengths)
+    ramping = step < config.ramp_steps
+    length = rng.choice(config.ramp_lengths if ramping else config.lengths)
+    scale = config.ramp_start + (1 - config.ramp_start) * step / config.ramp_steps if ramping else 1.0
     rows = max(1, config.tokens_per_step // length)
     n_text = sum(rng.random() < config.text_fraction for _ in range(rows))
     seed = config.seed * 1_000_000 + step  # eval_seed is far from every training seed
     tasks = list(TASKS)
     rng.shuffle(tasks)
     sequences = []
-    for ex in make_examples(rows - n_text, length, seed=seed, tasks=tasks, tokenizer=tokenizer):
+    for ex in make_examples(rows - n_text, length, seed=seed, tasks=tasks, tokenizer=tokenizer, facts_scale=scale):
         prompt = _encode(tokenizer, ex.prompt)
         answer = _encode(tokenizer, ex.answer)
         sequences.append((prompt + answer + [tokenizer.eos_token_id], len(prompt), len(answer)))
