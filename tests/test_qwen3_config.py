@@ -61,3 +61,24 @@ def test_reference_config_json_loads(tmp_path):
 def test_invalid_values_name_the_field(override, field):
     with pytest.raises(ValueError, match=f"^{field}: expected"):
         Qwen3ConfigDMS(**{**TINY, **override})
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (dict(dms_window_size=0), r"^dms_window_size: expected an int larger than dms_paged_attention_block_size \(4\)"),
+    (dict(dms_window_size=3), r"^dms_window_size: expected an int larger than"),
+    (dict(dms_alpha_per="token"), r"^dms_alpha_per: expected 'head' or 'layer', got 'token'"),
+    (dict(dms_chunked_prefill=-1), r"^dms_chunked_prefill: expected None or an int >= 1, got -1"),
+    (dict(dms_windowsize=64), r"^dms_windowsize: not a DMS field; did you mean dms_window_size\?"),
+    (dict(dms_tau="0.1"), r"^dms_tau: expected a finite temperature > 0"),
+])
+def test_overrides_given_to_from_pretrained_are_validated(tmp_path, overrides, message):
+    """The path of lm-eval's --model_args and ARCHITECTURE.md's
+    from_pretrained(path, **overrides): checked like the constructor's."""
+    from dms import Qwen3ForCausalLMDMS
+
+    Qwen3ConfigDMS(dms_window_size=16, dms_paged_attention_block_size=4, **TINY).save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match=message):
+        Qwen3ConfigDMS.from_pretrained(tmp_path, **overrides)
+    with pytest.raises(ValueError, match=message):
+        Qwen3ForCausalLMDMS.from_pretrained(tmp_path, **overrides)
+    assert Qwen3ConfigDMS.from_pretrained(tmp_path, dms_window_size=32).dms_window_size == 32

@@ -8,7 +8,7 @@ import warnings
 
 from transformers import Qwen3Config
 
-__all__ = ["Qwen3ConfigDMS"]
+__all__ = ["DMS_FIELDS", "Qwen3ConfigDMS"]
 
 
 def _require(condition, field, expected, value):
@@ -18,6 +18,39 @@ def _require(condition, field, expected, value):
 
 def _is_int(value):
     return isinstance(value, int) and not isinstance(value, bool)
+
+
+DMS_FIELDS = ("dms_alpha_scale", "dms_initial_alpha_offset", "dms_window_size", "dms_paged_attention_block_size",
+              "dms_cr", "dms_disable_eviction", "dms_separate_alpha", "dms_alpha_per", "dms_tau",
+              "dms_compile_limit", "dms_manual_inference_mode", "dms_chunked_prefill", "dms_preallocate_for_tokens")
+"""Every DMS field of `Qwen3ConfigDMS` (SPEC §7 names)."""
+
+
+def _validate_dms(f):
+    """Raises ValueError naming the first DMS field of `f` (a dict of all
+    DMS_FIELDS) whose value is out of its range."""
+    _require(isinstance(f["dms_alpha_scale"], (int, float)) and not isinstance(f["dms_alpha_scale"], bool)
+             and math.isfinite(f["dms_alpha_scale"]), "dms_alpha_scale", "a finite number", f["dms_alpha_scale"])
+    _require(isinstance(f["dms_initial_alpha_offset"], (int, float))
+             and not isinstance(f["dms_initial_alpha_offset"], bool) and math.isfinite(f["dms_initial_alpha_offset"]),
+             "dms_initial_alpha_offset", "a finite number", f["dms_initial_alpha_offset"])
+    page = f["dms_paged_attention_block_size"]
+    _require(_is_int(page) and page >= 1, "dms_paged_attention_block_size", "an int >= 1", page)
+    _require(_is_int(f["dms_window_size"]) and f["dms_window_size"] > page, "dms_window_size",
+             f"an int larger than dms_paged_attention_block_size ({page})", f["dms_window_size"])
+    _require(isinstance(f["dms_cr"], (int, float)) and not isinstance(f["dms_cr"], bool) and f["dms_cr"] >= 1,
+             "dms_cr", "a ratio >= 1", f["dms_cr"])
+    for name in ("dms_disable_eviction", "dms_separate_alpha", "dms_manual_inference_mode"):
+        _require(isinstance(f[name], bool), name, "a bool", f[name])
+    _require(f["dms_alpha_per"] in ("head", "layer"), "dms_alpha_per", "'head' or 'layer'", f["dms_alpha_per"])
+    _require(isinstance(f["dms_tau"], (int, float)) and not isinstance(f["dms_tau"], bool)
+             and math.isfinite(f["dms_tau"]) and f["dms_tau"] > 0, "dms_tau", "a finite temperature > 0", f["dms_tau"])
+    _require(f["dms_compile_limit"] is None or (_is_int(f["dms_compile_limit"]) and f["dms_compile_limit"] >= 1),
+             "dms_compile_limit", "None or an int >= 1", f["dms_compile_limit"])
+    _require(f["dms_chunked_prefill"] is None or (_is_int(f["dms_chunked_prefill"]) and f["dms_chunked_prefill"] >= 1),
+             "dms_chunked_prefill", "None or an int >= 1", f["dms_chunked_prefill"])
+    pre = f["dms_preallocate_for_tokens"]
+    _require(pre is None or (_is_int(pre) and pre >= 0), "dms_preallocate_for_tokens", "None or an int >= 0", pre)
 
 
 class Qwen3ConfigDMS(Qwen3Config):
@@ -59,30 +92,13 @@ class Qwen3ConfigDMS(Qwen3Config):
                  dms_paged_attention_block_size=256, dms_cr=8, dms_disable_eviction=False, dms_separate_alpha=False,
                  dms_alpha_per="head", dms_tau=0.1, dms_compile_limit=72, dms_manual_inference_mode=False,
                  dms_chunked_prefill=None, dms_preallocate_for_tokens=4096, **kwargs):
-        _require(isinstance(dms_alpha_scale, (int, float)) and math.isfinite(dms_alpha_scale),
-                 "dms_alpha_scale", "a finite number", dms_alpha_scale)
-        _require(isinstance(dms_initial_alpha_offset, (int, float)) and math.isfinite(dms_initial_alpha_offset),
-                 "dms_initial_alpha_offset", "a finite number", dms_initial_alpha_offset)
-        _require(_is_int(dms_paged_attention_block_size) and dms_paged_attention_block_size >= 1,
-                 "dms_paged_attention_block_size", "an int >= 1", dms_paged_attention_block_size)
-        _require(_is_int(dms_window_size) and dms_window_size > dms_paged_attention_block_size,
-                 "dms_window_size", f"an int larger than dms_paged_attention_block_size "
-                 f"({dms_paged_attention_block_size})", dms_window_size)
-        _require(isinstance(dms_cr, (int, float)) and dms_cr >= 1, "dms_cr", "a ratio >= 1", dms_cr)
-        _require(isinstance(dms_disable_eviction, bool), "dms_disable_eviction", "a bool", dms_disable_eviction)
-        _require(isinstance(dms_separate_alpha, bool), "dms_separate_alpha", "a bool", dms_separate_alpha)
-        _require(dms_alpha_per in ("head", "layer"), "dms_alpha_per", "'head' or 'layer'", dms_alpha_per)
-        _require(isinstance(dms_tau, (int, float)) and math.isfinite(dms_tau) and dms_tau > 0,
-                 "dms_tau", "a finite temperature > 0", dms_tau)
-        _require(dms_compile_limit is None or (_is_int(dms_compile_limit) and dms_compile_limit >= 1),
-                 "dms_compile_limit", "None or an int >= 1", dms_compile_limit)
-        _require(isinstance(dms_manual_inference_mode, bool), "dms_manual_inference_mode", "a bool",
-                 dms_manual_inference_mode)
-        _require(dms_chunked_prefill is None or (_is_int(dms_chunked_prefill) and dms_chunked_prefill >= 1),
-                 "dms_chunked_prefill", "None or an int >= 1", dms_chunked_prefill)
-        _require(dms_preallocate_for_tokens is None
-                 or (_is_int(dms_preallocate_for_tokens) and dms_preallocate_for_tokens >= 0),
-                 "dms_preallocate_for_tokens", "None or an int >= 0", dms_preallocate_for_tokens)
+        _validate_dms(dict(
+            dms_alpha_scale=dms_alpha_scale, dms_initial_alpha_offset=dms_initial_alpha_offset,
+            dms_window_size=dms_window_size, dms_paged_attention_block_size=dms_paged_attention_block_size,
+            dms_cr=dms_cr, dms_disable_eviction=dms_disable_eviction, dms_separate_alpha=dms_separate_alpha,
+            dms_alpha_per=dms_alpha_per, dms_tau=dms_tau, dms_compile_limit=dms_compile_limit,
+            dms_manual_inference_mode=dms_manual_inference_mode, dms_chunked_prefill=dms_chunked_prefill,
+            dms_preallocate_for_tokens=dms_preallocate_for_tokens))
         self.dms_alpha_scale = float(dms_alpha_scale)
         self.dms_initial_alpha_offset = float(dms_initial_alpha_offset)
         self.dms_window_size = dms_window_size
@@ -112,6 +128,13 @@ class Qwen3ConfigDMS(Qwen3Config):
         what the checkpoint did. Asking for the borrowed neuron on a plain
         checkpoint (`dms_separate_alpha=False`) works, with a warning that
         such a model evicts by an untrained query component."""
+        unknown = [key for key in kwargs if key.startswith("dms_") and key not in DMS_FIELDS]
+        if unknown:
+            import difflib
+
+            close = difflib.get_close_matches(unknown[0], DMS_FIELDS, n=1)
+            raise ValueError(f"{unknown[0]}: not a DMS field" + (f"; did you mean {close[0]}?" if close else "")
+                             + f" (the DMS fields: {', '.join(DMS_FIELDS)})")
         if not any(key.startswith("dms_") for key in config_dict):
             if kwargs.get("dms_separate_alpha", True) is False:
                 warnings.warn("Qwen3ConfigDMS: dms_separate_alpha=False on a checkpoint without DMS fields: "
@@ -120,4 +143,7 @@ class Qwen3ConfigDMS(Qwen3Config):
                               "(python -m models.qwen3.train)", UserWarning, stacklevel=2)
             else:
                 config_dict = dict(config_dict, dms_separate_alpha=True)
-        return super().from_dict(config_dict, **kwargs)
+        out = super().from_dict(config_dict, **kwargs)
+        config = out[0] if isinstance(out, tuple) else out
+        _validate_dms({name: getattr(config, name) for name in DMS_FIELDS})  # overrides are set after __init__
+        return out
