@@ -340,12 +340,21 @@ class PagedLayerCache:
 
     def select_rows(self, batch_index):
         """Keeps batch elements `batch_index` ([B'] ints, repeats allowed), in
-        that order: beam-search reordering, dropping finished sequences. Each
-        new row gets its own copy of its pages (rows keep writing into their
-        last page and reuse evicted slots in place, so pages cannot be
-        shared). Costs one host sync to size the new pool."""
+        that order: beam-search reordering, dropping finished sequences; or,
+        as a bool mask [B], the elements it marks. Each new row gets its own
+        copy of its pages (rows keep writing into their last page and reuse
+        evicted slots in place, so pages cannot be shared). Costs one host
+        sync to size the new pool."""
         H, P, dev = self.num_kv_heads, self.page_size, self.device
-        index = torch.as_tensor(batch_index, dtype=torch.long, device=dev).reshape(-1)
+        index = torch.as_tensor(batch_index, device=dev)
+        if index.dtype == torch.bool:
+            if tuple(index.shape) != (self.batch_size,):
+                raise ValueError(f"batch_index: a bool mask must have shape ({self.batch_size},) (one flag per "
+                                 f"batch element), got {tuple(index.shape)}")
+            index = index.nonzero().reshape(-1)
+        elif index.dtype.is_floating_point or index.dtype.is_complex:
+            raise TypeError(f"batch_index: expected integer indices or a bool mask, got {index.dtype}")
+        index = index.to(torch.long).reshape(-1)
         if index.numel() == 0:
             raise ValueError("batch_index: expected at least one batch element")
         if int(index.min()) < 0 or int(index.max()) >= self.batch_size:

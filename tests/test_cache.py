@@ -312,6 +312,24 @@ def test_select_rows_then_attention_matches_oracle():
         cache.select_rows([3])
 
 
+def test_select_rows_takes_a_bool_mask_as_a_mask_and_refuses_floats():
+    B, H, G, T, D, w = 3, 2, 2, 20, 8, 4
+    q, k, v, alpha, padding = _sequence(B, H, G, T, D, seed=12, left_pad=False)
+    cache = PagedLayerCache(B, H, D, w, page_size=2, dtype=torch.float32)
+    cache.append(k[:, :, :12], v[:, :, :12], alpha[:, :, :12])
+    seen = cache.tokens_stored().clone()
+    with pytest.raises(TypeError, match="^batch_index: expected integer indices or a bool mask, got torch.float32"):
+        cache.select_rows([0.5])
+    with pytest.raises(ValueError, match=r"^batch_index: a bool mask must have shape \(3,\)"):
+        cache.select_rows(torch.tensor([True, False]))
+    cache.select_rows(torch.tensor([True, False, True]))  # keeps rows 0 and 2, in order (not indices 1, 0, 1)
+    assert torch.equal(cache.tokens_stored(), seen[[0, 2]])
+    sel = torch.tensor([0, 2])
+    o, _ = cache.prefill_attention(q[sel][:, :, 12:], k[sel][:, :, 12:], v[sel][:, :, 12:], alpha[sel][:, :, 12:])
+    want = oracle.attention_with_decisions(q[sel], k[sel], v[sel], alpha[sel].double(), w)[:, :, 12:]
+    torch.testing.assert_close(o.double(), want, rtol=1e-5, atol=1e-5)
+
+
 # ---- the Hugging Face cache -----------------------------------------------------
 
 
