@@ -462,3 +462,28 @@ def test_rows_stop_at_their_own_eos():
         stop = int(hits[0]) + 1 if len(hits) else 8
         assert torch.equal(together[r, :stop], free[r][:stop])
         assert bool((together[r, stop:] == 0).all())
+
+
+def test_hidden_states_are_returned_like_transformers_and_attentions_refused():
+    m = _model(dms_separate_alpha=True)
+    m.reset_dms_adapters()  # fresh adapters: the model is transformers' Qwen3
+    ref = Qwen3ForCausalLM(Qwen3Config(**TINY)).eval()
+    ref.load_state_dict(m.state_dict(), strict=False)
+    ids = torch.randint(0, 128, (2, 20))
+    with torch.no_grad():
+        theirs = ref(ids, output_hidden_states=True).hidden_states
+        ours = m(ids, output_hidden_states=True).hidden_states
+        m.config.dms_chunked_prefill = 7
+        chunked = m(ids, output_hidden_states=True).hidden_states
+        m.config.dms_chunked_prefill = None
+        assert m(ids).hidden_states is None
+        gen = m.generate(ids[:, :10], max_new_tokens=3, do_sample=False, output_hidden_states=True,
+                         return_dict_in_generate=True)
+        with pytest.raises(ValueError, match="^output_attentions: not available from a DMS model"):
+            m(ids, output_attentions=True)
+    assert len(ours) == len(theirs) == TINY["num_hidden_layers"] + 1
+    for a, b, c in zip(ours, theirs, chunked):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(c, b, rtol=1e-5, atol=1e-5)
+    assert len(gen.hidden_states) == 3 and gen.hidden_states[0][0].shape == (2, 10, TINY["hidden_size"])
+    assert gen.hidden_states[1][-1].shape == (2, 1, TINY["hidden_size"])

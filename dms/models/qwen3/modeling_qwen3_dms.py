@@ -313,6 +313,13 @@ class Qwen3ModelDMS(_DMSPretrained, Qwen3Model):
                 use_cache=None, dms_noise_counters=None, past_key_values=None, **kwargs):
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("input_ids, inputs_embeds: give exactly one")
+        if kwargs.get("output_attentions"):
+            raise ValueError("output_attentions: not available from a DMS model: its attention runs in fused kernels "
+                             "over a paged cache whose rows hold different tokens, so no [B, heads, T, T] weights "
+                             "exist; use dms.viz for what each head keeps")
+        output_hidden_states = kwargs.get("output_hidden_states")
+        if output_hidden_states is None:
+            output_hidden_states = self.config.output_hidden_states
         if inputs_embeds is None:
             inputs_embeds = self.embed_tokens(input_ids)
         cache = cache if cache is not None else past_key_values
@@ -348,25 +355,32 @@ class Qwen3ModelDMS(_DMSPretrained, Qwen3Model):
         chunk = self.config.dms_chunked_prefill if use_cache else None
         starts = list(range(0, T, chunk)) if chunk and T > chunk else [0]
         bounds = list(zip(starts, starts[1:] + [T]))
-        outs, decisions = [], []  # decisions: per chunk, per layer [B, H, t]
+        outs, decisions, states = [], [], []  # per chunk: output, per-layer decisions [B, H, t], layer inputs
         for t0, t1 in tqdm(bounds, desc="prefill", unit="chunk", disable=len(bounds) < 4, leave=False):
             hidden = inputs_embeds[:, t0:t1]
             position_embeddings = self.rotary_emb(hidden, position_ids[:, t0:t1])
             pad = None if key_padding is None else key_padding[:, t0:t1]
-            chunk_decisions = []
+            chunk_decisions, chunk_states = [], []
             for i, layer in enumerate(self.layers):
+                if output_hidden_states:
+                    chunk_states.append(hidden)
                 hidden, d = layer(hidden, position_embeddings, key_padding=pad,
                                   cache_layer=cache.layers[i] if use_cache else None,
                                   dms_noise_counters=dms_noise_counters)
                 chunk_decisions.append(d)
             outs.append(hidden)
             decisions.append(chunk_decisions)
+            states.append(chunk_states)
         hidden_states = torch.cat(outs, dim=1) if len(outs) > 1 else outs[0]
         # [layers, B, H, T]: each layer's decisions over the whole input
         stacked = torch.stack([torch.cat([c[i] for c in decisions], dim=2) if len(decisions) > 1
                                else decisions[0][i] for i in range(len(self.layers))])
-        out = _output(BaseModelOutputWithPast, cache if use_cache else None,
-                      last_hidden_state=self.norm(hidden_states))
+        last = self.norm(hidden_states)
+        all_states = None
+        if output_hidden_states:  # transformers' layout: the embeddings, each layer's input after that, the output
+            all_states = tuple(torch.cat([c[i] for c in states], dim=1) for i in range(len(self.layers))) + (last,)
+        out = _output(BaseModelOutputWithPast, cache if use_cache else None, last_hidden_state=last,
+                      hidden_states=all_states)
         out.dms_decisions = stacked
         out.dms_key_padding = key_padding
         return out
@@ -418,7 +432,9 @@ class Qwen3ForCausalLMDMS(_DMSPretrained, Qwen3ForCausalLM):
         evicted fraction per batch element."""
         out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                          cache=cache if cache is not None else past_key_values, inputs_embeds=inputs_embeds,
-                         use_cache=use_cache, dms_noise_counters=dms_noise_counters)
+                         use_cache=use_cache, dms_noise_counters=dms_noise_counters,
+                         output_hidden_states=kwargs.pop("output_hidden_states", None),
+                         output_attentions=kwargs.pop("output_attentions", None))
         hidden = out.last_hidden_state
         if isinstance(logits_to_keep, int) and logits_to_keep > 0:
             hidden = hidden[:, -logits_to_keep:]
@@ -439,7 +455,7 @@ class Qwen3ForCausalLMDMS(_DMSPretrained, Qwen3ForCausalLM):
             compression_loss = torch.clamp(float(dms_target) - evicted, min=0).mean()
         cache_out = _cache_of(out)
         stats = cache_out.compression_stats() if isinstance(cache_out, DMSCache) else {}
-        return _output(CausalLMOutputDMS, cache_out, loss=loss, logits=logits,
+        return _output(CausalLMOutputDMS, cache_out, loss=loss, logits=logits, hidden_states=out.hidden_states,
                        compression_ratio=stats.get("compression_ratio"),
                        compression_ratios=stats.get("compression_ratios"), evicted_fraction=evicted,
                        compression_loss=compression_loss)
