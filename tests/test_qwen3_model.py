@@ -378,8 +378,10 @@ def test_bad_inputs_get_clear_errors_and_leave_the_cache_alone():
             m(ids, cache=object())
         filled = DynamicCache()
         filled.update(torch.zeros(2, 2, 3, 16), torch.zeros(2, 2, 3, 16), 0)
-        with pytest.raises(ValueError, match="^cache: expected a DMSCache .*filled DynamicCache"):
-            m(ids, cache=filled)
+        for other in (filled, DynamicCache()):  # an empty one too: it would be silently replaced
+            with pytest.raises(TypeError, match=r"^cache: expected a DMSCache \(use model.get_cache\(\)\) or None, "
+                                                r"got DynamicCache"):
+                m(ids, cache=other)
 
         cache = m.get_cache()
         m(ids, cache=cache)
@@ -487,3 +489,24 @@ def test_hidden_states_are_returned_like_transformers_and_attentions_refused():
         torch.testing.assert_close(c, b, rtol=1e-5, atol=1e-5)
     assert len(gen.hidden_states) == 3 and gen.hidden_states[0][0].shape == (2, 10, TINY["hidden_size"])
     assert gen.hidden_states[1][-1].shape == (2, 1, TINY["hidden_size"])
+
+
+def test_generate_refuses_caches_and_modes_a_dms_cache_cannot_serve():
+    from transformers import DynamicCache
+
+    from dms.models.qwen3.modeling_qwen3_dms import cache_kwargs
+
+    m = _evicting()
+    ids = torch.randint(1, 128, (1, 12))
+    kwargs = dict(max_new_tokens=3, do_sample=False, pad_token_id=0)
+    with torch.no_grad():
+        for impl in ("static", "offloaded"):
+            with pytest.raises(ValueError, match=f"^cache_implementation='{impl}': a DMS model generates with its own"):
+                m.generate(ids, cache_implementation=impl, **kwargs)
+        with pytest.raises(ValueError, match="^generate: assisted generation .* is not available with a DMS model"):
+            m.generate(ids, prompt_lookup_num_tokens=3, **kwargs)
+        with pytest.raises(TypeError, match=r"expected a DMSCache \(use model.get_cache\(\)\), got DynamicCache"):
+            m.generate(ids, **cache_kwargs(DynamicCache()), **kwargs)
+        cache = m.get_cache()
+        out = m.generate(ids, **cache_kwargs(cache), **kwargs)  # the user's DMSCache is the one filled
+    assert out.shape[1] == 15 and cache.get_seq_length() == 14

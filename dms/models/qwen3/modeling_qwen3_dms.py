@@ -324,12 +324,13 @@ class Qwen3ModelDMS(_DMSPretrained, Qwen3Model):
             inputs_embeds = self.embed_tokens(input_ids)
         cache = cache if cache is not None else past_key_values
         use_cache = (not self.training) if use_cache is None else use_cache
-        if cache is not None and not isinstance(cache, Cache):
-            raise TypeError(f"cache: expected a DMSCache (model.get_cache()) or None, got {type(cache).__name__}")
-        if use_cache and not isinstance(cache, DMSCache):
-            if cache is not None and cache.get_seq_length() > 0:
-                raise ValueError("cache: expected a DMSCache (or none); got a filled "
-                                 f"{type(cache).__name__}, whose tokens a DMS model cannot take over")
+        if cache is not None and not isinstance(cache, DMSCache):
+            # An empty cache of another kind would be replaced by a private one, and whoever keeps
+            # it would lose the conversation at the next turn: refuse it, empty or not.
+            raise TypeError(f"cache: expected a DMSCache (use model.get_cache()) or None, got "
+                            f"{type(cache).__name__}: a DMS model keeps a different number of tokens per "
+                            "(sequence, KV head) row, which only its own paged cache can hold")
+        if use_cache and cache is None:
             cache = DMSCache.from_config(self.config)
         B, T = inputs_embeds.shape[:2]
         if use_cache:
@@ -420,6 +421,29 @@ class Qwen3ForCausalLMDMS(_DMSPretrained, Qwen3ForCausalLM):
     def get_cache(self, preallocate_for_tokens=None):
         """An empty `DMSCache` for this model."""
         return DMSCache.from_config(self.config, preallocate_for_tokens)
+
+    def _prepare_cache_for_generation(self, generation_config, model_kwargs, generation_mode, *args, **kwargs):
+        """generate's cache: the user's DMSCache, or a new one; other caches
+        and the modes a DMS cache cannot serve are refused here, before
+        anything runs, with the reason."""
+        name = next(iter(cache_kwargs(None)))
+        mode = getattr(generation_mode, "value", generation_mode)
+        if mode == "assisted_generation":
+            raise ValueError("generate: assisted generation (assistant_model, prompt_lookup_num_tokens) is not "
+                             "available with a DMS model: it rolls the cache back after rejected draft tokens, "
+                             "and evicted tokens cannot be restored; generate without them")
+        impl = generation_config.cache_implementation
+        if impl not in (None, "dynamic"):
+            raise ValueError(f"cache_implementation={impl!r}: a DMS model generates with its own paged DMSCache "
+                             "(rows hold different numbers of tokens, which static, offloaded or quantized caches "
+                             "cannot); leave cache_implementation unset or pass model.get_cache()")
+        cache = model_kwargs.get(name)
+        if cache is not None and not isinstance(cache, DMSCache):
+            raise TypeError(f"{name}: expected a DMSCache (use model.get_cache()), got {type(cache).__name__}")
+        if cache is None and generation_config.use_cache is not False:
+            model_kwargs[name] = self.get_cache()
+        return super()._prepare_cache_for_generation(generation_config, model_kwargs, generation_mode, *args,
+                                                     **kwargs)
 
     def forward(self, input_ids=None, attention_mask=None, position_ids=None, cache=None, inputs_embeds=None,
                 labels=None, use_cache=None, logits_to_keep=0, past_key_values=None, dms_noise_counters=None,
