@@ -176,6 +176,8 @@ if torch is not None:
             need_y = y is not None and ctx.needs_input_grad[3]
             if grad_o is None:
                 grad_o = torch.zeros_like(o)
+            elif grad_o.stride(-1) != 1 or any(st == 0 and n > 1 for st, n in zip(grad_o.stride(), grad_o.shape)):
+                grad_o = grad_o.contiguous()  # e.g. the expanded gradient of o.sum(): the kernel reads rows
             grad_q, grad_k, grad_v, grad_y = attn_train_backward(
                 q, k, v, y, key_padding, o, lse, grad_o.detach(), window=ctx.window, scale=ctx.scale,
                 need_grad_y=need_y)

@@ -134,6 +134,30 @@ def test_no_gate_is_causal_attention(device):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+def test_any_gradient_layout_reaches_the_kernel(device):
+    """Losses whose gradient w.r.t. o is not row-contiguous: o.sum() (an
+    expanded, stride-0 gradient), a loss on o.transpose(2, 3), a float32 copy
+    of a bfloat16 o. Each gives the gradients of the contiguous case."""
+    q, k, v, y, kp, _ = _make((1, 2, 2, 33, 16, 4, True), torch.float32, device)
+    leaves = [t.detach().requires_grad_() for t in (q, k, v, y)]
+    losses = {"sum": lambda o: o.sum(), "transposed": lambda o: (o.transpose(2, 3) * torch.linspace(
+        0, 1, o.shape[2], device=o.device)).sum()}
+    for name, loss in losses.items():
+        grads = []
+        for contiguous in (False, True):
+            for t in leaves:
+                t.grad = None
+            o = ops.attn_train(*leaves[:3], leaves[3], kp, window=4)
+            (loss(o.contiguous() * 1.0) if contiguous else loss(o)).backward()
+            grads.append([t.grad.clone() for t in leaves])
+        for a, b in zip(*grads):
+            torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6, msg=name)
+    qb, kb, vb = (t.detach().bfloat16().requires_grad_() for t in (q, k, v))
+    ops.attn_train(qb, kb, vb, None, window=4).float().sum().backward()
+    assert all(t.grad is not None and torch.isfinite(t.grad.float()).all() for t in (qb, kb, vb))
+
+
+@pytest.mark.parametrize("device", DEVICES)
 def test_projection_layout_is_read_in_place(device):
     """q, k, v as [B, T, heads, D] memory viewed as [B, heads, T, D]."""
     q, k, v, y, kp, grad_o = _make((2, 2, 2, 70, 16, 5, True), torch.float32, device)
