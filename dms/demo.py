@@ -36,31 +36,62 @@ def run(model, prompt, new_tokens, disable_eviction):
     return out, cache, seconds
 
 
+def _count(low, what):
+    """An argparse type: an int >= low."""
+    def parse(text):
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {what} (an integer >= {low}), got {text!r}") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"expected {what} (an integer >= {low}), got {value}")
+        return value
+    return parse
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m dms.demo", description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default=None, help="checkpoint directory or hub name (default: built-in tiny model)")
-    parser.add_argument("--prompt-tokens", type=int, default=600, help="prompt length (default 600)")
-    parser.add_argument("--new-tokens", type=int, default=64, help="tokens to generate (default 64)")
-    parser.add_argument("--chunk", type=int, default=256, help="chunked prefill size (default 256)")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--prompt-tokens", type=_count(1, "a prompt length"), default=600,
+                        help="prompt length (default 600)")
+    parser.add_argument("--new-tokens", type=_count(1, "a number of tokens"), default=64,
+                        help="tokens to generate (default 64)")
+    parser.add_argument("--chunk", type=_count(0, "a chunk size, 0 for one prefill"), default=256,
+                        help="chunked prefill size; 0 prefills the prompt at once (default 256)")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                        help="cpu or cuda[:N] (default: cuda when available)")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0, help="seed of the prompt and the tiny model (default 0)")
     args = parser.parse_args(argv)
+    try:
+        device = torch.device(args.device)
+    except RuntimeError:
+        parser.error(f"--device: expected cpu or cuda[:N], got {args.device!r}")
+    if device.type not in ("cpu", "cuda"):
+        parser.error(f"--device: expected cpu or cuda[:N], got {args.device!r}")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: this torch build sees no CUDA device (use --device cpu)")
+    if device.type == "cuda" and not dms.build_info()["cuda"]:
+        parser.error("--device cuda: dms was built without CUDA (rebuild with nvcc present, or use --device cpu)")
 
     dtype = getattr(torch, args.dtype)
     if args.model:
-        model = Qwen3ForCausalLMDMS.from_pretrained(args.model, dtype=dtype)
+        try:
+            model = Qwen3ForCausalLMDMS.from_pretrained(args.model, dtype=dtype)
+        except OSError as e:
+            parser.error(f"--model {args.model}: cannot load it ({str(e).splitlines()[0]})")
         name = args.model
     else:
         model = tiny_model(args.seed).to(dtype)
         name = "built-in tiny Qwen3-DMS (4 layers, 2 KV heads, w=64, random weights)"
-    model = model.to(args.device).eval()
-    model.config.dms_chunked_prefill = args.chunk
+    model = model.to(device).eval()
+    model.config.dms_chunked_prefill = args.chunk or None
     g = torch.Generator().manual_seed(args.seed)
-    prompt = torch.randint(1, model.config.vocab_size, (1, args.prompt_tokens), generator=g).to(args.device)
+    prompt = torch.randint(1, model.config.vocab_size, (1, args.prompt_tokens), generator=g).to(device)
 
     print(f"dms {dms.__version__} demo: {name}, {args.device}, {args.dtype}")
-    print(f"prompt {args.prompt_tokens} tokens (chunks of {args.chunk}), generating {args.new_tokens}\n")
+    chunking = f"chunks of {args.chunk}" if args.chunk else "one prefill"
+    print(f"prompt {args.prompt_tokens} tokens ({chunking}), generating {args.new_tokens}\n")
     rows = []
     for label, disabled in (("DMS", False), ("eviction off", True)):
         out, cache, seconds = run(model, prompt, args.new_tokens, disabled)

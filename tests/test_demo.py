@@ -1,5 +1,7 @@
 """The README's main job, `python -m dms.demo`, on the built-in tiny model."""
 
+import pytest
+
 from dms import demo
 
 
@@ -10,3 +12,23 @@ def test_demo_runs_and_reports_compression(capsys):
     dms_line = next(line for line in out.splitlines() if line.startswith("DMS "))
     ratio = float(dms_line.split()[-1].rstrip("x"))
     assert ratio > 1.2  # the built-in adapters really evict
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--prompt-tokens", "0"], "--prompt-tokens: expected a prompt length (an integer >= 1), got 0"),
+    (["--prompt-tokens", "-5"], "--prompt-tokens: expected a prompt length (an integer >= 1), got -5"),
+    (["--new-tokens", "x"], "--new-tokens: expected a number of tokens (an integer >= 1), got 'x'"),
+    (["--chunk", "-1"], "--chunk: expected a chunk size, 0 for one prefill (an integer >= 0), got -1"),
+    (["--device", "tpu"], "--device: expected cpu or cuda[:N], got 'tpu'"),
+    (["--model", "/nonexistent/model"], "--model /nonexistent/model: cannot load it"),
+])
+def test_bad_flags_get_a_usage_message_not_a_traceback(argv, message, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        demo.main(argv)
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_chunk_zero_prefills_at_once(capsys):
+    assert demo.main(["--prompt-tokens", "80", "--new-tokens", "2", "--chunk", "0"]) == 0
+    assert "(one prefill)" in capsys.readouterr().out
