@@ -5,7 +5,7 @@ set -euo pipefail
 
 usage() {
     cat <<'EOF'
-usage: bash scripts/evaluate.sh MODEL_PATH [TASKS] [extra lm_eval arguments...]
+usage: bash scripts/evaluate.sh MODEL_PATH [TASKS] [extra lm_eval arguments, starting with -...]
 
 Runs lm-eval-harness (through `python -m dms.eval`, which adds the compression
 report) on a DMS model directory or hub name:
@@ -32,8 +32,8 @@ Environment (defaults in brackets):
   PYTHON            interpreter [python]
 
 Results: OUTPUT_DIR/<model>/results_<date>.json (with "dms_compression"),
-samples_<task>_<date>.jsonl, and compression_<date>.json (mean compression
-ratio over the caches of the run, token-weighted and per layer).
+samples_<task>_<date>.jsonl, and compression_<date>.json (all tokens seen /
+stored over the caches of the run, per layer, and the mean of per-row ratios).
 
 RULER itself (where the Hugging Face hub and NLTK downloads are reachable):
   pip install "lm-eval[ruler]"      # nltk, wonderwords, scipy
@@ -55,7 +55,7 @@ fi
 MODEL_PATH="$1"
 shift
 TASKS="niah_single_2"
-if [[ $# -gt 0 ]]; then
+if [[ $# -gt 0 && "$1" != -* ]]; then  # TASKS is optional: extra arguments may follow MODEL_PATH at once
     TASKS="$1"
     shift
 fi

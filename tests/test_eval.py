@@ -150,3 +150,25 @@ def test_evaluate_sh_runs_lm_eval_on_a_tiny_dms_model(tmp_path):
     seen = comp["tokens_seen"]
     assert len(seen) == 4 and len(set(seen)) == 1 and seen[0] >= 2 * prompt_tokens  # 2 KV heads per layer
     assert all(r > 1 for r in comp["per_layer"])
+
+
+@pytest.mark.parametrize("args, tasks, extra", [
+    ([], "niah_single_2", []),
+    (["--limit", "2"], "niah_single_2", ["--limit", "2"]),
+    (["dms_passkey", "--limit", "2"], "dms_passkey", ["--limit", "2"]),
+])
+def test_evaluate_sh_takes_extra_arguments_with_or_without_tasks(tmp_path, args, tasks, extra):
+    """TASKS is optional: `evaluate.sh MODEL --limit 2` keeps the default task
+    (it used to pass `--tasks --limit 2`). A stub interpreter records what
+    lm-eval would be given."""
+    stub = tmp_path / "python"
+    stub.write_text(f'#!/usr/bin/env bash\nif [[ "$1" == -m ]]; then printf "%s\\n" "$@"; exit 0; fi\n'
+                    f'exec {sys.executable} "$@"\n')
+    stub.chmod(0o755)
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    proc = subprocess.run(["bash", os.path.join(root, "scripts", "evaluate.sh"), str(tmp_path / "model"), *args],
+                          capture_output=True, text=True, env=dict(os.environ, PYTHON=str(stub), DEVICE="cpu"))
+    assert proc.returncode == 0, proc.stderr
+    argv = proc.stdout.splitlines()
+    assert argv[argv.index("--tasks") + 1] == tasks
+    assert argv[len(argv) - len(extra):] == extra if extra else argv[-1] == "--log_samples"
