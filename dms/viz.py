@@ -11,7 +11,7 @@
 Every function takes a `DMSCache` or anything that carries one (a model
 output, a `generate(..., return_dict_in_generate=True)` output, a
 `CacheTimeline`). matplotlib is imported only when drawing (pip install
-"dms[eval]" or matplotlib); the plot functions return the figure and the
+"dms-kv[eval]" or matplotlib); the plot functions return the figure and the
 numpy array they drew.
 """
 

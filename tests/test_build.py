@@ -126,3 +126,17 @@ def test_benchmarks_name_the_machine(monkeypatch, capsys):
     common.print_table("title", ["a"], [[1]])
     out = capsys.readouterr().out.splitlines()
     assert out[1:3] == ["title", line]
+
+
+def test_distribution_name_is_dms_kv_everywhere_it_is_named():
+    """`dms` on PyPI is another project: the distribution is dms-kv (the
+    import name stays dms), in pyproject.toml and in the code files written
+    next to saved checkpoints."""
+    import importlib.metadata
+
+    from dms.models.qwen3.modeling_qwen3_dms import _REMOTE_CODE
+
+    text = (ROOT / "pyproject.toml").read_text()
+    assert 'name = "dms-kv"' in text and '"dms-kv[train,eval,notebook]"' in text
+    assert importlib.metadata.version("dms-kv") == dms.__version__
+    assert all("pip install dms-kv" in code and "pip install dms)" not in code for code in _REMOTE_CODE.values())

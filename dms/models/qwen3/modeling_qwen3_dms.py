@@ -56,11 +56,13 @@ __all__ = [
 # notebook) use the one copy of each class that dms has.
 _REMOTE_CODE = {
     "configuration_qwen3_dms.py": (
-        '"""Loads the DMS config class from the installed dms package (pip install dms)."""\n'
+        '"""Loads the DMS config class from the installed dms package\n'
+        '(pip install dms-kv; the import name is dms)."""\n'
         "from dms.models.qwen3.configuration_qwen3_dms import Qwen3ConfigDMS\n\n"
         '__all__ = ["Qwen3ConfigDMS"]\n'),
     "modeling_qwen3_dms.py": (
-        '"""Loads the DMS model classes from the installed dms package (pip install dms)."""\n'
+        '"""Loads the DMS model classes from the installed dms package\n'
+        '(pip install dms-kv; the import name is dms)."""\n'
         "from dms.models.qwen3.modeling_qwen3_dms import Qwen3ForCausalLMDMS, Qwen3ModelDMS\n\n"
         '__all__ = ["Qwen3ForCausalLMDMS", "Qwen3ModelDMS"]\n'),
 }
