@@ -140,3 +140,19 @@ def test_distribution_name_is_dms_kv_everywhere_it_is_named():
     assert 'name = "dms-kv"' in text and '"dms-kv[train,eval,notebook]"' in text
     assert importlib.metadata.version("dms-kv") == dms.__version__
     assert all("pip install dms-kv" in code and "pip install dms)" not in code for code in _REMOTE_CODE.values())
+
+
+def test_python_m_dms_checks_every_op_family_on_every_device(capsys):
+    """The README's claim: gate, training attention (forward and gradients)
+    and the paged cache, each on every device present, against float64."""
+    from dms.__main__ import _devices, main
+
+    assert main(["--size", "1", "2", "256"]) == 0
+    out = capsys.readouterr().out
+    for section in ("gating check", "training attention, forward + gradients", "paged cache: prefill + append"):
+        assert section in out
+    devices = _devices()
+    assert out.count("  cpu     ok") == 3 and out.count("  numpy   ok") == 2
+    if "cuda" in devices:
+        assert out.count("  cuda    ok") == 3
+    assert out.rstrip().endswith("all checks passed")
