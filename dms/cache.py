@@ -25,6 +25,12 @@ from dms.runtime import exec_kwargs
 __all__ = ["CompressionTally", "DMSCache", "DMSCacheLayer", "PagedLayerCache", "compression_tally"]
 
 _INT32_MAX = 2**31 - 1
+_PAGE_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def _check_preallocate(value):
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
+        raise ValueError(f"preallocate_for_tokens: expected None or an int >= 0, got {value!r}")
 
 
 class CompressionTally:
@@ -128,11 +134,22 @@ class PagedLayerCache:
                                  ("page_size", page_size, 1)):
             if not isinstance(value, int) or isinstance(value, bool) or value < low:
                 raise ValueError(f"{name}: expected an int >= {low}, got {value!r}")
-        if not growth > 1:
-            raise ValueError(f"growth: expected a factor > 1, got {growth!r}")
+        if isinstance(growth, bool) or not isinstance(growth, (int, float)) or not (math.isfinite(growth)
+                                                                                    and growth > 1):
+            raise ValueError(f"growth: expected a finite factor > 1, got {growth!r}")
+        _check_preallocate(preallocate_for_tokens)
+        if dtype not in _PAGE_DTYPES:
+            raise ValueError(f"dtype: expected one of {', '.join(str(d) for d in _PAGE_DTYPES)} for the pages, "
+                             f"got {dtype!r}")
+        try:
+            device = torch.device(device)
+        except (RuntimeError, TypeError):
+            raise ValueError(f"device: expected cpu or cuda[:N], got {device!r}") from None
+        if device.type not in ("cpu", "cuda"):
+            raise ValueError(f"device: expected cpu or cuda[:N] (the engine's devices), got {str(device)!r}")
         self.batch_size, self.num_kv_heads, self.head_dim = batch_size, num_kv_heads, head_dim
         self.window_size, self.page_size = window_size, page_size
-        self.dtype, self.device = dtype, torch.device(device)
+        self.dtype, self.device = dtype, device
         self.growth, self.allow_growth = float(growth), allow_growth
         rows = batch_size * num_kv_heads
         per_row = max(1, math.ceil((preallocate_for_tokens or 0) / page_size))
@@ -191,8 +208,11 @@ class PagedLayerCache:
         self._seen_upper_bound = 0
 
     def grow_pool(self, extra_pages):
-        """Adds `extra_pages` free pages; page ids (and so every slot) stay valid."""
-        if extra_pages <= 0:
+        """Adds `extra_pages` (an int >= 0) free pages; page ids (and so every
+        slot) stay valid."""
+        if isinstance(extra_pages, bool) or not isinstance(extra_pages, int) or extra_pages < 0:
+            raise ValueError(f"extra_pages: expected an int >= 0, got {extra_pages!r}")
+        if extra_pages == 0:
             return
         self._views = None
         old = self.k_pages.shape[0]
@@ -461,6 +481,7 @@ class DMSCacheLayer(CacheLayerMixin):
     is_sliding = False
 
     def __init__(self, window_size=512, page_size=256, preallocate_for_tokens=None, allow_growth=True):
+        _check_preallocate(preallocate_for_tokens)
         super().__init__()
         self.window_size, self.page_size = window_size, page_size
         self.preallocate_for_tokens, self.allow_growth = preallocate_for_tokens, allow_growth
@@ -487,6 +508,11 @@ class DMSCacheLayer(CacheLayerMixin):
         Returns o [B, H*G, n, D]."""
         if not self.is_initialized or (self.tokens_fed == 0 and not self._fits(k)):
             self.lazy_initialization(k, v)  # new, or emptied by reset() and fed another shape
+        elif (k.dtype, k.device) != (self.paged.dtype, self.paged.device):
+            raise ValueError(f"cache: holds {str(self.paged.dtype).removeprefix('torch.')} keys on "
+                             f"{self.paged.device}, the model now computes in {str(k.dtype).removeprefix('torch.')} "
+                             f"on {k.device} (it was converted or moved after the cache was filled); reset the "
+                             "cache or make a new one with model.get_cache()")
         n = k.shape[2]
         if n == 1:
             # token_slots and lse are not used: buffers kept between steps

@@ -8,6 +8,8 @@ live and passes torch's current CUDA stream (`dms.runtime.exec_kwargs`).
 Shapes follow SPEC.md: B batch, H key/value heads, T tokens.
 """
 
+import math
+
 import numpy as np
 
 from dms._ext import _C
@@ -43,6 +45,29 @@ def _dtype_name(dtype) -> str:
     return np.dtype(dtype).name
 
 
+def _check_array(name, x, dtypes=_FLOAT_NAMES):
+    """TypeError naming `name` unless `x` is a torch tensor or NumPy array of
+    one of `dtypes` (the C layer then checks shapes, strides and devices)."""
+    if not (_is_torch(x) or isinstance(x, np.ndarray)):
+        raise TypeError(f"{name}: expected a torch tensor or a NumPy array, got {type(x).__name__}")
+    if _dtype_name(x.dtype) not in dtypes:
+        raise TypeError(f"{name}: expected dtype {', '.join(dtypes[:-1])} or {dtypes[-1]}, got {_dtype_name(x.dtype)}")
+
+
+def _check_positive(name, value, what="a finite number > 0"):
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name}: expected {what}, got {type(value).__name__} {value!r}")
+    if not (math.isfinite(value) and value > 0):
+        raise ValueError(f"{name}: expected {what}, got {value!r}")
+
+
+def _check_counter(name, value, bits):
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+        raise TypeError(f"{name}: expected an int, got {type(value).__name__} {value!r}")
+    if not 0 <= value < 2**bits:
+        raise ValueError(f"{name}: expected an int in [0, 2^{bits}), got {value}")
+
+
 def _empty(shape, dtype, like):
     """An uninitialised array of `shape` and `dtype` on the device of `like`
     (a torch tensor or a NumPy array)."""
@@ -71,6 +96,10 @@ def gate_forward(z, noise=None, tau=0.1, *, y_dtype="float32", p_dtype="float32"
         (y, p, a): y = (z + noise) / tau, p = sigmoid(y), a = 1[y > 0], each
         [B, H, T], on z's device and of z's array type.
     """
+    _check_array("z", z)
+    if noise is not None:
+        _check_array("noise", noise, ("float32",))
+    _check_positive("tau", tau, "a finite temperature > 0")
     y = None if y_dtype is None else _empty(z.shape, y_dtype, z)
     p = None if p_dtype is None else _empty(z.shape, p_dtype, z)
     if a_dtype is None:  # z's dtype; an unsupported z is reported by the C checks
@@ -101,6 +130,9 @@ def logistic_noise(out, *, seed: int, process_index: int = 0, accum_step: int = 
     with counter (position // 4, process_index, accum_step, global_step).
     CPU and CUDA give the same numbers; a resumed run draws the same noise.
     """
+    _check_counter("seed", seed, 64)
+    for name, value in (("process_index", process_index), ("accum_step", accum_step), ("global_step", global_step)):
+        _check_counter(name, value, 32)
     _C.logistic_noise(out, int(seed), int(process_index), int(accum_step), int(global_step), **exec_kwargs(out))
     return out
 
@@ -108,6 +140,8 @@ def logistic_noise(out, *, seed: int, process_index: int = 0, accum_step: int = 
 def logistic_noise_like(z, *, seed: int, process_index: int = 0, accum_step: int = 0, global_step: int = 0):
     """A new float32 tensor of z's shape, on z's device, filled by
     `logistic_noise`."""
+    if not (_is_torch(z) or isinstance(z, np.ndarray)):
+        raise TypeError(f"z: expected a torch tensor or a NumPy array, got {type(z).__name__}")
     out = _empty(z.shape, "float32", z)
     return logistic_noise(out, seed=seed, process_index=process_index, accum_step=accum_step, global_step=global_step)
 
@@ -131,6 +165,10 @@ def attn_train_forward(q, k, v, y=None, key_padding=None, *, window=512, scale=N
         (o, lse): o [B, H*G, T, D] in q's dtype, lse [B, H*G, T] float32
         (-inf for padding queries, whose o is 0).
     """
+    for name, x in (("q", q), ("k", k), ("v", v)):
+        _check_array(name, x)
+    if scale is not None:
+        _check_positive("scale", scale)
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     o = _empty(q.shape, q.dtype, q)
     lse = _empty(q.shape[:3], "float32", q)

@@ -494,3 +494,35 @@ def test_cuda_cache_views_belong_to_one_stream():
         cache.append(k, k, torch.zeros(1, 2, 1, dtype=torch.bool, device="cuda"))
         assert cache._views.holds(cache._state(), side.cuda_stream)
     torch.cuda.synchronize()
+
+
+def test_bad_construction_and_stale_caches_are_named_at_once():
+    """Values that used to be accepted and fail (or misbehave) at first use."""
+    from dms.tiny import tiny_model
+
+    cases = [
+        (dict(growth="2"), "^growth: expected a finite factor > 1, got '2'"),
+        (dict(dtype=torch.float64), "^dtype: expected one of torch.float32, torch.float16, torch.bfloat16"),
+        (dict(dtype=torch.int32), "^dtype: expected one of"),
+        (dict(device="meta"), r"^device: expected cpu or cuda\[:N\] \(the engine's devices\), got 'meta'"),
+        (dict(preallocate_for_tokens=-5), "^preallocate_for_tokens: expected None or an int >= 0, got -5"),
+    ]
+    for kwargs, message in cases:
+        with pytest.raises(ValueError, match=message):
+            PagedLayerCache(1, 1, 8, 4, page_size=2, **kwargs)
+    cache = PagedLayerCache(1, 1, 8, 4, page_size=2, dtype=torch.float32)
+    for extra in (2.5, -5, True):
+        with pytest.raises(ValueError, match="^extra_pages: expected an int >= 0"):
+            cache.grow_pool(extra)
+    model = tiny_model().eval()
+    with pytest.raises(ValueError, match="^preallocate_for_tokens: expected None or an int >= 0, got -5"):
+        model.get_cache(preallocate_for_tokens=-5)
+    filled = model.get_cache()
+    ids = torch.randint(0, 256, (1, 20))
+    with torch.no_grad():
+        model(ids, cache=filled)
+        model.to(torch.bfloat16)
+        with pytest.raises(ValueError, match="^cache: holds float32 keys on cpu, the model now computes in bfloat16"):
+            model(ids[:, :1], cache=filled)
+        filled.reset()  # a reset cache takes the new dtype
+        assert model(ids[:, :5], cache=filled).logits.dtype == torch.bfloat16

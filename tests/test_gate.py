@@ -260,7 +260,18 @@ def test_cuda_runs_on_the_current_stream():
 def test_bad_input_names_the_argument():
     z = torch.zeros(2, 3, 5)
     cases = [
-        (TypeError, "z: dtype float64", lambda: ops.gate(torch.zeros(2, 3, 5, dtype=torch.float64))),
+        (TypeError, "z: expected dtype float32, float16 or bfloat16, got float64",
+         lambda: ops.gate(torch.zeros(2, 3, 5, dtype=torch.float64))),
+        (TypeError, "z: expected dtype float32, float16 or bfloat16, got int32",
+         lambda: ops.gate(torch.zeros(2, 3, 5, dtype=torch.int32))),
+        (TypeError, "z: expected a torch tensor or a NumPy array, got list", lambda: ops.gate([1.0, 2.0])),
+        (TypeError, "tau: expected a finite temperature > 0, got str '0.1'", lambda: ops.gate(z, None, "0.1")),
+        (TypeError, "seed: expected an int, got NoneType", lambda: ops.logistic_noise_like(z, seed=None)),
+        (TypeError, "seed: expected an int, got float 1.5", lambda: ops.logistic_noise_like(z, seed=1.5)),
+        (ValueError, "global_step: expected an int in [0, 2^32), got -1",
+         lambda: ops.logistic_noise_like(z, seed=0, global_step=-1)),
+        (TypeError, "q: expected dtype float32, float16 or bfloat16, got float64",
+         lambda: ops.attn_train_forward(np.zeros((1, 2, 4, 8)), np.zeros((1, 1, 4, 8)), np.zeros((1, 1, 4, 8)))),
         (TypeError, "z: expected dtype float32, float16 or bfloat16, got int64",
          lambda: dms._C.gate_forward(torch.zeros(2, 3, 5, dtype=torch.int64), None, 0.1, z, None, None)),
         (ValueError, "noise: expected shape (2, 3, 5)", lambda: ops.gate(z, torch.zeros(2, 3, 4))),
