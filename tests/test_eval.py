@@ -172,3 +172,11 @@ def test_evaluate_sh_takes_extra_arguments_with_or_without_tasks(tmp_path, args,
     argv = proc.stdout.splitlines()
     assert argv[argv.index("--tasks") + 1] == tasks
     assert argv[len(argv) - len(extra):] == extra if extra else argv[-1] == "--log_samples"
+
+
+def test_a_run_without_dms_caches_warns_how_to_load_the_model(tally, capsys):
+    from dms.eval.harness import _print_report
+
+    _print_report(tally.summary())
+    err = capsys.readouterr().err
+    assert "WARNING: no DMS cache held tokens" in err and "trust_remote_code=true" in err

@@ -173,11 +173,19 @@ def main(argv=None) -> int:
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
         with open(path, "w") as f:
             json.dump(summary, f, indent=2)
+    _print_report(summary, written)
+    return 0
+
+
+def _print_report(summary, written=()):
+    """The run's compression line; a warning when no DMS cache held a token."""
     ratio = summary["compression_ratio"]
     if ratio is None:
-        print("dms: no DMS cache held tokens during this run: no compression to report")
+        print("dms: WARNING: no DMS cache held tokens during this run, so the model evaluated was not a DMS model "
+              "(or never used a cache): a DMS directory loaded without trust_remote_code=true in --model_args "
+              "runs as a dense Qwen3 and ignores its adapters. Pass "
+              "--model_args pretrained=PATH,trust_remote_code=true,...", file=sys.stderr)
     else:
         print(f"dms: compression ratio {ratio:.3f}x (all tokens seen / stored) over {summary['caches']} caches "
               f"(mean of per-row ratios {summary['mean_row_compression_ratio']:.3f}x)"
               + (f"; written to {', '.join(written)}" if written else ""))
-    return 0
