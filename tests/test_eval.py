@@ -180,3 +180,14 @@ def test_a_run_without_dms_caches_warns_how_to_load_the_model(tally, capsys):
     _print_report(tally.summary())
     err = capsys.readouterr().err
     assert "WARNING: no DMS cache held tokens" in err and "trust_remote_code=true" in err
+
+
+def test_passkey_refuses_lengths_beyond_the_models_positions(tmp_path):
+    from dms.tiny import save_tiny
+
+    path = save_tiny(str(tmp_path / "tiny"), max_position_embeddings=512)
+    with pytest.raises(ValueError, match=r"^max_seq_lengths: \[1024\] exceed the model's max_position_embeddings "
+                                         r"\(512\); pass lengths up to 512"):
+        passkey.passkey_dataset(pretrained=path, max_seq_lengths=[256, 1024])
+    docs = passkey.passkey_dataset(pretrained=path, max_seq_lengths=[256, 512], num_samples=2)["test"]
+    assert len(docs) == 4

@@ -127,10 +127,31 @@ def passkey_dataset(**metadata):
         raise ValueError("tokenizer: dms_passkey sizes its prompts in tokens and needs a tokenizer: pass "
                          "--model_args pretrained=PATH (lm-eval's hf model does) or --metadata "
                          "'{\"tokenizer\": \"NAME_OR_PATH\"}'")
-    tokenizer = AutoTokenizer.from_pretrained(name, trust_remote_code=bool(metadata.get("trust_remote_code", False)))
-    docs = build_docs(tokenizer, metadata.get("max_seq_lengths", DEFAULT_LENGTHS),
+    remote = bool(metadata.get("trust_remote_code", False))
+    tokenizer = AutoTokenizer.from_pretrained(name, trust_remote_code=remote)
+    lengths = _check_lengths(metadata.get("max_seq_lengths", DEFAULT_LENGTHS))
+    limit = _max_positions(metadata.get("pretrained"), remote)
+    too_long = [n for n in lengths if limit is not None and n > limit]
+    if too_long:  # lm-eval would truncate them and still report the metric under the long name
+        raise ValueError(f"max_seq_lengths: {too_long} exceed the model's max_position_embeddings ({limit}); "
+                         f"pass lengths up to {limit}, e.g. --metadata '{{\"max_seq_lengths\": [{limit}]}}'")
+    docs = build_docs(tokenizer, lengths,
                       metadata.get("num_samples", DEFAULT_SAMPLES), metadata.get("passkey_seed", 0))
     return {"test": datasets.Dataset.from_list(docs)}
+
+
+def _max_positions(pretrained, trust_remote_code):
+    """The model's max_position_embeddings, or None when it cannot be read
+    (no model path, or a config without it)."""
+    if not isinstance(pretrained, str) or not pretrained:
+        return None
+    from transformers import AutoConfig
+
+    try:
+        config = AutoConfig.from_pretrained(pretrained, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError):
+        return None
+    return getattr(config.get_text_config(), "max_position_embeddings", None)
 
 
 def score(prediction, passkey):
