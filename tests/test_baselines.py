@@ -68,7 +68,15 @@ def test_evaluate_recall_reports_accuracy_and_budget():
     result = evaluate_recall(model, tok, examples)
     assert 0 <= result["accuracy"] <= 1 and len(result["answers"]) == 3
     assert result["compression_ratio"] == pytest.approx(result["seen_per_row"] / result["stored_per_row"])
-    assert result["seen_per_row"] == pytest.approx(sum(e.prompt_tokens for e in examples) / 3)
+    assert result["seen_per_row"] == pytest.approx(sum(e.prompt_tokens - 1 for e in examples) / 3)
+    # One prefill per prompt: the answers are those of a plain generate over the whole prompt.
+    from dms.models.qwen3.modeling_qwen3_dms import cache_kwargs
+
+    ids = torch.tensor([tok(examples[0].prompt, add_special_tokens=False)["input_ids"]])
+    with torch.no_grad():
+        alone = model.generate(ids, max_new_tokens=len(examples[0].answer) + 1, do_sample=False,
+                               pad_token_id=tok.pad_token_id, **cache_kwargs(model.get_cache()))
+    assert result["answers"][0] == tok.decode(alone[0, ids.shape[1]:], skip_special_tokens=True)
     assert result["compression_ratio"] > 1.2  # the tiny model's random adapters evict
     baselines = matched_baselines(result, window=model.config.dms_window_size, sinks=4)
     policy, window = baselines["StreamingLLM"]

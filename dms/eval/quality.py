@@ -27,16 +27,18 @@ def evaluate_recall(model, tokenizer, examples, *, policy=None, window_size=None
     (see `dms.eval.baselines.eviction_policy`).
 
     Returns accuracy, per-task accuracy, stored_per_row (mean tokens stored
-    per (layer, KV head) row when the prompt was read), seen_per_row (the
-    same for tokens seen), compression_ratio (their ratio), the evicted
-    fraction of decisions on the prompts, and the answers given."""
+    per (layer, KV head) row once the prompt is read, all but its last token,
+    which generate feeds), seen_per_row (the same for tokens seen),
+    compression_ratio (their ratio), the evicted fraction of decisions on
+    the prompts, and the answers given. Each prompt is prefilled once: the
+    cache that was measured is the one generate continues."""
     from tqdm.auto import tqdm
 
     from dms.models.qwen3.modeling_qwen3_dms import cache_kwargs
 
     right, by_task, answers = 0, {}, []
-    seen = stored = rows = 0
-    evicted, decisions = 0.0, 0
+    seen = stored = 0
+    evicted = 0.0
     scope = eviction_policy(model, policy, window_size) if policy is not None or window_size else \
         contextlib.nullcontext()
     with scope:
@@ -44,17 +46,14 @@ def evaluate_recall(model, tokenizer, examples, *, policy=None, window_size=None
             ids = torch.tensor([tokenizer(ex.prompt, add_special_tokens=False)["input_ids"]],
                                device=model.device)
             cache = model.get_cache()
-            out = model(ids, **cache_kwargs(cache))  # the prompt: its budget is measured here
+            out = model(ids[:, :-1], **cache_kwargs(cache))  # the prompt: its budget is measured here
             stats = cache.compression_stats()
-            layers = model.config.num_hidden_layers
             seen += sum(stats["tokens_seen"])
             stored += sum(stats["tokens_stored"])
-            rows += layers * model.config.num_key_value_heads
             evicted += float(out.evicted_fraction.sum())
-            decisions += 1
             n_answer = len(tokenizer(ex.answer, add_special_tokens=False)["input_ids"])
             generated = model.generate(ids, max_new_tokens=n_answer + 1, do_sample=False,
-                                       pad_token_id=tokenizer.pad_token_id, **cache_kwargs(model.get_cache()))
+                                       pad_token_id=tokenizer.pad_token_id, **cache_kwargs(cache))
             text = tokenizer.decode(generated[0, ids.shape[1]:], skip_special_tokens=True)
             ok = score(ex, text)
             right += ok
@@ -62,9 +61,10 @@ def evaluate_recall(model, tokenizer, examples, *, policy=None, window_size=None
             by_task[ex.task] = (hits + ok, total + 1)
             answers.append(text)
     n = max(1, len(examples))
+    rows = n * model.config.num_hidden_layers * model.config.num_key_value_heads
     return {"accuracy": right / n, "per_task": {t: h / c for t, (h, c) in by_task.items()},
-            "stored_per_row": stored / max(1, rows), "seen_per_row": seen / max(1, rows),
-            "compression_ratio": seen / stored if stored else 1.0, "evicted_fraction": evicted / max(1, decisions),
+            "stored_per_row": stored / rows, "seen_per_row": seen / rows,
+            "compression_ratio": seen / stored if stored else 1.0, "evicted_fraction": evicted / n,
             "answers": answers}
 
 
