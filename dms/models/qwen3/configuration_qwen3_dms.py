@@ -20,6 +20,10 @@ def _is_int(value):
     return isinstance(value, int) and not isinstance(value, bool)
 
 
+def _is_number(value):
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
 DMS_FIELDS = ("dms_alpha_scale", "dms_initial_alpha_offset", "dms_window_size", "dms_paged_attention_block_size",
               "dms_cr", "dms_disable_eviction", "dms_separate_alpha", "dms_alpha_per", "dms_tau",
               "dms_compile_limit", "dms_manual_inference_mode", "dms_chunked_prefill", "dms_preallocate_for_tokens")
@@ -29,22 +33,17 @@ DMS_FIELDS = ("dms_alpha_scale", "dms_initial_alpha_offset", "dms_window_size", 
 def _validate_dms(f):
     """Raises ValueError naming the first DMS field of `f` (a dict of all
     DMS_FIELDS) whose value is out of its range."""
-    _require(isinstance(f["dms_alpha_scale"], (int, float)) and not isinstance(f["dms_alpha_scale"], bool)
-             and math.isfinite(f["dms_alpha_scale"]), "dms_alpha_scale", "a finite number", f["dms_alpha_scale"])
-    _require(isinstance(f["dms_initial_alpha_offset"], (int, float))
-             and not isinstance(f["dms_initial_alpha_offset"], bool) and math.isfinite(f["dms_initial_alpha_offset"]),
-             "dms_initial_alpha_offset", "a finite number", f["dms_initial_alpha_offset"])
+    for name in ("dms_alpha_scale", "dms_initial_alpha_offset"):
+        _require(_is_number(f[name]), name, "a finite number", f[name])
     page = f["dms_paged_attention_block_size"]
     _require(_is_int(page) and page >= 1, "dms_paged_attention_block_size", "an int >= 1", page)
     _require(_is_int(f["dms_window_size"]) and f["dms_window_size"] > page, "dms_window_size",
              f"an int larger than dms_paged_attention_block_size ({page})", f["dms_window_size"])
-    _require(isinstance(f["dms_cr"], (int, float)) and not isinstance(f["dms_cr"], bool) and f["dms_cr"] >= 1,
-             "dms_cr", "a ratio >= 1", f["dms_cr"])
+    _require(_is_number(f["dms_cr"]) and f["dms_cr"] >= 1, "dms_cr", "a ratio >= 1", f["dms_cr"])
     for name in ("dms_disable_eviction", "dms_separate_alpha", "dms_manual_inference_mode"):
         _require(isinstance(f[name], bool), name, "a bool", f[name])
     _require(f["dms_alpha_per"] in ("head", "layer"), "dms_alpha_per", "'head' or 'layer'", f["dms_alpha_per"])
-    _require(isinstance(f["dms_tau"], (int, float)) and not isinstance(f["dms_tau"], bool)
-             and math.isfinite(f["dms_tau"]) and f["dms_tau"] > 0, "dms_tau", "a finite temperature > 0", f["dms_tau"])
+    _require(_is_number(f["dms_tau"]) and f["dms_tau"] > 0, "dms_tau", "a finite temperature > 0", f["dms_tau"])
     _require(f["dms_compile_limit"] is None or (_is_int(f["dms_compile_limit"]) and f["dms_compile_limit"] >= 1),
              "dms_compile_limit", "None or an int >= 1", f["dms_compile_limit"])
     _require(f["dms_chunked_prefill"] is None or (_is_int(f["dms_chunked_prefill"]) and f["dms_chunked_prefill"] >= 1),

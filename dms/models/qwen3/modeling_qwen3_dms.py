@@ -188,7 +188,7 @@ class Qwen3AttentionDMS(Qwen3Attention):
         """dms_alpha_per = "layer": head 0's values [B, 1, T] for all H heads."""
         if self.config.dms_alpha_per != "layer":
             return per_head
-        return tuple(None if t is None else t[:, :1].expand_as(t) for t in per_head)
+        return tuple(t[:, :1].expand_as(t) for t in per_head)
 
     def forward(self, hidden_states, position_embeddings, layer_input, key_padding=None, cache_layer=None,
                 dms_noise_counters=None):
