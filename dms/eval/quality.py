@@ -10,8 +10,6 @@ training-free policies of `dms.eval.baselines` to the budget a DMS run used.
     result["accuracy"], result["stored_per_row"], result["compression_ratio"]
 """
 
-import contextlib
-
 import torch
 
 from dms.eval.baselines import ContentBlind, StreamingLLM, eviction_policy
@@ -39,9 +37,7 @@ def evaluate_recall(model, tokenizer, examples, *, policy=None, window_size=None
     right, by_task, answers = 0, {}, []
     seen = stored = 0
     evicted = 0.0
-    scope = eviction_policy(model, policy, window_size) if policy is not None or window_size else \
-        contextlib.nullcontext()
-    with scope:
+    with eviction_policy(model, policy, window_size):
         for ex in tqdm(examples, desc="recall", disable=not show_progress, leave=False):
             ids = torch.tensor([tokenizer(ex.prompt, add_special_tokens=False)["input_ids"]],
                                device=model.device)
