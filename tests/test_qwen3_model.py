@@ -148,15 +148,24 @@ def test_trust_remote_code_load_in_a_fresh_process(tmp_path):
     with torch.no_grad():
         want = m(ids).logits
     torch.save({"ids": ids, "want": want}, tmp_path / "io.pt")
+    assert cfg["model_type"] == "qwen3_dms"  # never read as a dense "qwen3" (that would drop the adapters)
     code = f"""
 import torch
-from transformers import AutoModelForCausalLM
-import dms
-m = AutoModelForCausalLM.from_pretrained({str(save)!r}, trust_remote_code=True).eval()
-assert type(m) is dms.Qwen3ForCausalLMDMS, type(m)
+from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, pipeline
+try:  # without dms and without remote code: refused, never a dense Qwen3
+    AutoModelForCausalLM.from_pretrained({str(save)!r})
+    raise SystemExit("loaded as a dense model")
+except ValueError as e:
+    assert "trust_remote_code=True" in str(e), e
+import dms  # after transformers: the Auto classes learn the type, no remote code needed
 io = torch.load({str(tmp_path / 'io.pt')!r})
-with torch.no_grad():
-    torch.testing.assert_close(m(io["ids"]).logits, io["want"])
+for kwargs in ({{}}, {{"trust_remote_code": True}}):
+    m = AutoModelForCausalLM.from_pretrained({str(save)!r}, **kwargs).eval()
+    assert type(m) is dms.Qwen3ForCausalLMDMS, type(m)
+    with torch.no_grad():
+        torch.testing.assert_close(m(io["ids"]).logits, io["want"])
+assert type(AutoModelForSequenceClassification.from_pretrained({str(save)!r})).__name__ == \
+    "Qwen3ForSequenceClassificationDMS"
 print("remote ok")
 """
     env = {k: v for k, v in __import__("os").environ.items()}

@@ -85,7 +85,16 @@ class Qwen3ConfigDMS(Qwen3Config):
         dms_preallocate_for_tokens: cache pages reserved per row up front,
             in tokens (default 4096).
         **kwargs: the fields of `Qwen3Config`.
+
+    Its `model_type` is ``"qwen3_dms"``, so a directory saved by dms never
+    loads silently as a dense Qwen3 (which would drop the adapters): the
+    Auto classes know it where dms is imported (see `dms.models`), and
+    elsewhere its `auto_map` asks for `trust_remote_code=True`. Directories
+    of type ``"qwen3"`` (plain Qwen3, the published DMS checkpoints) load
+    through the DMS classes as before.
     """
+
+    model_type = "qwen3_dms"
 
     def __init__(self, dms_alpha_scale=100.0, dms_initial_alpha_offset=5.0, dms_window_size=512,
                  dms_paged_attention_block_size=256, dms_cr=8, dms_disable_eviction=False, dms_separate_alpha=False,
@@ -112,6 +121,16 @@ class Qwen3ConfigDMS(Qwen3Config):
         self.dms_chunked_prefill = dms_chunked_prefill
         self.dms_preallocate_for_tokens = dms_preallocate_for_tokens
         super().__init__(**kwargs)
+
+    @classmethod
+    def get_config_dict(cls, *args, **kwargs):
+        """transformers' reader of config.json; a ``"qwen3"`` directory (a
+        plain or published DMS checkpoint) is read as this type without
+        transformers' "model of another type" warning: it is one of ours."""
+        config_dict, kwargs = super().get_config_dict(*args, **kwargs)
+        if config_dict.get("model_type") == "qwen3":
+            config_dict = dict(config_dict, model_type=cls.model_type)
+        return config_dict, kwargs
 
     @classmethod
     def from_dict(cls, config_dict, **kwargs):

@@ -29,7 +29,14 @@ from transformers.models.qwen3.modeling_qwen3 import (
 )
 from dataclasses import dataclass
 
-from transformers import AutoModel
+from transformers import (
+    AutoConfig,
+    AutoModel,
+    AutoModelForCausalLM,
+    AutoModelForQuestionAnswering,
+    AutoModelForSequenceClassification,
+    AutoModelForTokenClassification,
+)
 from transformers.cache_utils import Cache
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 
@@ -506,3 +513,12 @@ def _with_dms_body(head_class):
 Qwen3ForSequenceClassificationDMS = _with_dms_body(Qwen3ForSequenceClassification)
 Qwen3ForTokenClassificationDMS = _with_dms_body(Qwen3ForTokenClassification)
 Qwen3ForQuestionAnsweringDMS = _with_dms_body(Qwen3ForQuestionAnswering)
+
+# The Auto classes learn the "qwen3_dms" type when this module is imported:
+# AutoModelForCausalLM.from_pretrained(dir) then needs no remote code.
+AutoConfig.register(Qwen3ConfigDMS.model_type, Qwen3ConfigDMS, exist_ok=True)
+for _auto, _model in ((AutoModelForCausalLM, Qwen3ForCausalLMDMS),
+                      (AutoModelForSequenceClassification, Qwen3ForSequenceClassificationDMS),
+                      (AutoModelForTokenClassification, Qwen3ForTokenClassificationDMS),
+                      (AutoModelForQuestionAnswering, Qwen3ForQuestionAnsweringDMS)):
+    _auto.register(Qwen3ConfigDMS, _model, exist_ok=True)
