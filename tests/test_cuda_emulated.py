@@ -47,6 +47,22 @@ def test_attn_train(lib, name):
     attn_train.run_case(lib, tensor_cores=name.startswith("mma"), **case)
 
 
+@pytest.mark.parametrize("name", ["mma-bf16-D64-T70-G2-w5-pad", "simt-f32-D65-T97-G2-w4-pad"])
+def test_attn_train_nan_query(lib, name):
+    """A NaN in a query gives a NaN output and lse on both kernel families
+    (it gave 0 and -inf, the output of a row that sees nothing)."""
+    case = ATTN_CASES[name]
+    attn_train.run_case(lib, tensor_cores=name.startswith("mma"), nan_query=True, **case)
+
+
+@pytest.mark.parametrize("i", [1, 9])
+def test_cache_nan_query(lib, i):
+    """The same through prefill and decode (split or not), empty and
+    padding rows included."""
+    lib.emu_set_limit(232448)
+    cache.run_sequence(lib, seed=i, nan_query=True, **cache.CASES[i])
+
+
 @pytest.mark.parametrize("i", range(len(cache.CASES)))
 def test_cache_sequence(lib, i):
     lib.emu_set_limit(232448)  # an H100's; each test sets its own

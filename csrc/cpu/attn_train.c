@@ -345,9 +345,10 @@ static void softmax_grad(float *restrict s, float *restrict dp,
         float *sr = s + r * BK, *dr = dp + r * BK;
         const float l = lse[r], dl = delta[r];
         for (int c = 0; c < BK; ++c) {
-            /* s - lse <= 0 up to rounding; a -inf lse (padding) gives 0. */
+            /* s - lse <= 0 up to rounding; a -inf lse (padding) gives 0, a
+             * NaN one (a NaN row) NaN. */
             const float x = sr[c] - l;
-            const float p = exp_nonpositive(x < 0.0f ? x : 0.0f);
+            const float p = exp_nonpositive(x > 0.0f ? 0.0f : x);
             const float pz = l == -INFINITY ? 0.0f : p;
             sr[c] = pz;
             dr[c] = pz * (dr[c] - dl);

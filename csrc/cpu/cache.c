@@ -653,9 +653,13 @@ dms_status dms_attn_decode_cpu(const dms_cache_call *x, int num_threads)
             const int64_t qh = h * G + g;
             const int64_t at = b * x->lse->strides[0] + qh * x->lse->strides[1];
             if (l == 0.0f) {
+                /* An empty row sees nothing: 0 and -inf. A stored row sees
+                 * at least the query's own token, so a zero sum there means
+                 * all its scores were NaN: NaN, as PyTorch's attention. */
+                const float fill = c->row_slots[r] > 0 ? NAN : 0.0f;
                 for (int64_t d = 0; d < ld; ++d)
-                    out[d] = 0.0f;
-                lse[at] = -INFINITY;
+                    out[d] = fill;
+                lse[at] = c->row_slots[r] > 0 ? NAN : -INFINITY;
             } else {
                 for (int64_t d = 0; d < ld; ++d)
                     out[d] /= l;

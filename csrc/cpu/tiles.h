@@ -403,7 +403,9 @@ DMS_TILE_FN void start_query_group(const dms_tensor *q, int64_t b, int64_t h,
 /*
  * Normalises the accumulated outputs and writes o [B, H*G, T, D] and lse
  * [B, H*G, T] for queries [q0, q0 + qn). Rows with silent[r] set (padding
- * queries) or that saw nothing get o = 0 and lse = -inf.
+ * queries) get o = 0 and lse = -inf. Every other query sees at least its own
+ * key, so a zero sum means its scores were all NaN (a NaN in the query, or in
+ * every key it sees): its o and lse are NaN, as PyTorch's attention gives.
  */
 DMS_TILE_FN void finish_query_group(const query_group *w, int64_t b,
                                     int64_t h, int64_t G, int64_t q0,
@@ -421,9 +423,15 @@ DMS_TILE_FN void finish_query_group(const query_group *w, int64_t b,
             const float l = w->l[g * BQ + r];
             float *row = acc + r * ld;
             const int64_t at = off3(lse, b, qh, q0 + r);
-            if (silent[r] || l == 0.0f) {
+            if (silent[r]) {
                 memset(row, 0, sizeof(float) * (size_t)ld);
                 lse_data[at] = -INFINITY;
+                continue;
+            }
+            if (l == 0.0f) {
+                for (int64_t d = 0; d < ld; ++d)
+                    row[d] = NAN;
+                lse_data[at] = NAN;
                 continue;
             }
             const float inv = 1.0f / l;

@@ -250,11 +250,15 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks)
     for (int a = 0; a < RA; ++a) {
         const float l = group8_sum(lpart[a]);
         if (tx == 0) {
+            /* A padding query: o = 0, lse = -inf. Any other sees its own
+             * key, so a sum that is not positive is NaN (or 0: every
+             * score NaN): o and lse are NaN, as in PyTorch. */
+            const float poison = qok[a] ? NAN : 0.0f;
             const bool live = qok[a] && l > 0.0f;
-            rinv[ty + 16 * a] = live ? 1.0f / l : 0.0f;
+            rinv[ty + 16 * a] = live ? 1.0f / l : poison;
             if (jq[a] < T)
                 ((float *)p.lse.data)[p.lse.at(b, qh, jq[a])] =
-                    live ? m[a] + logf(l) : -INFINITY;
+                    live ? m[a] + logf(l) : (qok[a] ? NAN : -INFINITY);
         }
     }
     __syncthreads();

@@ -480,11 +480,13 @@ __global__ void __launch_bounds__(kThreads, 1)
         const int64_t j = wq0 + g + 8 * r;
         if (j >= T)
             continue;
-        const bool live = !p.pad.is_pad(b, j) && l > 0.0f;
-        const float inv = live ? 1.0f / l : 0.0f; /* padding query: o = 0 */
+        /* padding query: o = 0, lse = -inf; any other sees its own key, so
+         * a sum that is not positive means NaN scores: NaN, as PyTorch */
+        const bool query = !p.pad.is_pad(b, j), live = query && l > 0.0f;
+        const float inv = live ? 1.0f / l : (query ? NAN : 0.0f);
         if (t == 0)
             ((float *)p.lse.data)[p.lse.at(b, qh, j)] =
-                live ? m[r] * kLn2 + logf(l) : -INFINITY;
+                live ? m[r] * kLn2 + logf(l) : (query ? NAN : -INFINITY);
         const int64_t off = p.o.at(b, qh, j) + 2 * t;
 #pragma unroll
         for (int n = 0; n < NO; ++n)

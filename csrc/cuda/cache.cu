@@ -810,11 +810,13 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks)
         const int x = ty + 16 * a;
         const int64_t rho = rho0 + x;
         if (tx == 0) {
-            const bool live = pj[a] >= 0 && l > 0.0f;
-            rinv[x] = live ? 1.0f / l : 0.0f;
+            /* padding query: 0 and -inf; any other sees its own key, so a
+             * sum that is not positive means NaN scores: NaN, as PyTorch */
+            const bool query = pj[a] >= 0, live = query && l > 0.0f;
+            rinv[x] = live ? 1.0f / l : (query ? NAN : 0.0f);
             if (rho < NG)
                 ((float *)p.lse.data)[p.lse.at(b, h * G + rho % G, rho / G)] =
-                    live ? m[a] + logf(l) : -INFINITY;
+                    live ? m[a] + logf(l) : (query ? NAN : -INFINITY);
         }
     }
     __syncthreads();
@@ -1099,10 +1101,13 @@ __global__ void __launch_bounds__(kDecodeThreads)
     }
     __syncthreads();
 
+    /* A row with stored slots sees at least the query's own token: a sum
+     * that is not positive there is NaN (NaN scores), and so is the result,
+     * as in PyTorch; an empty row (or an empty range of a split) gives 0. */
     for (int idx = tid; idx < G * D; idx += kDecodeThreads) {
         const int g = idx / D, d = idx - g * D;
         const float l = lst[g];
-        const float val = l > 0.0f ? Acc[idx] / l : 0.0f;
+        const float val = l > 0.0f ? Acc[idx] / l : (l == 0.0f ? 0.0f : NAN);
         if (p.ws != nullptr)
             p.ws[((r * G + g) * S + split) * (D + 2) + d] = val;
         else
@@ -1116,7 +1121,7 @@ __global__ void __launch_bounds__(kDecodeThreads)
             cell[D + 1] = l;
         } else {
             ((float *)p.lse.data)[p.lse.at(b, h * G + g, 0)] =
-                l > 0.0f ? mst[g] + logf(l) : -INFINITY;
+                l > 0.0f ? mst[g] + logf(l) : (l == 0.0f ? -INFINITY : NAN);
         }
     }
 }
@@ -1130,9 +1135,13 @@ __global__ void __launch_bounds__(kDecodeThreads)
     const int64_t r = qr / G, g = qr % G, b = r / p.H, h = r % p.H;
     const float *cell = p.ws + qr * S * (D + 2);
     float mx = -INFINITY, L = 0.0f;
-    for (int64_t s = 0; s < S; ++s)
-        if (cell[s * (D + 2) + D + 1] > 0.0f)
+    bool poisoned = false; /* a range whose sum is NaN: NaN scores */
+    for (int64_t s = 0; s < S; ++s) {
+        const float l = cell[s * (D + 2) + D + 1];
+        poisoned |= !(l >= 0.0f);
+        if (l > 0.0f)
             mx = fmaxf(mx, cell[s * (D + 2) + D]);
+    }
     for (int64_t s = 0; s < S; ++s) {
         const float l = cell[s * (D + 2) + D + 1];
         if (l > 0.0f)
@@ -1147,11 +1156,11 @@ __global__ void __launch_bounds__(kDecodeThreads)
                        cell[s * (D + 2) + d];
         }
         dms_store(p.o.data, p.o.dtype, p.o.at(b, h * G + g, 0) + d,
-                  L > 0.0f ? acc / L : 0.0f);
+                  poisoned ? NAN : L > 0.0f ? acc / L : 0.0f);
     }
     if (threadIdx.x == 0)
         ((float *)p.lse.data)[p.lse.at(b, h * G + g, 0)] =
-            L > 0.0f ? mx + logf(L) : -INFINITY;
+            poisoned ? NAN : L > 0.0f ? mx + logf(L) : -INFINITY;
 }
 
 /* ---- host side ---------------------------------------------------------- */

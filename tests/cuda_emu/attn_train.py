@@ -24,10 +24,12 @@ class Args(ctypes.Structure):  # struct dms_attn_train_args (csrc/core/internal.
 
 
 def run_case(lib, B, H, G, T, D, window, dtype=torch.bfloat16, odtype=None, godtype=None, use_y=True, pad=False,
-             layout="c", limit=232448, seed=0, tensor_cores=None):
+             layout="c", limit=232448, seed=0, tensor_cores=None, nan_query=False):
     """One forward + backward; raises AssertionError on any mismatch and
     returns {output: relative error}. tensor_cores: True / False asserts
-    which kernel family ran (None: either)."""
+    which kernel family ran (None: either). nan_query: one element of the
+    last query of row 0, head 0 is NaN; its o and lse must be NaN (the
+    oracle's), its query gradient too, every other output as ever."""
     gen = torch.Generator().manual_seed(seed)
     odtype, godtype, HG, keep = odtype or dtype, godtype or dtype, H * G, []
     q = strided((B, HG, T, D), dtype, layout, gen=gen)
@@ -45,6 +47,8 @@ def run_case(lib, B, H, G, T, D, window, dtype=torch.bfloat16, odtype=None, godt
             if T > 3:
                 full[b, T // 2] = True
         kp = full[:, :T]
+    if nan_query:
+        q[0, 0, T - 1, D // 2] = float("nan")
     scale = 1.0 / math.sqrt(D)
     o = strided((B, HG, T, D), odtype, layout, fill=float("nan"))
     lse = strided((B, HG, T), torch.float32, "c", fill=float("nan"))
@@ -72,6 +76,10 @@ def run_case(lib, B, H, G, T, D, window, dtype=torch.bfloat16, odtype=None, godt
     a.grad_o, a.grad_q, a.grad_k, a.grad_v, a.grad_y = (view(t, keep) for t in (go, gq, gk, gv, gy))
     st = lib.dms_attn_train_backward_cuda(ctypes.byref(a), None)
     assert st == 0, (st, lib.dms_last_error())
+    if nan_query:  # the oracle's NaN gradients reach every key of the head; the kernels' only those it sees
+        silent = kp is not None and bool(kp[0, T - 1])
+        assert silent or torch.isnan(gq[0, 0, T - 1].float()).all(), "a NaN query's gradient is NaN"
+        return errs
     errs["dq"] = rel_err("grad_q", gq, qd.grad)
     errs["dk"] = rel_err("grad_k", gk, kd.grad)
     errs["dv"] = rel_err("grad_v", gv, vd.grad)

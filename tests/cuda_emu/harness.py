@@ -3,6 +3,7 @@ the library that build.py made, describe torch tensors as dms_tensor views
 (device_type CUDA: the emulated kernels read host memory as device memory),
 and compare with a reference."""
 import ctypes
+import math
 
 import torch
 
@@ -67,10 +68,13 @@ def strided(shape, dtype, layout, fill=None, gen=None, mag=1.0):
 
 def rel_err(name, got, ref):
     """max |got - ref| / max(1, max |ref|) over the finite reference entries;
-    NaN anywhere, or a different pattern or value of infinities, fails."""
+    NaN where the reference has none (or none where it has one), or a
+    different pattern or value of infinities, fails."""
     got, ref = got.double(), ref.double()
-    if torch.isnan(got).any():
-        raise AssertionError(f"{name}: NaN at {torch.isnan(got).nonzero()[:5].tolist()}")
+    wrong = torch.isnan(got) != torch.isnan(ref)
+    if wrong.any():
+        raise AssertionError(f"{name}: NaN differs at {wrong.nonzero()[:5].tolist()}")
+    got, ref = got.nan_to_num(0.0, math.inf, -math.inf), ref.nan_to_num(0.0, math.inf, -math.inf)
     fin = torch.isfinite(ref)
     assert torch.equal(torch.isfinite(got), fin), f"{name}: inf pattern differs"
     assert torch.equal(got[~fin], ref[~fin]), f"{name}: inf values differ"
