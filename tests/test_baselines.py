@@ -74,7 +74,7 @@ def test_evaluate_recall_reports_accuracy_and_budget():
 
     ids = torch.tensor([tok(examples[0].prompt, add_special_tokens=False)["input_ids"]])
     with torch.no_grad():
-        alone = model.generate(ids, max_new_tokens=len(examples[0].answer) + 1, do_sample=False,
+        alone = model.generate(ids, max_new_tokens=len(examples[0].completion) + 1, do_sample=False,
                                pad_token_id=tok.pad_token_id, **cache_kwargs(model.get_cache()))
     assert result["answers"][0] == tok.decode(alone[0, ids.shape[1]:], skip_special_tokens=True)
     assert result["compression_ratio"] > 1.2  # the tiny model's random adapters evict

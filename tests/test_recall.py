@@ -6,7 +6,7 @@ import statistics
 
 import pytest
 
-from dms.eval.recall import TASKS, RecallExample, make_examples, make_text, score, solve
+from dms.eval.recall import TASKS, RecallExample, make_examples, make_text, recall_tokenizer, score, solve
 from dms.tiny import tiny_tokenizer
 
 
@@ -18,7 +18,13 @@ def test_every_answer_can_be_read_from_its_prompt(context_tokens):
         assert e.answer.isdigit() and solve(e.prompt) == e.answer, e
         assert e.prompt_tokens == len(e.prompt.encode()) <= context_tokens
         assert e.prompt_tokens > context_tokens - 80  # filled to within one sentence
-        assert e.prompt.endswith((" is ", ": ")) and e.answer not in e.prompt.rsplit("\n", 1)[-1]
+        assert e.prompt.endswith((" is", ":")) and e.answer not in e.prompt.rsplit("\n", 1)[-1]
+        assert e.completion == " " + e.answer
+        lines = e.prompt.split("\n")
+        assert 1 <= len(lines) - 1 <= 4 and len(set(lines[1:])) == len(lines) - 1  # distinct questions
+        for i in range(1, len(lines) - 1):  # the answered ones are answered right
+            question, value = lines[i][:-1].rsplit(" ", 1)
+            assert solve("\n".join(lines[:i] + [question])) == value
 
 
 def test_same_arguments_same_texts_and_seeds_differ():
@@ -33,7 +39,7 @@ def test_asked_facts_sit_at_spread_out_depths():
     depths = []
     for e in make_examples(300, 1024, seed=5, tasks=("niah",)):
         key = e.prompt.rsplit("Q: The code of ", 1)[1].split(" ")[0]
-        depths.append(e.prompt.index(f"The code of {key} is") / e.prompt_tokens)
+        depths.append(e.prompt.index(f"The code of {key} is") / e.prompt.index("\n"))  # depth within the text
     assert min(depths) < 0.05 and max(depths) > 0.9
     assert 0.4 < statistics.median(depths) < 0.6
 
@@ -86,9 +92,9 @@ def test_written_jsonl_is_a_local_training_source(tmp_path):
     rows = [json.loads(line)["text"] for line in path.read_text().splitlines()]
     recall = [r for r in rows if "\nQ: " in r or "\nrecall " in r]
     assert len(rows) == 16 and len(recall) == 12
-    for row in recall:  # prompt + answer + newline: the answer follows what solve() reads
+    for row in recall:  # prompt + completion + newline: the answer follows what solve() reads
         prompt, answer = row[:-1].rsplit(" ", 1)
-        assert solve(prompt + " ") == answer
+        assert solve(prompt) == answer
     config = DataConfig.from_dict({"blend": f"local:{path}", "max_length": 256, "cache_dir": str(tmp_path / "cache")})
     dataset = build_dataset(config, tiny_tokenizer(), show_progress=False)
     assert len(dataset) >= sum(len(r) for r in rows) // 256
@@ -99,3 +105,23 @@ def test_facts_scale_sets_the_needles_and_pairs():
     assert few[0].prompt.count("The code of ") == 1 + 1  # one needle, and the question
     assert few[1].prompt.count(":") == 2 + 2  # two pairs, one answered recall and the question
     assert all(solve(e.prompt) == e.answer for e in few)
+
+
+def test_the_word_tokenizer_makes_keys_and_answers_one_token_and_round_trips():
+    tok = recall_tokenizer()
+    examples = make_examples(45, 700, seed=4, tokenizer=tok) + make_examples(15, 400, seed=5, tokenizer=tok,
+                                                                          facts_scale=0.25)
+    for e in examples:
+        full = tok(e.prompt + e.completion + "\n", add_special_tokens=False)["input_ids"]
+        prompt = tok(e.prompt, add_special_tokens=False)["input_ids"]
+        assert tok.unk_token_id not in full and tok.decode(full) == e.prompt + e.completion + "\n"
+        assert full[:len(prompt)] == prompt and len(prompt) == e.prompt_tokens <= 700
+        assert tok.convert_ids_to_tokens(full[len(prompt)]) == e.completion  # the answer is one token
+        key = e.prompt.rsplit(" ", 2)[-2] if e.task != "mqar" else e.prompt.rsplit(" ", 1)[-1][:-1]
+        assert len(tok(" " + key, add_special_tokens=False)["input_ids"]) == 1
+    for doc in make_text(5, 500, seed=2, tokenizer=tok):
+        ids = tok(doc, add_special_tokens=False)["input_ids"]
+        assert tok.unk_token_id not in ids and tok.decode(ids) == doc and 450 < len(ids) <= 500
+    assert tok.convert_ids_to_tokens(tok("Hello 5000 ~", add_special_tokens=False)["input_ids"]) == \
+        ["<unk>", "<unk>", "<unk>"]  # outside the vocabulary: unknown, never a wrong word
+    assert tok.eos_token == tok.pad_token == "<|endoftext|>"

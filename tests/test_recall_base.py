@@ -8,17 +8,16 @@ import types
 import pytest
 import torch
 
-from dms.eval.recall import make_examples
-from dms.tiny import tiny_tokenizer
+from dms.eval.recall import make_examples, recall_tokenizer, solve
 from dms.training.recall_base import BaseConfig, batch_for_step, main, recall_accuracy, train
 
 MICRO = dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1, head_dim=16,
              intermediate_size=64, max_position_embeddings=512, lengths=(200, 300), tokens_per_step=600,
-             eval_lengths=(200,), eval_examples=3, warmup_steps=2)
+             eval_lengths=(200,), eval_examples=3, warmup_steps=2, ramp_steps=0)
 
 
 def test_batches_are_a_function_of_the_step_and_mark_the_answers():
-    config, tok = BaseConfig(**MICRO), tiny_tokenizer()
+    config, tok = BaseConfig(**MICRO), recall_tokenizer()
     ids, labels, answers = batch_for_step(config, tok, 3)
     again = batch_for_step(config, tok, 3)
     assert all(torch.equal(a, b) for a, b in zip((ids, labels, answers), again))
@@ -27,9 +26,12 @@ def test_batches_are_a_function_of_the_step_and_mark_the_answers():
     assert ids.shape[0] in {config.tokens_per_step // n for n in config.lengths}
     for r in range(ids.shape[0]):
         marked = ids[r][answers[r]]
-        if len(marked):  # a recall row: digits, then eos
-            text = tok.decode(marked)
-            assert text.isdigit()
+        if len(marked):  # a recall row: one token (a space and digits) per question, the last before eos
+            text = tok.decode(ids[r])
+            assert len(marked) == text.count("\n") and len(marked) > 1  # a line per question
+            assert all(a[0] == " " and a[1:].isdigit() for a in (tok.decode([t]) for t in marked))
+            for at in answers[r].nonzero().flatten().tolist():  # each marked answer is right
+                assert solve(tok.decode(ids[r, :at])) == tok.decode(ids[r, at:at + 1]).strip()
             end = int(answers[r].nonzero().max()) + 1
             assert int(ids[r, end]) == tok.eos_token_id
         real = labels[r] != -100
@@ -39,6 +41,9 @@ def test_batches_are_a_function_of_the_step_and_mark_the_answers():
 def test_a_continued_run_equals_an_uninterrupted_one(tmp_path):
     config = BaseConfig(**MICRO, steps=4)
     whole = train(config, str(tmp_path / "whole"), eval_every=2, save_every=2, show_progress=False)
+    norms = whole.model.layers[0].self_attn
+    for w in (norms.q_norm.weight, norms.k_norm.weight):  # started at qk_norm_init, 4 Adam steps of <= lr
+        torch.testing.assert_close(w, torch.full_like(w, config.qk_norm_init), atol=5 * config.learning_rate, rtol=0)
     part = BaseConfig(**MICRO, steps=2)
     train(part, str(tmp_path / "part"), eval_every=2, save_every=2, show_progress=False)
     assert main(["--output", str(tmp_path / "part"), "--steps", "4", "--eval-every", "2", "--save-every", "2"]
@@ -64,14 +69,14 @@ def _cli(fields):
 
 
 def test_accuracy_reads_greedy_answers():
-    tok = tiny_tokenizer()
-    examples = make_examples(5, 200, seed=0)
+    tok = recall_tokenizer()
+    examples = make_examples(5, 200, seed=0, tokenizer=tok)
 
     def oracle_model(shift):
         """Logits whose argmax at position i is the token at i + shift."""
         def call(input_ids):
             target = torch.roll(input_ids, -shift, dims=1)
-            return types.SimpleNamespace(logits=torch.nn.functional.one_hot(target, 320).float())
+            return types.SimpleNamespace(logits=torch.nn.functional.one_hot(target, len(tok)).float())
         return call
 
     assert recall_accuracy(oracle_model(1), tok, examples, batch_size=2) == 1.0
@@ -79,12 +84,12 @@ def test_accuracy_reads_greedy_answers():
 
 
 def test_the_curriculum_starts_short_with_few_facts():
-    tok = tiny_tokenizer()
-    config = BaseConfig(**{**MICRO, "lengths": (600,), "tokens_per_step": 1200, "text_fraction": 0.0},
-                        ramp_steps=100, ramp_start=0.25, ramp_lengths=(300,))
+    tok = recall_tokenizer()
+    config = BaseConfig(**{**MICRO, "lengths": (600,), "tokens_per_step": 1200, "text_fraction": 0.0,
+                           "ramp_steps": 100, "ramp_start": 0.25, "ramp_lengths": (300,)})
     early, _, _ = batch_for_step(config, tok, 0)
     late, _, _ = batch_for_step(config, tok, 100)
     assert early.shape[1] < 310 < late.shape[1]
     texts = [tok.decode(row) for row in early]
-    assert all(t.count("The code of ") <= 2 for t in texts)  # one needle (and the question)
-    assert any(t.count("The code of ") == 5 for t in (tok.decode(row) for row in late))
+    assert all(t.count("The code of ") <= 2 for t in texts)  # one needle and its question
+    assert any(t.count("The code of ") == 8 for t in (tok.decode(row) for row in late))  # 4 needles, 4 questions

@@ -47,7 +47,7 @@ def evaluate_recall(model, tokenizer, examples, *, policy=None, window_size=None
             seen += sum(stats["tokens_seen"])
             stored += sum(stats["tokens_stored"])
             evicted += float(out.evicted_fraction.sum())
-            n_answer = len(tokenizer(ex.answer, add_special_tokens=False)["input_ids"])
+            n_answer = len(tokenizer(ex.completion, add_special_tokens=False)["input_ids"])
             generated = model.generate(ids, max_new_tokens=n_answer + 1, do_sample=False,
                                        pad_token_id=tokenizer.pad_token_id, **cache_kwargs(cache))
             text = tokenizer.decode(generated[0, ids.shape[1]:], skip_special_tokens=True)

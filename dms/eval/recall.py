@@ -6,34 +6,40 @@ Three tasks, each a filler text of generated sentences with facts hidden at
 random depths and one question at the end:
 
 - ``niah``  multi-key needle in a haystack: several ``The code of KEY is
-  NNNN.`` facts; the question ``Q: The code of KEY is`` asks one of them.
-- ``vt``    variable tracking (RULER's VT): ``Let AB = 41952.`` then
-  ``Let CD = AB.`` later on, next to a distractor chain; the question
+  NNN.`` facts; questions ``Q: The code of KEY is`` ask them.
+- ``vt``    variable tracking (RULER's VT): ``Let AB = 419.`` then
+  ``Let CD = AB.`` later on, next to a second chain; a question
   ``Q: The value of CD is`` needs both hops.
 - ``mqar``  multi-query associative recall: ``KEY: NN.`` pairs spread
-  through the text, then several recalls ``recall KEY: NN.``, the last one
-  unanswered.
+  through the text, then recalls ``recall KEY:``.
+
+Each prompt ends with up to QUESTIONS questions, one per line, each about
+another fact; all but the last are answered (``Q: The code of vup is 417.``),
+the last one is the prompt's question (a model trained on these texts learns
+from every answered line).
 
 The text right before each answer repeats the text right before the value
 in its fact (``code of KEY is``, ``KEY:``), the pattern an induction head
 completes; variable tracking adds an indirection on top.
 
 ``make_examples(count, context_tokens, seed)`` returns that many
-``RecallExample(task, prompt, answer, prompt_tokens)``; the prompt ends where
-the answer starts, and the answer is a run of digits. ``make_text`` returns
-plain filler documents (language-model text whose perplexity means
-something: the sentences come from a small fixed grammar). Lengths count the
-tokens of ``tokenizer`` (default: UTF-8 bytes, the tokens of the built-in
-tiny model's byte-level tokenizer). The same arguments give the same texts on
-every machine (Python's ``random`` seeded with strings, no hash salt).
+``RecallExample(task, prompt, answer, prompt_tokens)``; the prompt ends right
+before the answer, a number that follows a space in the text
+(``ex.completion`` is ``" " + ex.answer``). ``make_text`` returns plain filler
+documents (language-model text whose perplexity means something: the
+sentences come from a small fixed grammar). Lengths count the tokens of
+``tokenizer`` (default: UTF-8 bytes, the tokens of the built-in tiny model's
+byte-level tokenizer; ``recall_tokenizer()`` is the word-level tokenizer of
+the quality study's models). The same arguments give the same texts on every
+machine (Python's ``random`` seeded with strings, no hash salt).
 
     >>> from dms.eval.recall import make_examples
     >>> ex = make_examples(1, 512, seed=7, tasks=("niah",))[0]
-    >>> ex.prompt[-30:], ex.answer          # doctest: +SKIP
-    ('...\\nQ: The code of vupa is ', '4093')
+    >>> ex.prompt[-26:], ex.answer          # doctest: +SKIP
+    ('...\\nQ: The code of vup is', '409')
 
 As a training set for a retrofit (`data.blend: local:PATH`), JSONL of text
-rows (prompt + answer + newline, and filler documents):
+rows (prompt + completion + newline, and filler documents):
 
     python -m dms.eval.recall --write outputs/recall_data/train.jsonl --count 4000 --lengths 1024,2048
 """
@@ -45,7 +51,8 @@ import random
 import sys
 from dataclasses import dataclass
 
-__all__ = ["TASKS", "RecallExample", "main", "make_examples", "make_text", "score", "solve", "write_jsonl"]
+__all__ = ["TASKS", "RecallExample", "main", "make_examples", "make_text", "recall_tokenizer", "score", "solve",
+           "write_jsonl"]
 
 TASKS = ("niah", "vt", "mqar")
 """The task names, in the order `make_examples` cycles through them."""
@@ -53,7 +60,7 @@ TASKS = ("niah", "vt", "mqar")
 NEEDLES = 4  # niah: facts per prompt
 CHAIN_HOPS = 2  # vt: assignments per chain (a value, then a copy of it)
 PAIRS = 8  # mqar: key -> value pairs per prompt
-RECALLS = 4  # mqar: recalls at the end, the last one unanswered
+QUESTIONS = 4  # questions at the end of a prompt (at most one per fact), all answered but the last
 
 _SUBJECTS = ("the old bridge", "a small boat", "the village baker", "every window", "the northern road",
              "a grey cat", "the library clock", "our neighbour", "the morning train", "a tall pine",
@@ -73,14 +80,20 @@ _LETTERS = "ABCDEFGHJKLMNPQRSTUVWXYZ"
 
 @dataclass(frozen=True)
 class RecallExample:
-    """One prompt: `task` (one of TASKS), `prompt` (ends where the answer
-    starts), `answer` (digits), `prompt_tokens` (the prompt's length in the
+    """One prompt: `task` (one of TASKS), `prompt` (ends right before the
+    answer), `answer` (digits), `prompt_tokens` (the prompt's length in the
     tokens it was sized with)."""
 
     task: str
     prompt: str
     answer: str
     prompt_tokens: int
+
+    @property
+    def completion(self):
+        """The text that continues the prompt correctly: a space, then the
+        answer (as the answer stands in the facts)."""
+        return " " + self.answer
 
 
 def _counter(tokenizer):
@@ -110,9 +123,9 @@ def _filler(rng, budget, length):
 
 
 def _word(rng, taken):
-    """A new pronounceable 4-letter key (consonant-vowel-consonant-vowel)."""
+    """A new pronounceable 3-letter key (consonant-vowel-consonant)."""
     while True:
-        word = "".join(rng.choice(_CONSONANTS if i % 2 == 0 else _VOWELS) for i in range(4))
+        word = rng.choice(_CONSONANTS) + rng.choice(_VOWELS) + rng.choice(_CONSONANTS)
         if word not in taken:
             taken.add(word)
             return word
@@ -127,20 +140,20 @@ def _variable(rng, taken):
 
 
 def _facts(task, rng, scale=1.0):
-    """(facts in the order they must appear, question, answer); `scale`
-    multiplies the number of needles and pairs (at least 1 and 2)."""
+    """(facts in the order they must appear, question block, answer); the
+    block asks up to QUESTIONS facts, each on its own line, all answered but
+    the last. `scale` multiplies the number of needles and pairs (at least 1
+    and 2)."""
     taken = set()
     needles, pairs = max(1, round(NEEDLES * scale)), max(2, round(PAIRS * scale))
-    recalls = min(RECALLS, pairs)
     if task == "niah":
         keys = [_word(rng, taken) for _ in range(needles)]
-        codes = [str(rng.randrange(1000, 10000)) for _ in keys]
+        codes = [str(rng.randrange(10, 100)) for _ in keys]
         facts = [f" The code of {k} is {c}." for k, c in zip(keys, codes)]
         rng.shuffle(facts)
-        asked = rng.randrange(needles)
-        return facts, f"\nQ: The code of {keys[asked]} is ", codes[asked]
-    if task == "vt":
-        values = rng.sample(range(10000, 100000), 2)
+        asked = [(f"Q: The code of {keys[i]} is", codes[i]) for i in rng.sample(range(needles), min(QUESTIONS, needles))]
+    elif task == "vt":
+        values = rng.sample(range(10, 100), 2)
         chains = [[_variable(rng, taken) for _ in range(CHAIN_HOPS)] for _ in values]
         steps = []  # (chain, hop) in an order that keeps each chain's hops in sequence
         pending = [0, 0]
@@ -150,17 +163,17 @@ def _facts(task, rng, scale=1.0):
             pending[c] += 1
         facts = [f" Let {chains[c][0]} = {values[c]}." if hop == 0 else f" Let {chains[c][hop]} = {chains[c][hop - 1]}."
                  for c, hop in steps]
-        asked = rng.randrange(2)
-        return facts, f"\nQ: The value of {chains[asked][-1]} is ", str(values[asked])
-    if task == "mqar":
+        asked = [(f"Q: The value of {chains[i][-1]} is", str(values[i])) for i in rng.sample(range(2), min(QUESTIONS, 2))]
+    elif task == "mqar":
         keys = [_word(rng, taken) for _ in range(pairs)]
         values = [str(rng.randrange(10, 100)) for _ in keys]
         facts = [f" {k}: {v}." for k, v in zip(keys, values)]
         rng.shuffle(facts)
-        asked = rng.sample(range(pairs), recalls)
-        done = "".join(f"\nrecall {keys[i]}: {values[i]}." for i in asked[:-1])
-        return facts, f"\n{done.lstrip(chr(10))}\nrecall {keys[asked[-1]]}: ", values[asked[-1]]
-    raise ValueError(f"tasks: expected names from {TASKS}, got {task!r}")
+        asked = [(f"recall {keys[i]}:", values[i]) for i in rng.sample(range(pairs), min(QUESTIONS, pairs))]
+    else:
+        raise ValueError(f"tasks: expected names from {TASKS}, got {task!r}")
+    block = "".join(f"\n{question} {answer}." for question, answer in asked[:-1]) + f"\n{asked[-1][0]}"
+    return facts, block, asked[-1][1]
 
 
 def _check(count, context_tokens, seed):
@@ -221,13 +234,13 @@ def solve(prompt):
     check that every generated prompt holds what its question needs."""
     body = " " + prompt  # every fact then starts with a space
     question = prompt.rsplit("\n", 1)[-1]
-    if question.startswith("Q: The code of ") and question.endswith(" is "):
-        key = question[len("Q: The code of "):-len(" is ")]
+    if question.startswith("Q: The code of ") and question.endswith(" is"):
+        key = question[len("Q: The code of "):-len(" is")]
         marker = f" The code of {key} is "
         start = body.index(marker) + len(marker)
         return body[start:body.index(".", start)]
-    if question.startswith("Q: The value of ") and question.endswith(" is "):
-        name = question[len("Q: The value of "):-len(" is ")]
+    if question.startswith("Q: The value of ") and question.endswith(" is"):
+        name = question[len("Q: The value of "):-len(" is")]
         while True:
             marker = f" Let {name} = "
             start = body.index(marker) + len(marker)
@@ -235,12 +248,44 @@ def solve(prompt):
             if value.isdigit():
                 return value
             name = value
-    if question.startswith("recall ") and question.endswith(": "):
-        key = question[len("recall "):-len(": ")]
+    if question.startswith("recall ") and question.endswith(":"):
+        key = question[len("recall "):-len(":")]
         marker = f" {key}: "
         start = body.index(marker) + len(marker)
         return body[start:body.index(".", start)]
     raise ValueError("prompt: not a recall prompt of dms.eval.recall")
+
+
+_PIECES = r"\n| ?[A-Za-z]+| ?\d+| ?[^\sA-Za-z\d]| +"  # how recall_tokenizer splits text
+
+
+def recall_tokenizer():
+    """The word-level `PreTrainedTokenizerFast` of the quality study's models
+    (made in-process, saved with them): one token per word of the filler
+    grammar, key, variable name, number below 1000 and punctuation mark, with
+    its leading space (``" vup"``, ``" 417"``, ``"."``, ``"\\n"``), so that a key
+    is one token and an answer is one token; `<|endoftext|>` is eos and pad.
+    Text outside that vocabulary becomes `<unk>`; decoding joins the pieces
+    back into the text exactly."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    words = {w for phrase in _SUBJECTS + _VERBS + _OBJECTS + _ENDINGS for w in phrase.split()}
+    words |= {"Q", "The", "code", "of", "is", "value", "Let", "recall"}
+    words |= {w[0].upper() + w[1:] for w in words}
+    words |= {c + v + e for c in _CONSONANTS for v in _VOWELS for e in _CONSONANTS}  # niah / mqar keys
+    words |= {a + b for a in _LETTERS for b in _LETTERS}  # vt variables
+    words |= set(".:=,?!")
+    pieces = ["<|endoftext|>", "<unk>", "\n", " "] + sorted(words | {" " + w for w in words})
+    pieces += [f" {n}" for n in range(1000)]  # numbers follow a space in every text of this module
+    tok = Tokenizer(models.WordLevel(vocab={p: i for i, p in enumerate(pieces)}, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Split(Regex(_PIECES), behavior="isolated")
+    tok.decoder = decoders.Fuse()
+    tok.add_special_tokens(["<|endoftext|>", "<unk>"])
+    out = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", pad_token="<|endoftext|>",
+                                  unk_token="<unk>", clean_up_tokenization_spaces=False)
+    out.model_max_length = 1 << 16
+    return out
 
 
 def score(example, generated):
@@ -252,12 +297,12 @@ def score(example, generated):
 
 def write_jsonl(path, count, lengths, seed=0, text_fraction=0.25, tokenizer=None):
     """Writes `count` documents per length as JSONL `{"text": ...}` rows to
-    `path` (atomically): recall prompts followed by their answer and a
+    `path` (atomically): recall prompts followed by their completion and a
     newline, and a `text_fraction` share of plain filler; returns `path`."""
     rows = []
     for length in lengths:
         n_text = round(count * text_fraction)
-        rows += [ex.prompt + ex.answer + "\n" for ex in make_examples(count - n_text, length, seed, tokenizer=tokenizer)]
+        rows += [ex.prompt + ex.completion + "\n" for ex in make_examples(count - n_text, length, seed, tokenizer=tokenizer)]
         rows += make_text(n_text, length, seed, tokenizer=tokenizer)
     random.Random(f"dms.recall.write:{seed}").shuffle(rows)
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)

@@ -1,5 +1,6 @@
 """Trains, from scratch, a small model that needs its memory: a plain Qwen3
-(byte-level tokenizer of `dms.tiny`) on `dms.eval.recall`'s generated mix of
+(the word-level `dms.eval.recall.recall_tokenizer`: a key and an answer are
+one token each) on `dms.eval.recall`'s generated mix of
 long-context recall prompts and filler text. It is the base model that DMS
 is retrofitted onto in the quality study (bench/quality.py, issue 13); the
 result is an ordinary Hugging Face directory (config, safetensors, tokenizer)
@@ -42,15 +43,16 @@ class BaseConfig:
     head_dim: int = 32
     intermediate_size: int = 768
     max_position_embeddings: int = 4096
-    lengths: tuple = (512, 1024, 2048)  # prompt lengths in tokens; a step uses one
+    qk_norm_init: float = 2.5  # initial q_norm / k_norm weights: sharper attention from the start (Qwen3's is 1)
+    lengths: tuple = (256, 512, 1024, 2048)  # prompt lengths in tokens; a step uses one
     tokens_per_step: int = 8192  # rows per step = tokens_per_step // length
     text_fraction: float = 0.25  # rows of plain filler text; the rest are recall prompts
-    answer_weight: float = 1.0  # extra loss weight: mean over answer tokens, added to the LM mean
-    ramp_steps: int = 0  # curriculum: over these first steps the facts per prompt grow linearly ...
+    answer_weight: float = 2.0  # extra loss weight: mean over answer tokens, added to the LM mean
+    ramp_steps: int = 1500  # curriculum: over these first steps the facts per prompt grow linearly ...
     ramp_start: float = 0.25  # ... from this share of the full count (dms.eval.recall facts_scale) ...
-    ramp_lengths: tuple = (256, 512)  # ... at these prompt lengths
+    ramp_lengths: tuple = (128, 256)  # ... at these prompt lengths
     steps: int = 4000
-    learning_rate: float = 1e-3
+    learning_rate: float = 3e-3
     warmup_steps: int = 100
     min_lr_ratio: float = 0.1  # cosine decay to this fraction of the learning rate
     weight_decay: float = 0.1
@@ -62,17 +64,16 @@ class BaseConfig:
     eval_seed: int = 1_000_003  # held-out examples come from seeds no training step uses
     extra: dict = field(default_factory=dict)
 
-    def model_config(self):
+    def model_config(self, tokenizer):
         from transformers import Qwen3Config
 
-        from dms.tiny import TINY_VOCAB_SIZE
-
-        return Qwen3Config(vocab_size=TINY_VOCAB_SIZE, hidden_size=self.hidden_size,
+        return Qwen3Config(vocab_size=-(-len(tokenizer) // 64) * 64, hidden_size=self.hidden_size,
                            num_hidden_layers=self.num_hidden_layers, num_attention_heads=self.num_attention_heads,
                            num_key_value_heads=self.num_key_value_heads, head_dim=self.head_dim,
                            intermediate_size=self.intermediate_size,
                            max_position_embeddings=self.max_position_embeddings, tie_word_embeddings=True,
-                           bos_token_id=None, eos_token_id=256, pad_token_id=256)
+                           bos_token_id=None, eos_token_id=tokenizer.eos_token_id,
+                           pad_token_id=tokenizer.pad_token_id)
 
 
 def _encode(tokenizer, text):
@@ -81,8 +82,10 @@ def _encode(tokenizer, text):
 
 def batch_for_step(config, tokenizer, step):
     """(input_ids, labels, answer_mask) [rows, T] of training step `step`: a
-    pure function of (config.seed, step). Recall rows are prompt + answer +
-    eos, text rows text + eos; padding is eos with label -100."""
+    pure function of (config.seed, step). Recall rows are prompt + completion
+    + eos, text rows text + eos; padding is eos with label -100. The answer
+    mask marks the tokens of every answer: the prompt's answered questions
+    and the completion."""
     from dms.eval.recall import TASKS, make_examples, make_text
 
     rng = random.Random(f"dms.recall_base:{config.seed}:{step}")
@@ -96,20 +99,36 @@ def batch_for_step(config, tokenizer, step):
     rng.shuffle(tasks)
     sequences = []
     for ex in make_examples(rows - n_text, length, seed=seed, tasks=tasks, tokenizer=tokenizer, facts_scale=scale):
-        prompt = _encode(tokenizer, ex.prompt)
-        answer = _encode(tokenizer, ex.answer)
-        sequences.append((prompt + answer + [tokenizer.eos_token_id], len(prompt), len(answer)))
+        text = ex.prompt + ex.completion
+        spans = _answered_spans(ex.prompt) + [(len(ex.prompt), len(text))]
+        encoded = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+        marks = [any(a <= start and end <= b for a, b in spans) for start, end in encoded["offset_mapping"]]
+        sequences.append((encoded["input_ids"] + [tokenizer.eos_token_id], marks + [False]))
     for doc in make_text(n_text, length, seed=seed, tokenizer=tokenizer):
-        sequences.append((_encode(tokenizer, doc) + [tokenizer.eos_token_id], 0, 0))
-    width = max(len(s) for s, _, _ in sequences)
+        seq = _encode(tokenizer, doc) + [tokenizer.eos_token_id]
+        sequences.append((seq, [False] * len(seq)))
+    width = max(len(s) for s, _ in sequences)
     ids = torch.full((len(sequences), width), tokenizer.eos_token_id, dtype=torch.long)
     labels = torch.full_like(ids, -100)
     answers = torch.zeros(ids.shape, dtype=torch.bool)
-    for r, (seq, start, n) in enumerate(sequences):
+    for r, (seq, marks) in enumerate(sequences):
         ids[r, :len(seq)] = torch.tensor(seq)
         labels[r, :len(seq)] = ids[r, :len(seq)]
-        answers[r, start:start + n] = n > 0
+        answers[r, :len(seq)] = torch.tensor(marks)
     return ids, labels, answers
+
+
+def _answered_spans(prompt):
+    """Character spans (with the leading space) of the answers of a prompt's
+    answered questions: the lines after its first newline but the last."""
+    spans, at = [], prompt.index("\n")
+    for line in prompt[at + 1:].split("\n")[:-1]:
+        at += 1
+        value = line.rsplit(" ", 1)[1][:-1]  # "... is 417." -> "417"
+        end = at + len(line) - 1
+        spans.append((end - len(value) - 1, end))
+        at += len(line)
+    return spans
 
 
 def _losses(model, ids, labels, answers):
@@ -127,14 +146,16 @@ def _losses(model, ids, labels, answers):
 @torch.no_grad()
 def recall_accuracy(model, tokenizer, examples, batch_size=8):
     """Exact-match accuracy of greedy answers, teacher-forced: an answer
-    counts when the argmax at each of its tokens is that token and the next
-    one is not a digit (what greedy generation would print). Plain forward
-    passes, no cache: the base model's own accuracy."""
+    counts when the argmax at each of its tokens is that token and the text
+    they make with the next argmax scores (`dms.eval.recall.score`: no digit
+    follows; what greedy generation would print). Plain forward passes, no
+    cache: the base model's own accuracy."""
+    from dms.eval.recall import score
+
     right = 0
-    digits = {t for d in "0123456789" for t in _encode(tokenizer, d)}
     for i in range(0, len(examples), batch_size):
         chunk = examples[i:i + batch_size]
-        seqs = [(_encode(tokenizer, e.prompt), _encode(tokenizer, e.answer)) for e in chunk]
+        seqs = [(_encode(tokenizer, e.prompt), _encode(tokenizer, e.completion)) for e in chunk]
         width = max(len(p) + len(a) for p, a in seqs)
         ids = torch.full((len(seqs), width), tokenizer.eos_token_id, dtype=torch.long)
         for r, (p, a) in enumerate(seqs):
@@ -142,7 +163,7 @@ def recall_accuracy(model, tokenizer, examples, batch_size=8):
         predicted = model(input_ids=ids).logits.argmax(-1)
         for r, (p, a) in enumerate(seqs):
             guess = predicted[r, len(p) - 1:len(p) + len(a)].tolist()
-            right += guess[:-1] == a and guess[-1] not in digits
+            right += guess[:-1] == a and score(chunk[r], tokenizer.decode(guess))
     return right / max(1, len(examples))
 
 
@@ -173,10 +194,9 @@ def train(config, output, *, eval_every=250, save_every=100, show_progress=True)
     from tqdm.auto import tqdm
     from transformers import Qwen3ForCausalLM
 
-    from dms.eval.recall import make_examples
-    from dms.tiny import tiny_tokenizer
+    from dms.eval.recall import make_examples, recall_tokenizer
 
-    tokenizer = tiny_tokenizer()
+    tokenizer = recall_tokenizer()
     os.makedirs(output, exist_ok=True)
     checkpoint = os.path.join(output, "checkpoint")
     start = 0
@@ -192,7 +212,10 @@ def train(config, output, *, eval_every=250, save_every=100, show_progress=True)
                              "continue with the same settings (only --steps may change) or use another folder")
     else:
         torch.manual_seed(config.seed)
-        model = Qwen3ForCausalLM(config.model_config())
+        model = Qwen3ForCausalLM(config.model_config(tokenizer))
+        for name, param in model.named_parameters():
+            if name.endswith(("self_attn.q_norm.weight", "self_attn.k_norm.weight")):
+                param.data.fill_(config.qk_norm_init)
         state = None
     model.train()
     decay = [p for n, p in model.named_parameters() if p.ndim >= 2]
