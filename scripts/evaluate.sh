@@ -35,15 +35,17 @@ Results: OUTPUT_DIR/<model>/results_<date>.json (with "dms_compression"),
 samples_<task>_<date>.jsonl, and compression_<date>.json (all tokens seen /
 stored over the caches of the run, per layer, and the mean of per-row ratios).
 
-RULER itself (where the Hugging Face hub and NLTK downloads are reachable):
-  pip install "lm-eval[ruler]"      # nltk, wonderwords, scipy
-  bash scripts/evaluate.sh MODEL_PATH niah_single_2
-The first run downloads the essays (hub dataset baber/paul_graham_essays) and
-NLTK's punkt_tab; later runs can set HF_DATASETS_OFFLINE=1. niah_single_1
-needs no essays. Other RULER tasks: niah_single_3, niah_multikey_1..3,
-niah_multivalue, niah_multiquery, vt, cwe, fwe, qa_squad, qa_hotpot, or the
-group `ruler`. Without network, evaluate on the offline task:
-  MAX_SEQ_LENGTHS=4096,32768 bash scripts/evaluate.sh MODEL_PATH dms_passkey
+RULER's tasks need nltk, wonderwords and scipy (lm-eval[ruler], part of
+dms-kv[eval]). Offline (no hub), these run: dms_passkey (shipped with dms),
+niah_single_1, niah_multikey_2 and niah_multikey_3 (their haystacks are made
+locally), e.g.
+  MAX_SEQ_LENGTHS=4096,32768 bash scripts/evaluate.sh MODEL_PATH niah_single_1,dms_passkey
+niah_single_2 (the default), niah_single_3, niah_multikey_1, niah_multivalue
+and niah_multiquery read the hub dataset baber/paul_graham_essays;
+ruler_qa_squad and ruler_qa_hotpot download their data; run them once with
+network (later runs can set HF_DATASETS_OFFLINE=1). The others: ruler_vt,
+ruler_cwe, ruler_fwe, or the group `ruler`. A failed download stops with a
+message that lists the offline tasks.
 EOF
 }
 

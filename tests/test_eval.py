@@ -191,3 +191,31 @@ def test_passkey_refuses_lengths_beyond_the_models_positions(tmp_path):
         passkey.passkey_dataset(pretrained=path, max_seq_lengths=[256, 1024])
     docs = passkey.passkey_dataset(pretrained=path, max_seq_lengths=[256, 512], num_samples=2)["test"]
     assert len(docs) == 4
+
+
+def test_a_failed_download_names_the_tasks_that_run_offline(monkeypatch):
+    """What RULER's essay tasks raise without network (datasets'
+    ConnectionError from huggingface_hub's LocalEntryNotFoundError) becomes a
+    message naming the offline tasks; other errors pass through unchanged."""
+    import lm_eval.__main__
+
+    from dms.eval import harness
+
+    def offline():
+        try:
+            raise OSError("LocalEntryNotFoundError: cannot reach the hub")
+        except OSError as e:
+            raise ConnectionError("Couldn't reach 'baber/paul_graham_essays' on the Hub") from e
+
+    monkeypatch.setattr(lm_eval.__main__, "cli_evaluate", offline)
+    with pytest.raises(SystemExit, match=r"(?s)a task needs a download that failed \(ConnectionError: Couldn't reach "
+                                         r"'baber/paul_graham_essays'.*dms_passkey.*niah_single_1, niah_multikey_2"):
+        harness.main(["--model", "hf", "--tasks", "niah_single_2"])
+
+    def broken():
+        raise KeyError("not a download")
+
+    monkeypatch.setattr(lm_eval.__main__, "cli_evaluate", broken)
+    with pytest.raises(KeyError, match="not a download"):
+        harness.main(["--model", "hf", "--tasks", "dms_passkey"])
+    assert harness._download_failure(RuntimeError("x")) is None

@@ -151,11 +151,18 @@ def main(argv=None) -> int:
             results["dms_compression"] = dict(summary)
         return results
 
+    import dms.models  # noqa: F401  (directories saved by dms load without remote code)
+
     saved_argv = sys.argv
     sys.argv = ["lm-eval", *argv]
     lm_eval.simple_evaluate = simple_evaluate  # what lm-eval's CLI imports when it runs
     try:
         cli_evaluate()
+    except Exception as exc:
+        download = _download_failure(exc)
+        if download is None:
+            raise
+        raise SystemExit(f"dms.eval: a task needs a download that failed ({download}).\n{OFFLINE_TASKS}") from exc
     finally:
         sys.argv = saved_argv
         del lm_eval.simple_evaluate  # back to lm_eval's lazy attribute
@@ -177,14 +184,39 @@ def main(argv=None) -> int:
     return 0
 
 
+OFFLINE_TASKS = (
+    "Offline (no hub, no NLTK download), these run: dms_passkey (shipped with dms), and RULER's niah_single_1, "
+    "niah_multikey_2 and niah_multikey_3 (pip install 'lm-eval[ruler]'). RULER's other needle tasks "
+    "(niah_single_2, niah_single_3, niah_multikey_1, niah_multivalue, niah_multiquery) read the hub dataset "
+    "baber/paul_graham_essays, qa_squad and qa_hotpot download their data: run them once with network "
+    "(later runs can set HF_DATASETS_OFFLINE=1).")
+"""Which evaluation tasks need no network; what a failed download is answered with."""
+
+
+def _download_failure(exc):
+    """A short description when `exc` (or an exception it was raised from)
+    is a failed download (no network, hub unreachable, offline mode), else
+    None."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        names = {cls.__name__ for cls in type(exc).__mro__}
+        if isinstance(exc, ConnectionError) or names & {"ConnectError", "ConnectTimeout", "HTTPError",
+                                                          "OfflineModeIsEnabled", "LocalEntryNotFoundError",
+                                                          "URLError"}:
+            return f"{type(exc).__name__}: {exc}"
+        exc = exc.__cause__ or exc.__context__
+    return None
+
+
 def _print_report(summary, written=()):
     """The run's compression line; a warning when no DMS cache held a token."""
     ratio = summary["compression_ratio"]
     if ratio is None:
         print("dms: WARNING: no DMS cache held tokens during this run, so the model evaluated was not a DMS model "
-              "(or never used a cache): a DMS directory loaded without trust_remote_code=true in --model_args "
-              "runs as a dense Qwen3 and ignores its adapters. Pass "
-              "--model_args pretrained=PATH,trust_remote_code=true,...", file=sys.stderr)
+              "(or never used a cache): a published DMS checkpoint (model_type qwen3, such as "
+              "nvidia/Qwen3-8B-DMS-8x) loaded without trust_remote_code=true in --model_args runs as a dense "
+              "Qwen3. Pass --model_args pretrained=PATH,trust_remote_code=true,...", file=sys.stderr)
     else:
         print(f"dms: compression ratio {ratio:.3f}x (all tokens seen / stored) over {summary['caches']} caches "
               f"(mean of per-row ratios {summary['mean_row_compression_ratio']:.3f}x)"
