@@ -142,6 +142,12 @@ def logistic_noise_like(z, *, seed: int, process_index: int = 0, accum_step: int
     `logistic_noise`."""
     if not (_is_torch(z) or isinstance(z, np.ndarray)):
         raise TypeError(f"z: expected a torch tensor or a NumPy array, got {type(z).__name__}")
+    if _is_torch(z) and isinstance(seed, int) and not isinstance(seed, bool) and 0 <= seed < 2**63:
+        # the custom op (torch.compile traces it); its int arguments are 64-bit signed
+        for name, value in (("process_index", process_index), ("accum_step", accum_step),
+                            ("global_step", global_step)):
+            _check_counter(name, value, 32)
+        return torch.ops.dms.logistic_noise(z, seed, process_index, accum_step, global_step)
     out = _empty(z.shape, "float32", z)
     return logistic_noise(out, seed=seed, process_index=process_index, accum_step=accum_step, global_step=global_step)
 
@@ -191,42 +197,124 @@ def attn_train_backward(q, k, v, y, key_padding, o, lse, grad_o, *, window=512, 
 
 
 if torch is not None:
+    from typing import Optional
 
-    class AttnTrain(torch.autograd.Function):
-        """Differentiable DMS training attention: forward(q, k, v, y,
-        key_padding, window, scale) -> o; see `attn_train_forward`. Gradients
-        reach q, k, v and y (hence the gate and the DMS adapter)."""
+    # The torch entry points are torch.library custom ops with fake (meta)
+    # implementations, so torch.compile traces through them (no graph break)
+    # and their gradients are registered with register_autograd.
+
+    @torch.library.custom_op("dms::attn_train", mutates_args=())
+    def _attn_train_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, y: Optional[torch.Tensor],
+                       key_padding: Optional[torch.Tensor], window: int,
+                       scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+        q, k, v, y = (None if t is None else t.detach() for t in (q, k, v, y))
+        return attn_train_forward(q, k, v, y, key_padding, window=window, scale=scale)
+
+    @_attn_train_op.register_fake
+    def _(q, k, v, y, key_padding, window, scale):
+        return q.new_empty(q.shape), q.new_empty(q.shape[:3], dtype=torch.float32)
+
+    @torch.library.custom_op("dms::attn_train_backward", mutates_args=())
+    def _attn_train_backward_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, y: Optional[torch.Tensor],
+                                key_padding: Optional[torch.Tensor], o: torch.Tensor, lse: torch.Tensor,
+                                grad_o: torch.Tensor, window: int, scale: float,
+                                need_grad_y: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        q, k, v, y, o, lse, grad_o = (None if t is None else t.detach() for t in (q, k, v, y, o, lse, grad_o))
+        grad_q, grad_k, grad_v, grad_y = attn_train_backward(q, k, v, y, key_padding, o, lse, grad_o, window=window,
+                                                             scale=scale, need_grad_y=need_grad_y)
+        return grad_q, grad_k, grad_v, q.new_empty(0, dtype=torch.float32) if grad_y is None else grad_y
+
+    @_attn_train_backward_op.register_fake
+    def _(q, k, v, y, key_padding, o, lse, grad_o, window, scale, need_grad_y):
+        grad_y = y.new_empty(y.shape, dtype=torch.float32) if (y is not None and need_grad_y) else \
+            q.new_empty(0, dtype=torch.float32)
+        return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape), grad_y
+
+    def _attn_train_setup(ctx, inputs, output):
+        q, k, v, y, key_padding, window, scale = inputs
+        ctx.save_for_backward(q, k, v, y, key_padding, *output)
+        ctx.window, ctx.scale = window, scale
+
+    def _attn_train_grad(ctx, grad_o, _grad_lse):
+        q, k, v, y, key_padding, o, lse = ctx.saved_tensors
+        need_y = y is not None and ctx.needs_input_grad[3]
+        if grad_o is None:
+            grad_o = torch.zeros_like(o)
+        elif grad_o.stride(-1) != 1 or any(st == 0 and n > 1 for st, n in zip(grad_o.stride(), grad_o.shape)):
+            grad_o = grad_o.contiguous()  # e.g. the expanded gradient of o.sum(): the kernel reads rows
+        grad_q, grad_k, grad_v, grad_y = torch.ops.dms.attn_train_backward(q, k, v, y, key_padding, o, lse, grad_o,
+                                                                           ctx.window, ctx.scale, need_y)
+        return grad_q, grad_k, grad_v, grad_y.to(y.dtype) if need_y else None, None, None, None
+
+    _attn_train_op.register_autograd(_attn_train_grad, setup_context=_attn_train_setup)
+
+    @torch.library.custom_op("dms::gate", mutates_args=())
+    def _gate_op(z: torch.Tensor, noise: Optional[torch.Tensor], tau: float,
+                 a_dtype: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return gate_forward(z.detach(), None if noise is None else noise.detach(), tau, a_dtype=a_dtype or None)
+
+    @_gate_op.register_fake
+    def _(z, noise, tau, a_dtype):
+        default = z.dtype if z.dtype in (torch.float32, torch.float16, torch.bfloat16) else torch.float32
+        a = getattr(torch, a_dtype) if a_dtype else default
+        return z.new_empty(z.shape, dtype=torch.float32), z.new_empty(z.shape, dtype=torch.float32), \
+            z.new_empty(z.shape, dtype=a)
+
+    @torch.library.custom_op("dms::gate_backward", mutates_args=())
+    def _gate_backward_op(y: torch.Tensor, grad_a: Optional[torch.Tensor], grad_p: Optional[torch.Tensor],
+                          grad_y: Optional[torch.Tensor], tau: float, dtype: str) -> torch.Tensor:
+        y, grad_a, grad_p, grad_y = (None if t is None else t.detach() for t in (y, grad_a, grad_p, grad_y))
+        return gate_backward(y, grad_a, grad_p, grad_y, tau, dtype=dtype)
+
+    @_gate_backward_op.register_fake
+    def _(y, grad_a, grad_p, grad_y, tau, dtype):
+        return y.new_empty(y.shape, dtype=getattr(torch, dtype))
+
+    def _gate_setup(ctx, inputs, output):
+        z, _noise, tau, _a_dtype = inputs
+        ctx.save_for_backward(output[0])
+        ctx.tau, ctx.z_dtype = tau, _dtype_name(z.dtype)
+
+    def _gate_grad(ctx, grad_y, grad_p, grad_a):
+        if not ctx.needs_input_grad[0]:
+            return None, None, None, None
+        (y,) = ctx.saved_tensors
+        grad_a = grad_a if grad_a is not None and grad_a.is_floating_point() else None
+        return torch.ops.dms.gate_backward(y, grad_a, grad_p, grad_y, ctx.tau, ctx.z_dtype), None, None, None
+
+    _gate_op.register_autograd(_gate_grad, setup_context=_gate_setup)
+
+    @torch.library.custom_op("dms::logistic_noise", mutates_args=())
+    def _logistic_noise_op(like: torch.Tensor, seed: int, process_index: int, accum_step: int,
+                           global_step: int) -> torch.Tensor:
+        out = torch.empty(like.shape, dtype=torch.float32, device=like.device)
+        return logistic_noise(out, seed=seed, process_index=process_index, accum_step=accum_step,
+                              global_step=global_step)
+
+    @_logistic_noise_op.register_fake
+    def _(like, seed, process_index, accum_step, global_step):
+        return like.new_empty(like.shape, dtype=torch.float32)
+
+    class AttnTrain:
+        """Differentiable DMS training attention (the custom op
+        ``torch.ops.dms.attn_train``): apply(q, k, v, y, key_padding, window,
+        scale) -> (o, lse); see `attn_train_forward`. Gradients reach q, k, v
+        and y (hence the gate and the DMS adapter); lse has none."""
 
         @staticmethod
-        def forward(ctx, q, k, v, y, key_padding, window, scale):
-            q, k, v = q.detach(), k.detach(), v.detach()
-            y = None if y is None else y.detach()
-            o, lse = attn_train_forward(q, k, v, y, key_padding, window=window, scale=scale)
-            ctx.save_for_backward(q, k, v, y, key_padding, o, lse)
-            ctx.window, ctx.scale = window, scale
-            ctx.mark_non_differentiable(lse)
-            return o, lse
+        def apply(q, k, v, y, key_padding, window, scale):
+            for name, x in (("q", q), ("k", k), ("v", v)):
+                _check_array(name, x)
+            if scale is not None:
+                _check_positive("scale", scale)
+            scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+            return torch.ops.dms.attn_train(q, k, v, y, key_padding, int(window), scale)
 
-        @staticmethod
-        @torch.autograd.function.once_differentiable
-        def backward(ctx, grad_o, _grad_lse):
-            q, k, v, y, key_padding, o, lse = (None if t is None else t.detach() for t in ctx.saved_tensors)
-            need_y = y is not None and ctx.needs_input_grad[3]
-            if grad_o is None:
-                grad_o = torch.zeros_like(o)
-            elif grad_o.stride(-1) != 1 or any(st == 0 and n > 1 for st, n in zip(grad_o.stride(), grad_o.shape)):
-                grad_o = grad_o.contiguous()  # e.g. the expanded gradient of o.sum(): the kernel reads rows
-            grad_q, grad_k, grad_v, grad_y = attn_train_backward(
-                q, k, v, y, key_padding, o, lse, grad_o.detach(), window=ctx.window, scale=ctx.scale,
-                need_grad_y=need_y)
-            if grad_y is not None and grad_y.dtype != y.dtype:
-                grad_y = grad_y.to(y.dtype)
-            return grad_q, grad_k, grad_v, grad_y, None, None, None
+    class Gate:
+        """Gating with the straight-through estimator (SPEC §2; the custom op
+        ``torch.ops.dms.gate``).
 
-    class Gate(torch.autograd.Function):
-        """Gating with the straight-through estimator (SPEC §2).
-
-        forward(z, noise, tau, a_dtype) -> (y, p, a), all [B, H, T]:
+        apply(z, noise, tau, a_dtype) -> (y, p, a), all [B, H, T]:
         y = (z + noise) / tau (float32), p = sigmoid(y) (float32) and the hard
         decision a = 1[y > 0] in `a_dtype` (default z's dtype). Gradients
         reach z through y, through p, and through a as if a were p.
@@ -234,26 +322,10 @@ if torch is not None:
         """
 
         @staticmethod
-        def forward(ctx, z, noise, tau, a_dtype):
-            noise = None if noise is None else noise.detach()
-            y, p, a = gate_forward(z.detach(), noise, tau, a_dtype=a_dtype)
-            ctx.set_materialize_grads(False)
-            ctx.save_for_backward(y)
-            ctx.tau = float(tau)
-            ctx.z_dtype = z.dtype
-            if not a.is_floating_point():
-                ctx.mark_non_differentiable(a)
-            return y, p, a
-
-        @staticmethod
-        @torch.autograd.function.once_differentiable
-        def backward(ctx, grad_y, grad_p, grad_a):
-            if not ctx.needs_input_grad[0]:
-                return None, None, None, None
-            (y,) = ctx.saved_tensors
-            grad_y, grad_p, grad_a = (None if g is None else g.detach() for g in (grad_y, grad_p, grad_a))
-            grad_z = gate_backward(y.detach(), grad_a, grad_p, grad_y, ctx.tau, dtype=ctx.z_dtype)
-            return grad_z, None, None, None
+        def apply(z, noise, tau, a_dtype):
+            _check_array("z", z)
+            _check_positive("tau", tau, "a finite temperature > 0")
+            return torch.ops.dms.gate(z, noise, float(tau), "" if a_dtype is None else _dtype_name(a_dtype))
 
 else:
     AttnTrain = Gate = None

@@ -357,8 +357,8 @@ class Qwen3ModelDMS(_DMSPretrained, Qwen3Model):
                                  f"positions too; 1 = token, 0 = padding), got {shape}")
             new_mask = attention_mask[:, past:]
             key_padding = new_mask == 0
-            if not bool(key_padding.any()):
-                key_padding = None
+            if not torch.compiler.is_compiling() and not bool(key_padding.any()):
+                key_padding = None  # eager only: a host read that torch.compile would break the graph at
         if position_ids is None:
             position_ids = _positions(cache.sequence_lengths() if use_cache and past else None,
                                       new_mask, T, inputs_embeds.device)
@@ -366,7 +366,7 @@ class Qwen3ModelDMS(_DMSPretrained, Qwen3Model):
         starts = list(range(0, T, chunk)) if chunk and T > chunk else [0]
         bounds = list(zip(starts, starts[1:] + [T]))
         outs, decisions, states = [], [], []  # per chunk: output, per-layer decisions [B, H, t], layer inputs
-        for t0, t1 in tqdm(bounds, desc="prefill", unit="chunk", disable=len(bounds) < 4, leave=False):
+        for t0, t1 in (bounds if len(bounds) < 4 else tqdm(bounds, desc="prefill", unit="chunk", leave=False)):
             hidden = inputs_embeds[:, t0:t1]
             position_embeddings = self.rotary_emb(hidden, position_ids[:, t0:t1])
             pad = None if key_padding is None else key_padding[:, t0:t1]
