@@ -49,7 +49,7 @@ def _reference(q, k, v, alpha, padding, window, scale):
     return o, lse
 
 
-def _case(dtype, D, G, page_size, lengths, window=8, seed=0):
+def _case(dtype, D, G, page_size, lengths, window=8, seed=0, device="cpu"):
     """A cache fed with rows of the given lengths (left padding makes them
     differ), random decisions; returns (got o, got lse, want o, want lse)."""
     gen = torch.Generator().manual_seed(seed)
@@ -61,12 +61,12 @@ def _case(dtype, D, G, page_size, lengths, window=8, seed=0):
     padding = torch.zeros(B, T, dtype=torch.bool)
     for b, n in enumerate(lengths):
         padding[b, : T - n] = True
-    cache = PagedLayerCache(B, H, D, window, page_size=page_size, dtype=dtype)
-    cache.append(k, v, alpha, padding)
+    cache = PagedLayerCache(B, H, D, window, page_size=page_size, dtype=dtype, device=device)
+    cache.append(*(t.to(device) for t in (k, v, alpha, padding)))
     scale = D**-0.5
-    o, lse = cache.decode_attention(q[:, :, None].contiguous(), scale=scale)
+    o, lse = cache.decode_attention(q[:, :, None].contiguous().to(device), scale=scale)
     want_o, want_lse = _reference(q, k, v, alpha, padding, window, scale)
-    return o[:, :, 0].double(), lse[:, :, 0].double(), want_o, want_lse
+    return o[:, :, 0].double().cpu(), lse[:, :, 0].double().cpu(), want_o, want_lse
 
 
 def _check(got_o, got_lse, want_o, want_lse, dtype):
@@ -82,6 +82,25 @@ def test_decode_matches_float64(dtype, D, G):
     """Rows of 0, 1, 17 and 300 tokens, pages of 7 slots: partial blocks,
     page boundaries inside blocks, an empty row."""
     _check(*_case(dtype, D, G, page_size=7, lengths=[300, 17, 1, 0], seed=D * 10 + G), dtype)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("D,G,page_size,lengths", [
+    (128, 4, 7, [300, 17, 1, 0]),  # odd page alignment, an empty row, rows longer than a 64-key chunk
+    (128, 8, 256, [2000, 65]),
+    (64, 5, 16, [129, 64, 63]),  # a group size off the 4-head tiles, rows around one chunk
+    (80, 4, 33, [1000]),
+], ids=["D128-G4-P7", "D128-G8-P256", "D64-G5-P16", "D80-G4-P33"])
+def test_cuda_decode_at_real_shapes(dtype, D, G, page_size, lengths):
+    _check(*_case(dtype, D, G, page_size, lengths, seed=D + G, device="cuda"), dtype)
+
+
+@pytest.mark.cuda
+def test_cuda_decode_split_over_32k():
+    """A 32K-token row: the flash-decoding split over multiprocessors and
+    its log-sum-exp merge (the workspace path)."""
+    _check(*_case(torch.bfloat16, 128, 4, 256, [32768, 100], window=512, seed=3, device="cuda"), torch.bfloat16)
 
 
 @pytest.mark.parametrize("page_size", [1, 16, 256])

@@ -157,3 +157,24 @@ def test_python_m_dms_checks_every_op_family_on_every_device(capsys):
     if "cuda" in devices:
         assert out.count("  cuda    ok") == 3
     assert out.rstrip().endswith("all checks passed")
+
+
+@pytest.mark.skipif(shutil.which("bash") is None or shutil.which("timeout") is None, reason="needs bash and timeout")
+def test_gpu_check_dry_run(tmp_path):
+    """scripts/gpu_check.sh with GPU_CHECK_DRY=1: every step in order, the
+    pytest selections collected (a selection that matches nothing fails),
+    the benchmarks' options parsed, a summary table last and one tarball of
+    logs; so the script the first GPU session runs cannot rot."""
+    out = tmp_path / "out"
+    run = subprocess.run(["bash", "scripts/gpu_check.sh"], cwd=ROOT, capture_output=True, text=True, timeout=600,
+                         env={**os.environ, "GPU_CHECK_DRY": "1", "OUT": str(out), "PYTHON": sys.executable})
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-2000:]
+    table = run.stdout[run.stdout.index("=== summary"):].splitlines()[2:]
+    steps = [line.split("|")[1].strip() for line in table]
+    assert steps == ["build", "cuda_present", "selfcheck", "cuda_tests", "memcheck", "racecheck", "synccheck",
+                     "bench_decode", "bench_attn_train", "bench_prefill", "bench_gate"]
+    assert all(line.split("|")[2].strip() in ("dry", "skipped") for line in table)
+    assert (out / "gpu_check_logs.tar.gz").stat().st_size > 0
+    for name in ("cuda_tests", "memcheck", "racecheck"):
+        log = (out / "logs" / f"{name}.log").read_text()
+        assert "error" not in log.lower() and " 0 tests" not in log

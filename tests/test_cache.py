@@ -196,15 +196,16 @@ def test_attention_matches_oracle_for_any_turn_pattern(device, window, page_size
     assert cache.compression_ratio() >= 1.0
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
 @pytest.mark.parametrize("chunks,D,page_size", [([20, 0, 0, 0, 10] + [0] * 15, 64, 4),
                                                ([150, 0, 0, 90] + [0] * 5, 128, 16)], ids=["short", "tiles"])
-def test_reduced_precision_cache(dtype, chunks, D, page_size):
+def test_reduced_precision_cache(dtype, chunks, D, page_size, device):
     """bfloat16/float16 pages: prefill (several query and key tiles in the
     second case, cached keys in the second prefill) and decode."""
     B, H, G, T = 1, 2, 4, sum(max(c, 1) for c in chunks)
     q, k, v, alpha, padding = _sequence(B, H, G, T, D, seed=7)
-    got, _ = _run_sequence(q, k, v, alpha, padding, 8, page_size, chunks, dtype=dtype)
+    got, _ = _run_sequence(q, k, v, alpha, padding, 8, page_size, chunks, dtype=dtype, device=device)
     rounded = [x.to(dtype).double() for x in (q, k, v)]
     want = _oracle(*rounded, alpha, padding, 8)
     assert ((got - want).abs().max() / want.abs().max()).item() < (2e-2 if dtype == torch.bfloat16 else 4e-3)

@@ -4,12 +4,12 @@ decisions (not from the cache's own counters)."""
 
 import sys
 
-import matplotlib
+import pytest
 
+matplotlib = pytest.importorskip("matplotlib")  # an optional dependency (dms-kv[eval])
 matplotlib.use("Agg")
 
 import numpy as np  # noqa: E402
-import pytest  # noqa: E402
 import torch  # noqa: E402
 
 from dms import viz  # noqa: E402
