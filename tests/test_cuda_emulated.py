@@ -55,6 +55,15 @@ def test_attn_train_nan_query(lib, name):
     attn_train.run_case(lib, tensor_cores=name.startswith("mma"), nan_query=True, **case)
 
 
+@pytest.mark.parametrize("name", ["mma-bf16-D64-T70-G2-w5-pad", "mma-f16-D64-T17-G4-w0-pad",
+                                  "simt-f32-D65-T97-G2-w4-pad"])
+def test_attn_train_hot_padding_key(lib, name):
+    """A padding key whose score would overflow 16 bits gets no gradient
+    (the tensor-core grad_k/grad_v kernel multiplied it by 0: 0 * inf = NaN)."""
+    case = ATTN_CASES[name]
+    attn_train.run_case(lib, tensor_cores=name.startswith("mma"), hot_padding_key=True, **case)
+
+
 @pytest.mark.parametrize("i", [1, 9])
 def test_cache_nan_query(lib, i):
     """The same through prefill and decode (split or not), empty and

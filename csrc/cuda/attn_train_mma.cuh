@@ -668,8 +668,9 @@ __global__ void __launch_bounds__(kThreads, 1)
                     float x = st[n][e] * sl2;
                     if (far)
                         x += pen2[rr];
-                    if (mask && r - c > hid_lim)
-                        x = -INFINITY;
+                    if ((mask && r - c > hid_lim) || !kok[rr])
+                        x = -INFINITY; /* hidden, or a padding key: its score
+                                          may overflow 16 bits (0 * inf) */
                     const float pr = exp2f(x - tlse2[c]);
                     const float ds = pr * (dpt[n][e] - tdelta[c]);
                     if (far)
@@ -711,16 +712,19 @@ __global__ void __launch_bounds__(kThreads, 1)
         const int64_t i = wk0 + g + 8 * r;
         if (i >= T)
             continue;
-        /* padding keys: no gradient (their dS never reached another key) */
-        const float fk = kok[r] ? p.scale : 0.0f, fv = kok[r] ? 1.0f : 0.0f;
+        /* padding keys: no gradient (stored as 0 by a select, never as a
+         * product that could be 0 * inf) */
+        const bool ok = kok[r];
         const int64_t koff = p.grad_k.at(b, h, i) + 2 * t;
         const int64_t voff = p.grad_v.at(b, h, i) + 2 * t;
 #pragma unroll
         for (int n = 0; n < NO; ++n) {
-            store_pair<kBf16>(p.grad_k, koff + 8 * n, fk * dk[n][2 * r],
-                              fk * dk[n][2 * r + 1]);
-            store_pair<kBf16>(p.grad_v, voff + 8 * n, fv * dv[n][2 * r],
-                              fv * dv[n][2 * r + 1]);
+            store_pair<kBf16>(p.grad_k, koff + 8 * n,
+                              ok ? p.scale * dk[n][2 * r] : 0.0f,
+                              ok ? p.scale * dk[n][2 * r + 1] : 0.0f);
+            store_pair<kBf16>(p.grad_v, voff + 8 * n,
+                              ok ? dv[n][2 * r] : 0.0f,
+                              ok ? dv[n][2 * r + 1] : 0.0f);
         }
     }
 }

@@ -24,12 +24,15 @@ class Args(ctypes.Structure):  # struct dms_attn_train_args (csrc/core/internal.
 
 
 def run_case(lib, B, H, G, T, D, window, dtype=torch.bfloat16, odtype=None, godtype=None, use_y=True, pad=False,
-             layout="c", limit=232448, seed=0, tensor_cores=None, nan_query=False):
+             layout="c", limit=232448, seed=0, tensor_cores=None, nan_query=False, hot_padding_key=False):
     """One forward + backward; raises AssertionError on any mismatch and
     returns {output: relative error}. tensor_cores: True / False asserts
     which kernel family ran (None: either). nan_query: one element of the
     last query of row 0, head 0 is NaN; its o and lse must be NaN (the
-    oracle's), its query gradient too, every other output as ever."""
+    oracle's), its query gradient too, every other output as ever.
+    hot_padding_key: in each row, the queries point one way and the last
+    padding key points the same way, scaled up: its score beats the row's
+    log-sum-exp by far more than 16 bits can hold (it must stay masked)."""
     gen = torch.Generator().manual_seed(seed)
     odtype, godtype, HG, keep = odtype or dtype, godtype or dtype, H * G, []
     q = strided((B, HG, T, D), dtype, layout, gen=gen)
@@ -49,6 +52,13 @@ def run_case(lib, B, H, G, T, D, window, dtype=torch.bfloat16, odtype=None, godt
         kp = full[:, :T]
     if nan_query:
         q[0, 0, T - 1, D // 2] = float("nan")
+    if hot_padding_key:
+        assert kp is not None, "hot_padding_key needs pad=True"
+        for b in range(B):
+            pads = kp[b].nonzero().flatten()
+            if len(pads):
+                q[b].copy_(1 + 0.3 * torch.randn(q[b].shape, generator=gen))
+                k[b, :, int(pads[-1])] = 8.0  # score 8 sqrt(D) nats: 64 at D = 64
     scale = 1.0 / math.sqrt(D)
     o = strided((B, HG, T, D), odtype, layout, fill=float("nan"))
     lse = strided((B, HG, T), torch.float32, "c", fill=float("nan"))
