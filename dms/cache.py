@@ -173,7 +173,7 @@ class PagedLayerCache:
         # Pop from the top: page 0 is handed out first.
         self.free_pages = torch.arange(n_pages - 1, -1, -1, dtype=torch.int32, device=dev)
         self.free_count = torch.tensor([n_pages], dtype=torch.int32, device=dev)
-        self._free_lower_bound = n_pages  # CUDA: free pages known without a sync
+        self._set_free_known(n_pages)
         self._seen_upper_bound = 0  # tokens any row may have seen (padding included)
         self._views = None
 
@@ -204,7 +204,7 @@ class PagedLayerCache:
         self.window.fill_(-1)
         self.free_pages.copy_(torch.arange(n_pages - 1, -1, -1, dtype=torch.int32))
         self.free_count.fill_(n_pages)
-        self._free_lower_bound = n_pages
+        self._set_free_known(n_pages)
         self._seen_upper_bound = 0
 
     def grow_pool(self, extra_pages):
@@ -229,7 +229,37 @@ class PagedLayerCache:
         free[count:count + extra_pages] = torch.arange(new - 1, old - 1, -1, dtype=torch.int32, device=dev)
         self.free_pages = free
         self.free_count.fill_(count + extra_pages)
-        self._free_lower_bound = count + extra_pages
+        self._set_free_known(count + extra_pages)
+
+    def _set_free_known(self, count):
+        """The free-page count is `count` now (read, or known from a reset,
+        growth or reorder); appends since then are counted from here."""
+        self._free_known = count
+        self._tokens_since_known = 0  # call lengths since: an upper bound of each row's new tokens
+
+    def _reserve(self, n):
+        """Makes sure the pool can take a call of n tokens per row, reading
+        the exact free count (on CUDA a device sync) only when the bound
+        cannot tell. A row pops a page only when its stored slots cross a
+        multiple of P, and it stores at most one slot per token, so after m
+        more tokens per row the pool has lost at most rows * ceil(m / P)
+        pages since the count was known: while a page per row is free that
+        is one read per P tokens at most. On CUDA the pool grows here, to
+        keep that page per row (with allow_growth; without it reads come
+        every call once the pool is nearly full); on the CPU, where a read
+        costs nothing, the C call's dry run asks for growth (after checking
+        the input, so a refused call changes nothing)."""
+        P, R = self.page_size, self.rows
+        if self._free_known - R * math.ceil((self._tokens_since_known + n) / P) >= 0:
+            self._tokens_since_known += n
+            return
+        exact = self._read_free_count()
+        need = R * math.ceil(n / P)
+        if self.device.type == "cuda" and exact < need + R and (self.allow_growth or exact < need):
+            self._grow_for(need + R - exact)  # raises PoolExhaustedError without growth
+            exact = self._free_known
+        self._set_free_known(exact)
+        self._tokens_since_known = n
 
     def _read_free_count(self) -> int:
         """The free-page count (on CUDA a sync: done only when the headroom
@@ -278,24 +308,14 @@ class PagedLayerCache:
         if token_slots is None:
             token_slots = torch.empty(B, H, n, dtype=torch.int32, device=self.device)
         self._ensure_page_table(self._seen_upper_bound + n)  # capacity only: no token moves
+        self._reserve(n)  # no host read in steady state (see _reserve)
+        ex = exec_kwargs(k_new)
         if self.device.type == "cuda":
-            # No sync in steady state: keep a lower bound of the free pages
-            # against the most this call can pop (a page per P tokens + 1).
-            worst = self.rows * (math.ceil(n / self.page_size) + 1)
-            if self._free_lower_bound < worst:
-                exact = self._read_free_count()
-                if exact < worst:
-                    self._grow_for(worst - exact)
-                else:
-                    self._free_lower_bound = exact
-            ex = exec_kwargs(k_new)
             _C.cache_append(self._cache_views(ex["stream"]), self.window_size, k_new, v_new, decisions, key_padding,
                             token_slots, **ex)
-            self._free_lower_bound -= worst
             self._seen_upper_bound += n
             return token_slots
-        ex = exec_kwargs(k_new)
-        while True:  # CPU: the C dry run refuses a call the pool cannot take
+        while True:  # CPU: the C dry run also refuses a call the pool cannot take
             try:
                 _C.cache_append(self._cache_views(ex["stream"]), self.window_size, k_new, v_new, decisions,
                                 key_padding, token_slots, **ex)
@@ -307,6 +327,7 @@ class PagedLayerCache:
                 if "cache.free_pages" not in str(exc):
                     raise
                 self._grow_for(max(1, self.rows))
+                self._tokens_since_known = n  # the retried call counts against the new count
 
     def prefill_attention(self, q, k_new, v_new, decisions, key_padding=None, scale=None):
         """Attention of n new queries per row over the cache (as it is before
@@ -409,7 +430,7 @@ class PagedLayerCache:
         self.row_seen = self.row_seen[rows].clone()
         self.free_pages = torch.arange(n_pages - 1, -1, -1, dtype=torch.int32, device=dev)
         self.free_count = torch.tensor([n_pages - total], dtype=torch.int32, device=dev)
-        self._free_lower_bound = n_pages - total
+        self._set_free_known(n_pages - total)
         self.batch_size = int(index.numel())
 
     # ---- accounting --------------------------------------------------------

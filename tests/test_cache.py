@@ -527,3 +527,60 @@ def test_bad_construction_and_stale_caches_are_named_at_once():
             model(ids[:, :1], cache=filled)
         filled.reset()  # a reset cache takes the new dtype
         assert model(ids[:, :5], cache=filled).logits.dtype == torch.bfloat16
+
+
+def _count_reads(cache):
+    reads = [0]
+    read = cache._read_free_count
+
+    def counted():
+        reads[0] += 1
+        return read()
+    cache._read_free_count = counted
+    return reads
+
+
+def test_decode_reads_the_free_count_at_most_once_per_page_of_tokens():
+    """The free-page count is device state (a sync on CUDA): 64 rows, pages
+    of 256, the model's default reservation (4096 tokens per row), a
+    1000-token prefill, then 2000 decode steps read it at most once per 256
+    steps (the old bound read it ~988 times)."""
+    g = torch.Generator().manual_seed(0)
+    B, D, P = 64, 8, 256
+    cache = PagedLayerCache(B, 1, D, 64, page_size=P, dtype=torch.float32, preallocate_for_tokens=4096)
+    reads = _count_reads(cache)
+    k = torch.randn(B, 1, 1000, D, generator=g)
+    cache.append(k, k, torch.rand(B, 1, 1000, generator=g) < 0.5)
+    for _ in range(2000):
+        k = torch.randn(B, 1, 1, D, generator=g)
+        cache.append(k, k, torch.rand(B, 1, 1, generator=g) < 0.1)
+    assert reads[0] <= 2000 // P
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_an_append_without_a_read_always_fits(seed):
+    """Whatever the pattern (padding, eviction rates, call lengths, growth),
+    an append that the free-page bound lets through without reading the
+    count never runs out of pages (on the CPU the C dry run would refuse it
+    and the pool grow; on CUDA nothing else checks)."""
+    rng = torch.Generator().manual_seed(seed)
+    B, H, D, P = 3, 2, 4, 4
+    cache = PagedLayerCache(B, H, D, 5, page_size=P, dtype=torch.float32, preallocate_for_tokens=8)
+    reads = _count_reads(cache)
+    grow, unread_refusals, grown = cache._grow_for, [], [0]
+
+    def watched(missing):
+        grown[0] += 1
+        if reads[0] == before:  # refused although the bound read nothing
+            unread_refusals.append(step)
+        return grow(missing)
+    cache._grow_for = watched
+    for step in range(300):
+        n = int(torch.randint(1, 4, (1,), generator=rng)) if step % 7 else int(torch.randint(4, 20, (1,), generator=rng))
+        k = torch.randn(B, H, n, D, generator=rng)
+        rate = [0.0, 0.3, 0.9][step // 100]
+        pad = torch.rand(B, n, generator=rng) < 0.2
+        before = reads[0]
+        cache.append(k, k, torch.rand(B, H, n, generator=rng) < rate, pad)
+    assert not unread_refusals and grown[0] > 0
+    assert 0 < reads[0] < 300

@@ -102,17 +102,36 @@ def _cache_of(output):
 class CausalLMOutputDMS(CausalLMOutputWithPast):
     """`CausalLMOutputWithPast` plus what DMS reports.
 
-    compression_ratio: all tokens seen / all tokens stored by the cache, over
-        every layer and row: the KV memory saved (eval with a cache).
-    compression_ratios: the same per layer.
     evicted_fraction: [B] mean hard decision over layers, heads and non-padding tokens.
     compression_loss: SPEC §6 loss for the `dms_target` given (training).
+    compression_ratio (read on access): all tokens seen / all tokens stored
+        by the cache, over every layer and row: the KV memory saved (eval with
+        a cache; None without one).
+    compression_ratios (read on access): the same per layer.
+
+    The two ratios are read from the cache when first asked for (one host
+    read; a device sync on CUDA), not by every forward: a decode step needs
+    none. Read them before the cache takes more tokens.
     """
 
-    compression_ratio: float | None = None
-    compression_ratios: list | None = None
     evicted_fraction: torch.Tensor | None = None
     compression_loss: torch.Tensor | None = None
+
+    def _dms_stats(self):
+        stats = self.__dict__.get("_dms_stats_cached")
+        if stats is None:
+            cache = _cache_of(self)
+            stats = cache.compression_stats() if isinstance(cache, DMSCache) else {}
+            self.__dict__["_dms_stats_cached"] = stats
+        return stats
+
+    @property
+    def compression_ratio(self):
+        return self._dms_stats().get("compression_ratio")
+
+    @property
+    def compression_ratios(self):
+        return self._dms_stats().get("compression_ratios")
 
 
 _warned_no_grad = [False]
@@ -486,11 +505,8 @@ class Qwen3ForCausalLMDMS(_DMSPretrained, Qwen3ForCausalLM):
         compression_loss = None
         if dms_target is not None:
             compression_loss = torch.clamp(float(dms_target) - evicted, min=0).mean()
-        cache_out = _cache_of(out)
-        stats = cache_out.compression_stats() if isinstance(cache_out, DMSCache) else {}
-        return _output(CausalLMOutputDMS, cache_out, loss=loss, logits=logits, hidden_states=out.hidden_states,
-                       compression_ratio=stats.get("compression_ratio"),
-                       compression_ratios=stats.get("compression_ratios"), evicted_fraction=evicted,
+        return _output(CausalLMOutputDMS, _cache_of(out), loss=loss, logits=logits, hidden_states=out.hidden_states,
+                       evicted_fraction=evicted,
                        compression_loss=compression_loss)
 
 
