@@ -88,7 +88,8 @@ def test_written_jsonl_is_a_local_training_source(tmp_path):
     from dms.training.data import DataConfig, build_dataset
 
     path = tmp_path / "recall.jsonl"
-    assert main(["--write", str(path), "--count", "8", "--lengths", "300,400", "--text-fraction", "0.25"]) == 0
+    assert main(["--write", str(path), "--count", "8", "--lengths", "300,400", "--text-fraction", "0.25",
+                 "--tokenizer", "bytes"]) == 0
     rows = [json.loads(line)["text"] for line in path.read_text().splitlines()]
     recall = [r for r in rows if "\nQ: " in r or "\nrecall " in r]
     assert len(rows) == 16 and len(recall) == 12

@@ -42,6 +42,9 @@ As a training set for a retrofit (`data.blend: local:PATH`), JSONL of text
 rows (prompt + completion + newline, and filler documents):
 
     python -m dms.eval.recall --write outputs/recall_data/train.jsonl --count 4000 --lengths 1024,2048
+
+(lengths in tokens of `--tokenizer`: words, the default, bytes, or a
+tokenizer's folder).
 """
 
 import argparse
@@ -318,7 +321,10 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description="Write generated recall documents as JSONL text rows.")
     parser.add_argument("--write", required=True, metavar="PATH", help="the JSONL file to write")
     parser.add_argument("--count", type=int, default=1000, help="documents per length (default 1000)")
-    parser.add_argument("--lengths", default="1024", help="comma-separated lengths in bytes (default 1024)")
+    parser.add_argument("--lengths", default="1024", help="comma-separated lengths in tokens (default 1024)")
+    parser.add_argument("--tokenizer", default="words",
+                        help="what lengths count: words (recall_tokenizer, the study's models; default), bytes, "
+                             "or a tokenizer's folder or hub name")
     parser.add_argument("--seed", type=int, default=0, help="seed (default 0; evaluation uses other seeds)")
     parser.add_argument("--text-fraction", type=float, default=0.25, help="share of filler documents (default 0.25)")
     args = parser.parse_args(argv)
@@ -328,7 +334,15 @@ def main(argv=None):
         parser.error(f"--lengths: expected comma-separated integers, got {args.lengths!r}")
     if args.count < 1 or not all(n > 0 for n in lengths) or not 0 <= args.text_fraction <= 1:
         parser.error("--count and --lengths must be positive and --text-fraction in [0, 1]")
-    write_jsonl(args.write, args.count, lengths, args.seed, args.text_fraction)
+    if args.tokenizer == "words":
+        tokenizer = recall_tokenizer()
+    elif args.tokenizer == "bytes":
+        tokenizer = None
+    else:
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(args.tokenizer)
+    write_jsonl(args.write, args.count, lengths, args.seed, args.text_fraction, tokenizer=tokenizer)
     print(f"wrote {args.count * len(lengths)} documents to {args.write}")
     return 0
 
