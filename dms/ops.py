@@ -147,7 +147,7 @@ def logistic_noise_like(z, *, seed: int, process_index: int = 0, accum_step: int
         for name, value in (("process_index", process_index), ("accum_step", accum_step),
                             ("global_step", global_step)):
             _check_counter(name, value, 32)
-        return torch.ops.dms.logistic_noise(z, seed, process_index, accum_step, global_step)
+        return torch.ops.dms.logistic_noise(z.detach(), seed, process_index, accum_step, global_step)
     out = _empty(z.shape, "float32", z)
     return logistic_noise(out, seed=seed, process_index=process_index, accum_step=accum_step, global_step=global_step)
 

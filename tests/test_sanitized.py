@@ -16,12 +16,24 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _libasan():
+def _gcc_lib(name):
     cc = shutil.which("gcc")
     if cc is None:
         return None
-    path = subprocess.run([cc, "-print-file-name=libasan.so"], capture_output=True, text=True).stdout.strip()
+    path = subprocess.run([cc, f"-print-file-name={name}"], capture_output=True, text=True).stdout.strip()
     return path if os.path.isabs(path) and os.path.exists(path) else None
+
+
+def _libasan():
+    return _gcc_lib("libasan.so")
+
+
+def _preload():
+    """libasan, then libstdc++: Python itself does not link the C++ runtime,
+    so without it ASan cannot find the real __cxa_throw when torch's
+    dispatcher turns an error raised in a custom op (dms.ops) into a C++
+    exception, and aborts."""
+    return " ".join(p for p in (_libasan(), _gcc_lib("libstdc++.so")) if p)
 
 
 @pytest.mark.slow
@@ -39,7 +51,7 @@ def test_extension_under_sanitizers(tmp_path):
     # -S keeps site.py from installing the editable finder (which would load
     # the unsanitized build); site-packages come back through PYTHONPATH.
     paths = [str(pkg), *{sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"]}, str(ROOT)]
-    run_env = {**env, "PYTHONPATH": os.pathsep.join(paths), "LD_PRELOAD": _libasan(),
+    run_env = {**env, "PYTHONPATH": os.pathsep.join(paths), "LD_PRELOAD": _preload(),
                "ASAN_OPTIONS": "detect_leaks=0:abort_on_error=0:exitcode=99",
                "UBSAN_OPTIONS": "print_stacktrace=1:halt_on_error=1", "OMP_NUM_THREADS": "2"}
     # cwd away from the checkout: sys.path[0] is the working directory.

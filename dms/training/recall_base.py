@@ -43,6 +43,7 @@ class BaseConfig:
     head_dim: int = 32
     intermediate_size: int = 768
     max_position_embeddings: int = 4096
+    rope_theta: float = 1e6  # Qwen3's (transformers' Qwen3Config default, 1e4, leaves too few slow RoPE pairs at 2K)
     qk_norm_init: float = 2.5  # initial q_norm / k_norm weights: sharper attention from the start (Qwen3's is 1)
     lengths: tuple = (256, 512, 1024, 2048)  # prompt lengths in tokens; a step uses one
     tokens_per_step: int = 8192  # rows per step = tokens_per_step // length
@@ -72,6 +73,7 @@ class BaseConfig:
                            num_key_value_heads=self.num_key_value_heads, head_dim=self.head_dim,
                            intermediate_size=self.intermediate_size,
                            max_position_embeddings=self.max_position_embeddings, tie_word_embeddings=True,
+                           rope_parameters={"rope_type": "default", "rope_theta": self.rope_theta},
                            bos_token_id=None, eos_token_id=tokenizer.eos_token_id,
                            pad_token_id=tokenizer.pad_token_id)
 
