@@ -143,13 +143,20 @@ def logistic_noise_like(z, *, seed: int, process_index: int = 0, accum_step: int
     if not (_is_torch(z) or isinstance(z, np.ndarray)):
         raise TypeError(f"z: expected a torch tensor or a NumPy array, got {type(z).__name__}")
     if _is_torch(z) and isinstance(seed, int) and not isinstance(seed, bool) and 0 <= seed < 2**63:
-        # the custom op (torch.compile traces it); its int arguments are 64-bit signed
-        for name, value in (("process_index", process_index), ("accum_step", accum_step),
-                            ("global_step", global_step)):
-            _check_counter(name, value, 32)
+        # the custom op (torch.compile traces it; its ints are 64-bit signed); it checks the counters
         return torch.ops.dms.logistic_noise(z.detach(), seed, process_index, accum_step, global_step)
     out = _empty(z.shape, "float32", z)
     return logistic_noise(out, seed=seed, process_index=process_index, accum_step=accum_step, global_step=global_step)
+
+
+def _checked_scale(q, k, v, scale):
+    """The softmax scale (default 1/sqrt(D)) once q, k, v and scale are
+    checked (array types and dtypes here; the C layer checks the rest)."""
+    for name, x in (("q", q), ("k", k), ("v", v)):
+        _check_array(name, x)
+    if scale is not None:
+        _check_positive("scale", scale)
+    return q.shape[-1] ** -0.5 if scale is None else float(scale)
 
 
 def attn_train_forward(q, k, v, y=None, key_padding=None, *, window=512, scale=None):
@@ -171,11 +178,7 @@ def attn_train_forward(q, k, v, y=None, key_padding=None, *, window=512, scale=N
         (o, lse): o [B, H*G, T, D] in q's dtype, lse [B, H*G, T] float32
         (-inf for padding queries, whose o is 0).
     """
-    for name, x in (("q", q), ("k", k), ("v", v)):
-        _check_array(name, x)
-    if scale is not None:
-        _check_positive("scale", scale)
-    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    scale = _checked_scale(q, k, v, scale)
     o = _empty(q.shape, q.dtype, q)
     lse = _empty(q.shape[:3], "float32", q)
     _C.attn_train_forward(q, k, v, y, key_padding, int(window), scale, o, lse, **exec_kwargs(q))
@@ -303,12 +306,7 @@ if torch is not None:
 
         @staticmethod
         def apply(q, k, v, y, key_padding, window, scale):
-            for name, x in (("q", q), ("k", k), ("v", v)):
-                _check_array(name, x)
-            if scale is not None:
-                _check_positive("scale", scale)
-            scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
-            return torch.ops.dms.attn_train(q, k, v, y, key_padding, int(window), scale)
+            return torch.ops.dms.attn_train(q, k, v, y, key_padding, int(window), _checked_scale(q, k, v, scale))
 
     class Gate:
         """Gating with the straight-through estimator (SPEC §2; the custom op

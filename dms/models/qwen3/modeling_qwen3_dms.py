@@ -510,10 +510,6 @@ class Qwen3ForCausalLMDMS(_DMSPretrained, Qwen3ForCausalLM):
                        compression_loss=compression_loss)
 
 
-# transformers' task heads build their body with AutoModel.from_config: map
-# our config to our body, so the heads need nothing else.
-AutoModel.register(Qwen3ConfigDMS, Qwen3ModelDMS, exist_ok=True)
-
 
 def _with_dms_body(head_class):
     """transformers' Qwen3 task head over `Qwen3ModelDMS` (through AutoModel)."""
@@ -531,9 +527,11 @@ Qwen3ForTokenClassificationDMS = _with_dms_body(Qwen3ForTokenClassification)
 Qwen3ForQuestionAnsweringDMS = _with_dms_body(Qwen3ForQuestionAnswering)
 
 # The Auto classes learn the "qwen3_dms" type when this module is imported:
-# AutoModelForCausalLM.from_pretrained(dir) then needs no remote code.
+# AutoModelForCausalLM.from_pretrained(dir) then needs no remote code, and
+# transformers' task heads, which build their body with AutoModel.from_config,
+# get ours.
 AutoConfig.register(Qwen3ConfigDMS.model_type, Qwen3ConfigDMS, exist_ok=True)
-for _auto, _model in ((AutoModelForCausalLM, Qwen3ForCausalLMDMS),
+for _auto, _model in ((AutoModel, Qwen3ModelDMS), (AutoModelForCausalLM, Qwen3ForCausalLMDMS),
                       (AutoModelForSequenceClassification, Qwen3ForSequenceClassificationDMS),
                       (AutoModelForTokenClassification, Qwen3ForTokenClassificationDMS),
                       (AutoModelForQuestionAnswering, Qwen3ForQuestionAnsweringDMS)):
