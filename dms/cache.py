@@ -433,6 +433,79 @@ class PagedLayerCache:
         self._set_free_known(n_pages - total)
         self.batch_size = int(index.numel())
 
+    def slot_index(self):
+        """([R, S] int64 index of each row's slot s into the flattened pages
+        (-1 past the row's slots), [R] slots per row), S the longest row:
+        `k_pages.view(-1, D)[index.clamp(min=0)]` gathers every row's keys in
+        slot order. Costs one host read (S)."""
+        P, dev = self.page_size, self.device
+        counts = self.row_slots.long()
+        S = max(int(counts.max()), 1)
+        s = torch.arange(S, device=dev)
+        used = s[None, :] < counts[:, None]
+        page = self.page_table.long().gather(1, (s // P).clamp(max=self.page_table.shape[1] - 1)[None, :]
+                                             .expand(self.rows, S))
+        return torch.where(used, page * P + s % P, -1), counts
+
+    def retain(self, keep):
+        """Keeps, in each row, the stored slots `keep` marks and frees the
+        rest for good: the kept tokens move to the row's first slots (in slot
+        order) and pages no longer needed go back to the pool. This is how
+        score-based eviction (`dms.eval.baselines`: TOVA, H2O) frees memory
+        for real on the same pages.
+
+        keep: [R, S] bool over slot positions (R = B*H rows, S >= the longest
+        row; positions past a row's slots are ignored). A slot of the window
+        record (the last w + 1 tokens, whose pending flags the next append
+        reads) must be kept. Returns [R, S] int64: each old slot's new slot
+        (-1 = freed). One host read (the free count)."""
+        P, dev, R = self.page_size, self.device, self.rows
+        index, counts = self.slot_index()
+        S = index.shape[1]
+        if not isinstance(keep, torch.Tensor) or keep.dtype != torch.bool or keep.dim() != 2 or \
+                keep.shape[0] != R or keep.shape[1] < S:
+            got = f"{keep.dtype} {tuple(keep.shape)}" if isinstance(keep, torch.Tensor) else type(keep).__name__
+            raise ValueError(f"keep: expected a bool tensor [rows={R}, >= {S} slots], got {got}")
+        keep = keep[:, :S].to(dev) & (index >= 0)
+        new_slot = torch.where(keep, keep.long().cumsum(1) - 1, -1)
+        ring = self.window.long()
+        held = ring >= 0
+        # Each ring entry is a flat page slot: its slot position in the row.
+        position_of = torch.full((self.k_pages.shape[0] * P,), -1, dtype=torch.long, device=dev)
+        used = index >= 0
+        position_of[index[used]] = torch.arange(S, device=dev)[None, :].expand(R, S)[used]
+        position = torch.where(held, position_of[ring.clamp(min=0)], 0)
+        if bool((held & ((position < 0) | ~keep.gather(1, position.clamp(min=0)))).any()):
+            raise ValueError("keep: a slot of the window record (the last w + 1 tokens) must be kept")
+        new_counts = keep.sum(1)
+        # Move the kept slots down (gather, then scatter: a copy, so no overlap).
+        src = index[keep]
+        rows_of = torch.arange(R, device=dev)[:, None].expand(R, S)[keep]
+        dst_slot = new_slot[keep]
+        dst = self.page_table.long()[rows_of, dst_slot // P] * P + dst_slot % P
+        D = self.head_dim
+        for pages in (self.k_pages, self.v_pages):
+            flat = pages.view(-1, D)
+            flat[dst] = flat[src].clone()
+        limits = self.slot_limit.view(-1)
+        limits[dst] = limits[src].clone()
+        ring_slot = new_slot.gather(1, position)
+        new_ring = torch.where(held, self.page_table.long().gather(1, ring_slot.clamp(min=0) // P) * P + ring_slot % P,
+                               -1)
+        self.window.copy_(new_ring.to(torch.int32))
+        # Pages past each row's new last page go back to the free stack.
+        cols = torch.arange(self.page_table.shape[1], device=dev)
+        freed = (cols[None, :] >= (new_counts[:, None] + P - 1) // P) & (cols[None, :] < (counts[:, None] + P - 1) // P)
+        freed_pages = self.page_table[freed]
+        self.slot_limit[freed_pages.long()] = _INT32_MAX
+        self.page_table[freed] = -1
+        count = self._read_free_count()
+        self.free_pages[count:count + freed_pages.numel()] = freed_pages
+        self.free_count.fill_(count + freed_pages.numel())
+        self._set_free_known(count + freed_pages.numel())
+        self.row_slots.copy_(new_counts.to(torch.int32))
+        return new_slot
+
     # ---- accounting --------------------------------------------------------
 
     def tokens_seen(self):

@@ -85,6 +85,10 @@ def test_evaluate_recall_reports_accuracy_and_budget():
     policy, window = baselines["content-blind"]
     blind = evaluate_recall(model, tok, examples, policy=policy, window_size=window)
     assert abs(blind["evicted_fraction"] - result["evicted_fraction"]) < 0.05
+    for name in ("TOVA", "H2O"):  # a fixed budget: every row holds it once the prompt is longer
+        policy, window = baselines[name]
+        scored = evaluate_recall(model, tok, examples, policy=policy, window_size=window)
+        assert scored["stored_per_row"] == policy.budget
 
 
 def test_quality_bench_runs_end_to_end(tmp_path, monkeypatch, capsys):
@@ -105,7 +109,8 @@ def test_quality_bench_runs_end_to_end(tmp_path, monkeypatch, capsys):
     assert quality.main(["--base", base, "--models", f"tiny-2x={dms}", "--lengths", "300", "--count", "2",
                          "--out", str(out)]) == 0
     table = out.read_text()
-    for method in ("vanilla", "DMS tiny-2x", "content-blind at tiny-2x", "StreamingLLM at tiny-2x"):
+    for method in ("vanilla", "DMS tiny-2x", "content-blind at tiny-2x", "StreamingLLM at tiny-2x", "TOVA at tiny-2x",
+                   "H2O at tiny-2x"):
         assert f"| {method} " in table
     assert (tmp_path / "q.png").stat().st_size > 1000 and "machine:" in table
     vanilla = next(line for line in table.splitlines() if "| vanilla " in line)

@@ -104,8 +104,22 @@ def test_written_jsonl_is_a_local_training_source(tmp_path):
 def test_facts_scale_sets_the_needles_and_pairs():
     few = make_examples(2, 600, seed=0, tasks=("niah", "mqar"), facts_scale=0.25)
     assert few[0].prompt.count("The code of ") == 1 + 1  # one needle, and the question
-    assert few[1].prompt.count(":") == 2 + 2  # two pairs, one answered recall and the question
+    assert few[1].prompt.count(":") == 2 + 1  # two pairs and the question: one pair is never asked
     assert all(solve(e.prompt) == e.answer for e in few)
+
+
+@pytest.mark.parametrize("task,facts", [("niah", 4), ("vt", 4), ("mqar", 8)])
+def test_a_fact_stays_unasked_unless_every_fact_is_asked(task, facts):
+    def asked(e):
+        return e.prompt.count("\n")
+
+    for e in make_examples(20, 700, seed=6, tasks=(task,)):
+        assert asked(e) == min(4, facts - 1) and solve(e.prompt) == e.answer
+    every = make_examples(20, 700, seed=6, tasks=(task,), questions=None, facts_scale=2)
+    assert all(asked(e) == 2 * facts and solve(e.prompt) == e.answer for e in every)
+    assert all(asked(e) == 1 for e in make_examples(5, 700, seed=6, tasks=(task,), questions=1))
+    with pytest.raises(ValueError, match="questions"):
+        make_examples(1, 700, tasks=(task,), questions=0)
 
 
 def test_the_word_tokenizer_makes_keys_and_answers_one_token_and_round_trips():

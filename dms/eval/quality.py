@@ -12,7 +12,7 @@ training-free policies of `dms.eval.baselines` to the budget a DMS run used.
 
 import torch
 
-from dms.eval.baselines import ContentBlind, StreamingLLM, eviction_policy
+from dms.eval.baselines import H2O, TOVA, ContentBlind, StreamingLLM, eviction_policy
 from dms.eval.recall import score
 
 __all__ = ["evaluate_recall", "matched_baselines"]
@@ -64,11 +64,16 @@ def evaluate_recall(model, tokenizer, examples, *, policy=None, window_size=None
             "answers": answers}
 
 
-def matched_baselines(dms_result, window, sinks=4, seed=0):
+def matched_baselines(dms_result, window, sinks=4, seed=0, chunk=16):
     """{name: (policy, window_size)} of training-free baselines at the
     budget `dms_result` (an `evaluate_recall` result of the DMS model) used:
-    content-blind eviction at its evicted fraction (same window), and
-    StreamingLLM whose sinks + window hold its mean stored tokens per row."""
-    streaming_window = max(int(round(dms_result["stored_per_row"])) - sinks - 1, 1)
+    content-blind eviction at its evicted fraction (same window),
+    StreamingLLM whose sinks + window hold its mean stored tokens per row,
+    and TOVA and H2O keeping that many tokens per row (prompts read in
+    chunks of `chunk` tokens, their own window; see dms.eval.baselines)."""
+    budget = max(int(round(dms_result["stored_per_row"])), 2)
+    streaming_window = max(budget - sinks - 1, 1)
     return {"content-blind": (ContentBlind(dms_result["evicted_fraction"], seed), window),
-            "StreamingLLM": (StreamingLLM(sinks), streaming_window)}
+            "StreamingLLM": (StreamingLLM(sinks), streaming_window),
+            "TOVA": (TOVA(budget, chunk=chunk), None),
+            "H2O": (H2O(budget, chunk=chunk), None)}

@@ -7,16 +7,19 @@ random depths and one question at the end:
 
 - ``niah``  multi-key needle in a haystack: several ``The code of KEY is
   NNN.`` facts; questions ``Q: The code of KEY is`` ask them.
-- ``vt``    variable tracking (RULER's VT): ``Let AB = 419.`` then
-  ``Let CD = AB.`` later on, next to a second chain; a question
+- ``vt``    variable tracking (RULER's VT): ``Let AB = 41.`` then
+  ``Let CD = AB.`` later on, among other such chains; a question
   ``Q: The value of CD is`` needs both hops.
 - ``mqar``  multi-query associative recall: ``KEY: NN.`` pairs spread
   through the text, then recalls ``recall KEY:``.
 
 Each prompt ends with up to QUESTIONS questions, one per line, each about
-another fact; all but the last are answered (``Q: The code of vup is 417.``),
+another fact; all but the last are answered (``Q: The code of vup is 41.``),
 the last one is the prompt's question (a model trained on these texts learns
-from every answered line).
+from every answered line). At least one fact is never asked, so the last
+question cannot be answered by elimination (the one value not yet named);
+training sets may ask every fact (``questions=None``) for more signal per
+token.
 
 The text right before each answer repeats the text right before the value
 in its fact (``code of KEY is``, ``KEY:``), the pattern an induction head
@@ -61,6 +64,7 @@ TASKS = ("niah", "vt", "mqar")
 """The task names, in the order `make_examples` cycles through them."""
 
 NEEDLES = 4  # niah: facts per prompt
+CHAINS = 4  # vt: variable chains per prompt
 CHAIN_HOPS = 2  # vt: assignments per chain (a value, then a copy of it)
 PAIRS = 8  # mqar: key -> value pairs per prompt
 QUESTIONS = 4  # questions at the end of a prompt (at most one per fact), all answered but the last
@@ -142,41 +146,44 @@ def _variable(rng, taken):
             return name
 
 
-def _facts(task, rng, scale=1.0):
+def _facts(task, rng, scale=1.0, questions=QUESTIONS):
     """(facts in the order they must appear, question block, answer); the
-    block asks up to QUESTIONS facts, each on its own line, all answered but
-    the last. `scale` multiplies the number of needles and pairs (at least 1
-    and 2)."""
+    block asks `questions` facts (at most, and never every fact when there
+    are two or more; None: every fact), each on its own line, all answered
+    but the last. `scale` multiplies the number of needles, chains and pairs
+    (at least 1, 1 and 2)."""
     taken = set()
-    needles, pairs = max(1, round(NEEDLES * scale)), max(2, round(PAIRS * scale))
+    needles, chains, pairs = (max(1, round(NEEDLES * scale)), max(1, round(CHAINS * scale)),
+                              max(2, round(PAIRS * scale)))
     if task == "niah":
         keys = [_word(rng, taken) for _ in range(needles)]
-        codes = [str(rng.randrange(10, 100)) for _ in keys]
-        facts = [f" The code of {k} is {c}." for k, c in zip(keys, codes)]
+        values = [str(rng.randrange(10, 100)) for _ in keys]
+        facts = [f" The code of {k} is {c}." for k, c in zip(keys, values)]
         rng.shuffle(facts)
-        asked = [(f"Q: The code of {keys[i]} is", codes[i]) for i in rng.sample(range(needles), min(QUESTIONS, needles))]
+        questions_of = [f"Q: The code of {k} is" for k in keys]
     elif task == "vt":
-        values = rng.sample(range(10, 100), 2)
-        chains = [[_variable(rng, taken) for _ in range(CHAIN_HOPS)] for _ in values]
-        steps = []  # (chain, hop) in an order that keeps each chain's hops in sequence
-        pending = [0, 0]
+        values = [str(v) for v in rng.sample(range(10, 100), chains)]
+        names = [[_variable(rng, taken) for _ in range(CHAIN_HOPS)] for _ in values]
+        facts, pending = [], [0] * chains  # each chain's hops stay in order, chains interleave at random
         while any(p < CHAIN_HOPS for p in pending):
-            c = rng.choice([i for i in (0, 1) if pending[i] < CHAIN_HOPS])
-            steps.append((c, pending[c]))
+            c = rng.choice([i for i in range(chains) if pending[i] < CHAIN_HOPS])
+            hop = pending[c]
+            facts.append(f" Let {names[c][0]} = {values[c]}." if hop == 0 else f" Let {names[c][hop]} = {names[c][hop - 1]}.")
             pending[c] += 1
-        facts = [f" Let {chains[c][0]} = {values[c]}." if hop == 0 else f" Let {chains[c][hop]} = {chains[c][hop - 1]}."
-                 for c, hop in steps]
-        asked = [(f"Q: The value of {chains[i][-1]} is", str(values[i])) for i in rng.sample(range(2), min(QUESTIONS, 2))]
+        questions_of = [f"Q: The value of {chain[-1]} is" for chain in names]
     elif task == "mqar":
         keys = [_word(rng, taken) for _ in range(pairs)]
         values = [str(rng.randrange(10, 100)) for _ in keys]
         facts = [f" {k}: {v}." for k, v in zip(keys, values)]
         rng.shuffle(facts)
-        asked = [(f"recall {keys[i]}:", values[i]) for i in rng.sample(range(pairs), min(QUESTIONS, pairs))]
+        questions_of = [f"recall {k}:" for k in keys]
     else:
         raise ValueError(f"tasks: expected names from {TASKS}, got {task!r}")
-    block = "".join(f"\n{question} {answer}." for question, answer in asked[:-1]) + f"\n{asked[-1][0]}"
-    return facts, block, asked[-1][1]
+    n = len(values)
+    asked = n if questions is None else min(questions, max(1, n - 1))
+    picked = rng.sample(range(n), asked)
+    block = "".join(f"\n{questions_of[i]} {values[i]}." for i in picked[:-1]) + f"\n{questions_of[picked[-1]]}"
+    return facts, block, values[picked[-1]]
 
 
 def _check(count, context_tokens, seed):
@@ -187,16 +194,23 @@ def _check(count, context_tokens, seed):
         raise ValueError(f"seed: expected an int, got {seed!r}")
 
 
-def make_examples(count, context_tokens, seed=0, tasks=TASKS, tokenizer=None, facts_scale=1.0):
+def make_examples(count, context_tokens, seed=0, tasks=TASKS, tokenizer=None, facts_scale=1.0,
+                  questions=QUESTIONS):
     """`count` RecallExamples whose prompts fill `context_tokens` tokens
     (at most; within one filler sentence of it), cycling through `tasks`.
-    `facts_scale` (default 1) scales the needles (NEEDLES) and pairs (PAIRS)
-    per prompt, e.g. for a training curriculum that starts with fewer.
+    `facts_scale` (default 1) scales the needles (NEEDLES), chains (CHAINS)
+    and pairs (PAIRS) per prompt, e.g. for a training curriculum that starts
+    with fewer. `questions` (default QUESTIONS) is how many questions end a
+    prompt at most, always leaving a fact unasked; None asks every fact (a
+    training set's denser signal: the last one is then answerable by
+    elimination).
 
     Facts sit at uniformly random depths among the filler sentences (in
     order within a variable chain). Raises ValueError when `context_tokens`
     cannot hold the facts and the question."""
     _check(count, context_tokens, seed)
+    if questions is not None and (not isinstance(questions, int) or isinstance(questions, bool) or questions < 1):
+        raise ValueError(f"questions: expected an int >= 1 or None (every fact), got {questions!r}")
     tasks = tuple(tasks)
     if not tasks or any(t not in TASKS for t in tasks):
         raise ValueError(f"tasks: expected names from {TASKS}, got {tasks!r}")
@@ -205,7 +219,7 @@ def make_examples(count, context_tokens, seed=0, tasks=TASKS, tokenizer=None, fa
     for i in range(count):
         task = tasks[i % len(tasks)]
         rng = random.Random(f"dms.recall:{seed}:{context_tokens}:{i}:{task}")
-        facts, question, answer = _facts(task, rng, facts_scale)
+        facts, question, answer = _facts(task, rng, facts_scale, questions)
         budget = context_tokens - length("".join(facts) + question)
         if budget < 0:
             raise ValueError(f"context_tokens: {context_tokens} cannot hold a {task} prompt's facts and question "

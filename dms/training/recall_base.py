@@ -49,9 +49,11 @@ class BaseConfig:
     tokens_per_step: int = 8192  # rows per step = tokens_per_step // length
     text_fraction: float = 0.25  # rows of plain filler text; the rest are recall prompts
     answer_weight: float = 2.0  # extra loss weight: mean over answer tokens, added to the LM mean
+    facts_scale: float = 2.0  # facts per training prompt, x the evaluation's (dms.eval.recall facts_scale) ...
+    questions: int = None  # ... and questions per prompt (None: every fact), for more retrieval signal per token
     ramp_steps: int = 1500  # curriculum: over these first steps the facts per prompt grow linearly ...
-    ramp_start: float = 0.25  # ... from this share of the full count (dms.eval.recall facts_scale) ...
-    ramp_lengths: tuple = (128, 256)  # ... at these prompt lengths
+    ramp_start: float = 0.25  # ... from this share of facts_scale ...
+    ramp_lengths: tuple = (256, 512)  # ... at these prompt lengths
     steps: int = 4000
     learning_rate: float = 3e-3
     warmup_steps: int = 100
@@ -61,7 +63,7 @@ class BaseConfig:
     seed: int = 0
     autocast_bf16: bool = False  # bfloat16 autocast (float32 master weights): ~1.6x faster where the CPU has AMX
     eval_lengths: tuple = (1024, 2048)
-    eval_examples: int = 60  # held-out prompts per length (tasks cycled)
+    eval_examples: int = 90  # held-out prompts per length (tasks cycled)
     eval_seed: int = 1_000_003  # held-out examples come from seeds no training step uses
     extra: dict = field(default_factory=dict)
 
@@ -93,14 +95,16 @@ def batch_for_step(config, tokenizer, step):
     rng = random.Random(f"dms.recall_base:{config.seed}:{step}")
     ramping = step < config.ramp_steps
     length = rng.choice(config.ramp_lengths if ramping else config.lengths)
-    scale = config.ramp_start + (1 - config.ramp_start) * step / config.ramp_steps if ramping else 1.0
+    scale = config.facts_scale * (config.ramp_start + (1 - config.ramp_start) * step / config.ramp_steps
+                                  if ramping else 1.0)
     rows = max(1, config.tokens_per_step // length)
     n_text = sum(rng.random() < config.text_fraction for _ in range(rows))
     seed = config.seed * 1_000_000 + step  # eval_seed is far from every training seed
     tasks = list(TASKS)
     rng.shuffle(tasks)
     sequences = []
-    for ex in make_examples(rows - n_text, length, seed=seed, tasks=tasks, tokenizer=tokenizer, facts_scale=scale):
+    for ex in make_examples(rows - n_text, length, seed=seed, tasks=tasks, tokenizer=tokenizer, facts_scale=scale,
+                            questions=config.questions):
         text = ex.prompt + ex.completion
         spans = _answered_spans(ex.prompt) + [(len(ex.prompt), len(text))]
         encoded = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)

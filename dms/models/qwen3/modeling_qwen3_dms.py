@@ -165,7 +165,9 @@ class Qwen3AttentionDMS(Qwen3Attention):
     `decision_policy` (default None) replaces the learned decisions in eval
     mode: called as policy(layer_idx, z [B, H, T], tokens_fed) -> bool
     [B, H, T], with tokens_fed the positions the cache had seen before these
-    T tokens. The training-free baselines of `dms.eval.baselines` set it so
+    T tokens; a policy with an `after_attend(layer_idx, paged, q, scale,
+    key_padding)` method is called after each attention call (score-based
+    eviction). The training-free baselines of `dms.eval.baselines` set it so
     that they run on the same paged cache, freeing memory as DMS does."""
 
     decision_policy = None
@@ -257,6 +259,9 @@ class Qwen3AttentionDMS(Qwen3Attention):
                 decisions = self.decision_policy(self.layer_idx, z, cache_layer.tokens_fed)
             o = cache_layer.attend(q.contiguous(), k.contiguous(), v.contiguous(), decisions, key_padding,
                                    self.scaling)
+            after = getattr(self.decision_policy, "after_attend", None)
+            if after is not None:  # score-based baselines evict after attention (dms.eval.baselines)
+                after(self.layer_idx, cache_layer.paged, q, self.scaling, key_padding)
         o = o.transpose(1, 2).reshape(B, T, -1)
         return self.o_proj(o), decisions
 
