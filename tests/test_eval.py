@@ -219,3 +219,51 @@ def test_a_failed_download_names_the_tasks_that_run_offline(monkeypatch):
     with pytest.raises(KeyError, match="not a download"):
         harness.main(["--model", "hf", "--tasks", "dms_passkey"])
     assert harness._download_failure(RuntimeError("x")) is None
+
+
+def test_recall_task_documents_metrics_and_declared_lengths():
+    from dms.eval import recall_task
+    from dms.eval.recall import recall_tokenizer, solve
+
+    tok = recall_tokenizer()
+    docs = recall_task.build_docs(tok, [300, 512], num_samples=6, seed=2)
+    assert [d["max_length"] for d in docs[:4]] == [300, 512, 300, 512]  # interleaved: --limit covers both
+    assert {d["task"] for d in docs} == {"niah", "vt", "mqar"}
+    for d in docs:
+        assert solve(d["input"]) == d["answer"]
+        assert len(tok(d["input"], add_special_tokens=False)["input_ids"]) <= d["max_length"]
+    assert recall_task.build_docs(tok, [300, 512], num_samples=6, seed=2) == docs
+    doc = next(d for d in docs if d["task"] == "vt" and d["max_length"] == 300)
+    right = recall_task.process_results(doc, [f" {doc['answer']}."])
+    assert right["exact_match"] == right["exact_match_vt"] == right["exact_match_300"] == 1.0
+    assert right["exact_match_niah"] == right["exact_match_mqar"] == right["exact_match_512"] == -1.0
+    assert recall_task.process_results(doc, [f" {doc['answer']}7"])["exact_match"] == 0.0
+    with pytest.raises(ValueError, match="^num_samples: expected an int >= 1"):
+        recall_task.build_docs(tok, [300], num_samples=0)
+    with pytest.raises(ValueError, match="^tokenizer: dms_recall sizes its prompts"):
+        recall_task.recall_dataset(max_seq_lengths=[300])
+    with open(os.path.join(TASKS_DIR, "dms_recall", "dms_recall.yaml")) as f:
+        declared = re.findall(r"metric: exact_match_(\w+)", f.read())
+    assert declared == ["niah", "vt", "mqar"] + [str(n) for n in passkey.DECLARED_LENGTHS]
+
+
+@pytest.mark.slow
+def test_lm_eval_runs_the_recall_task_on_a_tiny_dms_model(tmp_path):
+    model_dir = save_tiny(str(tmp_path / "tiny"))
+    env = dict(os.environ, MAX_SEQ_LENGTHS="300", BATCH_SIZE="2", CUDA_VISIBLE_DEVICES="",
+               PYTHON=sys.executable, HF_DATASETS_OFFLINE="1", HF_HUB_OFFLINE="1")
+    env.pop("DEVICE", None)
+    run = subprocess.run(["bash", os.path.join(ROOT, "scripts", "evaluate.sh"), model_dir, "dms_recall",
+                          "--limit", "3"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-5000:]
+    [results_path] = glob.glob(os.path.join(model_dir, "eval_results", "*", "results_*.json"))
+    with open(results_path) as f:
+        metrics = json.load(f)["results"]["dms_recall"]
+    [samples_path] = glob.glob(os.path.join(os.path.dirname(results_path), "samples_dms_recall_*.jsonl"))
+    with open(samples_path) as f:
+        samples = [json.loads(line) for line in f]
+    from dms.eval.recall import RecallExample, score
+
+    hits = [score(RecallExample("", "", s["target"], 0), s["filtered_resps"][0]) for s in samples]
+    assert len(samples) == 3 and metrics["exact_match,none"] == pytest.approx(sum(hits) / 3)
+    assert metrics["exact_match_300,none"] == pytest.approx(sum(hits) / 3)

@@ -8,6 +8,9 @@
   calls it.
 - `dms_passkey` (`dms/eval/tasks/dms_passkey/`, documents from
   `dms.eval.passkey`): an offline long-context retrieval task.
+- `dms_recall` (`dms/eval/tasks/dms_recall/`, documents from
+  `dms.eval.recall_task`): the quality study's recall prompts (needles,
+  variable tracking, associative recall), offline.
 """
 
 import os

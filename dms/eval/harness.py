@@ -185,7 +185,7 @@ def main(argv=None) -> int:
 
 
 OFFLINE_TASKS = (
-    "Offline (no hub, no NLTK download), these run: dms_passkey (shipped with dms), and RULER's niah_single_1, "
+    "Offline (no hub, no NLTK download), these run: dms_passkey and dms_recall (shipped with dms), and RULER's niah_single_1, "
     "niah_multikey_2 and niah_multikey_3 (pip install 'lm-eval[ruler]'). RULER's other needle tasks "
     "(niah_single_2, niah_single_3, niah_multikey_1, niah_multivalue, niah_multiquery) read the hub dataset "
     "baber/paul_graham_essays, ruler_qa_squad and ruler_qa_hotpot download their data: run them once with network "
