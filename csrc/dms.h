@@ -108,6 +108,7 @@ size_t dms_dtype_size(dms_dtype dtype);
 #define DMS_CPU_F16C (1u << 2)
 #define DMS_CPU_AVX512F (1u << 3)
 #define DMS_CPU_AVX512BF16 (1u << 4)
+#define DMS_CPU_AMX_BF16 (1u << 5) /* AMX tiles usable: the CPU has them and Linux granted them */
 unsigned dms_cpu_features(void);
 /*
  * The CPU code path an op takes on this machine ("baseline" x86-64/other,

@@ -103,27 +103,37 @@ def test_forward_and_gradients_match_oracle(case, dtype, device):
     assert torch.all(ins[3].grad[..., 0] == 0)  # no key precedes token 0
 
 
-@pytest.mark.skipif(os.environ.get("DMS_BF16DOT") in ("off", "0"), reason="already the float32 path")
+@pytest.mark.skipif(os.environ.get("DMS_BF16DOT") in ("off", "0") or os.environ.get("DMS_AMX") in ("off", "0"),
+                    reason="already running another tile-product path")
 @pytest.mark.skipif(dms.build_info()["sanitized"], reason="its subprocess would load the unsanitized build")
-def test_bfloat16_float32_score_path():
-    """bfloat16 scores of the training attention and of prefill run on
-    vdpbf16ps where the CPU has AVX512-BF16; their oracle tests again with
-    DMS_BF16DOT=off cover the float32 products every other CPU takes."""
+def test_every_tile_product_path_matches_the_oracle():
+    """bfloat16 tile products of the training attention and of prefill run
+    on AMX where the CPU has it (and Linux grants it), else on vdpbf16ps
+    where the CPU has AVX512-BF16, else in float32. The oracle tests of this
+    process cover the fastest path; they run again in a subprocess for each
+    slower path this CPU can take: DMS_AMX=off (vdpbf16ps) and
+    DMS_BF16DOT=off (float32, what every other CPU takes)."""
     info = dms.build_info()
-    want = "avx512bf16" if "avx512bf16" in info["cpu_features"] else info["cpu_kernels"]["gate"]
+    features = info["cpu_features"]
+    want = ("amx" if "amx_bf16" in features else "avx512bf16" if "avx512bf16" in features
+            else info["cpu_kernels"]["gate"])
     assert info["cpu_kernels"]["attn_train"] == info["cpu_kernels"]["attn_prefill"] == want
-    env = {**os.environ, "DMS_BF16DOT": "off"}
-    probe = subprocess.run([sys.executable, "-c", "import dms; print(dms.build_info()['cpu_kernels']['attn_train'])"],
-                           cwd=ROOT, env=env, capture_output=True, text=True)
-    assert probe.returncode == 0, probe.stderr
-    assert probe.stdout.strip() != "avx512bf16"
-    run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
-                          str(Path(__file__).relative_to(ROOT)), "tests/test_cache.py", "tests/test_nan.py", "-k",
-                          "(match_oracle and bfloat16 and cpu) or (reduced_precision_cache and bfloat16) "
-                          "or (nan and not decode and cpu)"],
-                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
-    assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-2000:]
-    assert f"{len(CASES) + 2 + 4} passed" in run.stdout
+    paths = [({"DMS_BF16DOT": "off"}, info["cpu_kernels"]["gate"])]
+    if want == "amx":
+        paths.append(({"DMS_AMX": "off"}, "avx512bf16"))
+    for setting, kernel in paths:
+        env = {**os.environ, **setting}
+        probe = subprocess.run([sys.executable, "-c", "import dms; print(dms.build_info()['cpu_kernels']['attn_train'])"],
+                               cwd=ROOT, env=env, capture_output=True, text=True)
+        assert probe.returncode == 0, probe.stderr
+        assert probe.stdout.strip() == kernel, setting
+        run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+                              str(Path(__file__).relative_to(ROOT)), "tests/test_cache.py", "tests/test_nan.py", "-k",
+                              "(match_oracle and bfloat16 and cpu) or (reduced_precision_cache and bfloat16) "
+                              "or (nan and not decode and cpu)"],
+                             cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+        assert run.returncode == 0, (setting, run.stdout[-4000:] + run.stderr[-2000:])
+        assert f"{len(CASES) + 2 + 4} passed" in run.stdout, setting
 
 
 @pytest.mark.parametrize("device", DEVICES)

@@ -2,6 +2,7 @@
  * common.c - error recording, the argument checks every op runs before it
  * touches data, dtype names, run-time CPU feature detection and threads.
  */
+#define _DEFAULT_SOURCE /* syscall(), for the AMX permission */
 #include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -247,6 +248,51 @@ dms_status dms_check_contiguous(const dms_tensor *t, const char *name)
 
 /* ---- machine ---------------------------------------------------------- */
 
+/*
+ * AMX: the CPU has AMX-TILE and AMX-BF16 (CPUID leaf 7, EDX bits 24 and 22),
+ * the OS saves the tile state (XCR0 bits 17 and 18), and Linux grants this
+ * process the tile data (arch_prctl ARCH_REQ_XCOMP_PERM, asked once).
+ */
+static int amx_granted = -1;
+
+#if DMS_X86_AMX
+#include <cpuid.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+
+static int amx_ask(void)
+{
+    unsigned a, b, c, d;
+    if (!__get_cpuid_count(7, 0, &a, &b, &c, &d) || !(d & (1u << 24)) ||
+        !(d & (1u << 22)))
+        return 0;
+    if (!__get_cpuid(1, &a, &b, &c, &d) || !(c & (1u << 27))) /* OSXSAVE */
+        return 0;
+    unsigned lo, hi;
+    __asm__ volatile("xgetbv" : "=a"(lo), "=d"(hi) : "c"(0));
+    if ((lo & (3u << 17)) != (3u << 17))
+        return 0;
+#ifdef SYS_arch_prctl
+    /* ARCH_REQ_XCOMP_PERM (0x1023) for XFEATURE_XTILEDATA (18). */
+    return syscall(SYS_arch_prctl, 0x1023, 18) == 0;
+#else
+    return 0;
+#endif
+}
+#endif
+
+static int amx_usable(void)
+{
+    if (amx_granted < 0) {
+#if DMS_X86_AMX
+        amx_granted = amx_ask();
+#else
+        amx_granted = 0;
+#endif
+    }
+    return amx_granted;
+}
+
 unsigned dms_cpu_features(void)
 {
     unsigned features = 0;
@@ -265,26 +311,39 @@ unsigned dms_cpu_features(void)
         features |= DMS_CPU_AVX512BF16;
 #endif
 #endif
+    if (amx_usable())
+        features |= DMS_CPU_AMX_BF16;
     return features;
 }
 
-static int bf16dot_on;
+static int bf16dot_on, amx_on;
+
+__attribute__((unused)) static int env_off(const char *name)
+{
+    const char *want = getenv(name);
+    return want != NULL && (strcmp(want, "off") == 0 || strcmp(want, "0") == 0);
+}
 
 #if DMS_X86_BF16DOT
-__attribute__((constructor)) static void choose_bf16dot(void)
+__attribute__((constructor)) static void choose_tile_products(void)
 {
-    const char *want = getenv("DMS_BF16DOT");
     __builtin_cpu_init();
-    bf16dot_on = !(want != NULL && (strcmp(want, "off") == 0 ||
-                                    strcmp(want, "0") == 0)) &&
+    bf16dot_on = !env_off("DMS_BF16DOT") &&
                  __builtin_cpu_supports("avx512f") &&
                  __builtin_cpu_supports("avx512bf16");
+    /* AMX replaces vdpbf16ps, so DMS_BF16DOT=off turns it off too. */
+    amx_on = bf16dot_on && !env_off("DMS_AMX") && amx_usable();
 }
 #endif
 
 int dms_cpu_bf16dot(void)
 {
     return bf16dot_on;
+}
+
+int dms_cpu_amx(void)
+{
+    return amx_on;
 }
 
 /* The clone the loader picks for a DMS_SIMD_CLONES function here. */
@@ -304,7 +363,7 @@ const char *dms_cpu_kernel(const char *op)
     if (strcmp(op, "gate") == 0)
         return simd_clone();
     if (strcmp(op, "attn_train") == 0 || strcmp(op, "attn_prefill") == 0)
-        return dms_cpu_bf16dot() ? "avx512bf16" : simd_clone();
+        return dms_cpu_amx() ? "amx" : dms_cpu_bf16dot() ? "avx512bf16" : simd_clone();
     /* Philox is 32x32->64-bit multiplies: baseline code is fast enough for
      * noise drawn once per training step. */
     if (strcmp(op, "logistic_noise") == 0)

@@ -165,6 +165,20 @@ int dms_attn_decode_cpu_use(const char *name);
 #define DMS_X86_BF16DOT 0
 #endif
 int dms_cpu_bf16dot(void);
+/*
+ * Where the CPU also has AMX (AMX-TILE and AMX-BF16; Sapphire Rapids and
+ * later) and Linux lets this process use the tile registers, those tile
+ * products run on AMX instead (cpu/tiles.h): the score products of bfloat16
+ * inputs, and the probability products whose other operand is bfloat16.
+ * dms_cpu_amx() says so: DMS_X86_AMX, the CPU, the permission (asked once,
+ * when the library loads) and DMS_AMX not "off".
+ */
+#if DMS_X86_BF16DOT && !defined(__clang__)
+#define DMS_X86_AMX 1
+#else
+#define DMS_X86_AMX 0
+#endif
+int dms_cpu_amx(void);
 
 #ifdef DMS_WITH_CUDA
 dms_status dms_cache_append_cuda(const dms_cache_call *call, void *stream);

@@ -96,6 +96,30 @@ static void load_row_operand(const dms_tensor *t, int64_t b, int64_t h,
 #endif
 }
 
+/* Whether the probability products with float32 tiles of t (as their
+ * second operand) run on AMX. */
+static int amx_for(const dms_tensor *t)
+{
+    return t->dtype == DMS_BFLOAT16 && dms_cpu_amx();
+}
+
+/* out += p x for a BQ x BK tile p: on AMX from the row pairs xp of x when
+ * they are there, else in float32. */
+static void acc_product(const float *p, const float *x, const uint32_t *xp,
+                        uint16_t *split, int64_t ld, float *out)
+{
+#if DMS_X86_AMX
+    if (xp != NULL) {
+        matmul_acc_nn_amx(p, xp, ld, split, out);
+        return;
+    }
+#else
+    (void)xp;
+    (void)split;
+#endif
+    matmul_acc_nn(p, x, ld, out);
+}
+
 /* Scratch for the bf16 operands: NULL (unused) unless `dot`. */
 static void *alloc_if(int dot, size_t bytes)
 {
@@ -187,6 +211,10 @@ typedef struct fwd_scratch {
     float *kt, *v, *s, *row;
     uint16_t *q16; /* bf16 path: raw query rows, G x BQ x ld, else NULL */
     uint32_t *kp;  /* bf16 path: key pairs, ld / 2 x BK */
+    /* AMX path (bfloat16 v, dms_cpu_amx()): value row pairs BK / 2 x ld and
+     * the split probabilities 2 x BQ x BK of matmul_acc_nn_amx, else NULL. */
+    uint32_t *vpairs;
+    uint16_t *split;
 } fwd_scratch;
 
 /* Queries [q0, q0 + BQ) of all G query heads of kv head (b, h). */
@@ -205,6 +233,10 @@ static void forward_tile(const dms_attn_train_args *a, int64_t b, int64_t h,
         load_keys(a, b, h, k0, &tk);
         load_key_operand(a->k, b, h, k0, tk.kn, D, w->row, w->kt, w->kp);
         load_rows(a->v, b, h, k0, tk.kn, BK, D, ld, 1.0f, w->v);
+#if DMS_X86_AMX
+        if (w->vpairs != NULL)
+            pack_row_pairs(w->v, BK, ld, w->vpairs);
+#endif
         const int full = tile_is_full(a, q0, qn, &tk);
         for (int64_t g = 0; g < G; ++g) {
             float *o = w->qg.o + g * BQ * ld;
@@ -216,7 +248,7 @@ static void forward_tile(const dms_attn_train_args *a, int64_t b, int64_t h,
                             tk.hidden_bias, w->s);
             online_softmax(w->s, BQ, w->qg.m + g * BQ, w->qg.l + g * BQ, o,
                            ld);
-            matmul_acc_nn(w->s, w->v, ld, o);
+            acc_product(w->s, w->v, w->vpairs, w->split, ld, o);
         }
     }
     unsigned char silent[BQ];
@@ -245,6 +277,8 @@ void dms_attn_train_forward_cpu(const dms_attn_train_args *a,
         w.row = alloc_floats((size_t)ld);
         w.q16 = alloc_if(dot, sizeof(uint16_t) * (size_t)(G * BQ * ld));
         w.kp = alloc_if(dot, sizeof(uint32_t) * (size_t)(ld / 2 * BK));
+        w.vpairs = alloc_if(amx_for(a->v), sizeof(uint32_t) * (size_t)(BK / 2 * ld));
+        w.split = alloc_if(amx_for(a->v), sizeof(uint16_t) * (size_t)(2 * BQ * BK));
         /* Later query tiles (more keys) first, for balance. */
 #ifdef _OPENMP
 #pragma omp for schedule(dynamic, 1)
@@ -261,6 +295,8 @@ void dms_attn_train_forward_cpu(const dms_attn_train_args *a,
         free(w.row);
         free(w.q16);
         free(w.kp);
+        free(w.vpairs);
+        free(w.split);
     }
 }
 
@@ -275,6 +311,11 @@ typedef struct bwd_scratch {
      * rows G x BQ x ld, key pairs ld / 2 x BK. */
     uint16_t *q16, *dout16;
     uint32_t *kp, *vp;
+    /* AMX path (bfloat16 k, dms_cpu_amx()): key row pairs BK / 2 x ld and
+     * the split dS 4 x BQ x BK for grad_q; query or grad_o row pairs
+     * BQ / 2 x ld for grad_k and grad_v (with q16, dout16). Else NULL. */
+    uint32_t *kpairs, *xpairs;
+    uint16_t *split;
 } bwd_scratch;
 
 /*
@@ -408,8 +449,18 @@ static void backward_key_tile(const dms_attn_train_args *a,
             const int64_t qn = a->T - q0 < BQ ? a->T - q0 : BQ;
             load_query_side(a, delta, b, qh, q0, qn, w, 0);
             probs_and_dscores(a, q0, qn, &tk, w, 0);
-            matmul_acc_tn(w->s, w->dout, ld, dv);
-            matmul_acc_tn(w->dp, w->q, ld, dk); /* q is pre-scaled */
+#if DMS_X86_AMX
+            if (w->xpairs != NULL && w->dout16 != NULL)
+                matmul_acc_tn_amx(w->s, 1.0f, w->dout16, ld, w->split, w->xpairs, dv);
+            else
+#endif
+                matmul_acc_tn(w->s, w->dout, ld, dv);
+#if DMS_X86_AMX
+            if (w->xpairs != NULL && w->q16 != NULL) /* raw q: the scale goes on dS */
+                matmul_acc_tn_amx(w->dp, a->scale, w->q16, ld, w->split, w->xpairs, dk);
+            else
+#endif
+                matmul_acc_tn(w->dp, w->q, ld, dk); /* q is pre-scaled */
             if (a->grad_y && q0 + qn - 1 - k0 > a->window)
                 window_grad(q0, k0, a->window, w->dp, dpen);
         }
@@ -452,9 +503,13 @@ static void backward_query_tile(const dms_attn_train_args *a,
         load_key_operand(a->k, b, h, k0, tk.kn, D, w->row, w->kt, w->kp);
         load_key_operand(a->v, b, h, k0, tk.kn, D, w->row, w->vt, w->vp);
         load_rows(a->k, b, h, k0, tk.kn, BK, D, ld, 1.0f, w->k);
+#if DMS_X86_AMX
+        if (w->kpairs != NULL)
+            pack_row_pairs(w->k, BK, ld, w->kpairs);
+#endif
         for (int64_t g = 0; g < G; ++g) {
             probs_and_dscores(a, q0, qn, &tk, w, g);
-            matmul_acc_nn(w->dp, w->k, ld, w->acc + g * BQ * ld);
+            acc_product(w->dp, w->k, w->kpairs, w->split, ld, w->acc + g * BQ * ld);
         }
     }
     for (int64_t g = 0; g < G; ++g)
@@ -494,6 +549,9 @@ void dms_attn_train_backward_cpu(const dms_attn_train_args *a,
         w.dout16 = alloc_if(dot_dp, sizeof(uint16_t) * (size_t)(G * BQ * ld));
         w.kp = alloc_if(dot_s, sizeof(uint32_t) * (size_t)(ld / 2 * BK));
         w.vp = alloc_if(dot_dp, sizeof(uint32_t) * (size_t)(ld / 2 * BK));
+        w.kpairs = alloc_if(amx_for(a->k), sizeof(uint32_t) * (size_t)(BK / 2 * ld));
+        w.xpairs = alloc_if(amx_for(a->k), sizeof(uint32_t) * (size_t)(BQ / 2 * ld));
+        w.split = alloc_if(amx_for(a->k), sizeof(uint16_t) * (size_t)(4 * BQ * BK));
         /* Early key tiles are seen by the most queries: schedule first. */
 #ifdef _OPENMP
 #pragma omp for schedule(dynamic, 1) nowait
@@ -528,6 +586,9 @@ void dms_attn_train_backward_cpu(const dms_attn_train_args *a,
         free(w.dout16);
         free(w.kp);
         free(w.vp);
+        free(w.kpairs);
+        free(w.xpairs);
+        free(w.split);
     }
     free(delta);
 }

@@ -285,6 +285,10 @@ typedef struct prefill_scratch {
      * matmul_nt_bf16 (tiles.h), which replaces kt. */
     uint16_t *q16;
     uint32_t *kp;
+    /* With dms_cpu_amx(): the value tile as row pairs (BK / 2 x ld) and the
+     * split probabilities (2 x BQ x BK) of matmul_acc_nn_amx; else NULL. */
+    uint32_t *vp;
+    uint16_t *split;
     int64_t *idx, *pos;      /* n: the call's non-padding tokens, positions */
     unsigned char *flag;     /* n */
 } prefill_scratch;
@@ -302,6 +306,10 @@ static void prefill_key_tile(const dms_cache_call *x, prefill_scratch *w,
     else
 #endif
         transpose_tile(w->k, ld, w->kt);
+#if DMS_X86_AMX
+    if (w->vp != NULL)
+        pack_row_pairs(w->v, BK, ld, w->vp);
+#endif
     for (int64_t g = 0; g < x->G; ++g) {
         float *o = w->qg.o + g * BQ * ld;
 #if DMS_X86_BF16DOT
@@ -312,6 +320,12 @@ static void prefill_key_tile(const dms_cache_call *x, prefill_scratch *w,
             matmul_nt(w->qg.q + g * BQ * ld, w->kt, ld, w->s);
         mask_visible(qpos, kpos, limit, w->s);
         online_softmax(w->s, BQ, w->qg.m + g * BQ, w->qg.l + g * BQ, o, ld);
+#if DMS_X86_AMX
+        if (w->vp != NULL) {
+            matmul_acc_nn_amx(w->s, w->vp, ld, w->split, o);
+            continue;
+        }
+#endif
         matmul_acc_nn(w->s, w->v, ld, o);
     }
 }
@@ -414,9 +428,15 @@ void dms_attn_prefill_cpu(const dms_cache_call *x, int num_threads)
         w.flag = malloc((size_t)x->n);
         w.q16 = NULL;
         w.kp = NULL;
+        w.vp = NULL;
+        w.split = NULL;
         if (x->c.dtype == DMS_BFLOAT16 && dms_cpu_bf16dot()) {
             w.q16 = (uint16_t *)alloc_floats((size_t)(G * BQ * ld / 2));
             w.kp = (uint32_t *)alloc_floats((size_t)(ld / 2 * BK));
+        }
+        if (x->c.dtype == DMS_BFLOAT16 && dms_cpu_amx()) {
+            w.vp = (uint32_t *)alloc_floats((size_t)(BK / 2 * ld));
+            w.split = (uint16_t *)alloc_floats(BQ * BK);
         }
 #ifdef _OPENMP
 #pragma omp for schedule(dynamic, 1)
@@ -435,6 +455,8 @@ void dms_attn_prefill_cpu(const dms_cache_call *x, int num_threads)
         free(w.flag);
         free(w.q16);
         free(w.kp);
+        free(w.vp);
+        free(w.split);
     }
 }
 

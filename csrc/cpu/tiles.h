@@ -267,7 +267,7 @@ DMS_TILE_FN void load_pairs_bf16(const dms_tensor *t, int64_t b, int64_t h,
 /* s[r][c] = scale * sum_d a[r][d] * b_c[d] for r < BQ, c < BK, from raw
  * rows a (BQ x ld) and key pairs bt; 4 rows x 64 keys of accumulators. */
 __attribute__((target("avx512f,avx512bf16"), unused))
-static void matmul_nt_bf16(const uint16_t *restrict a,
+static void matmul_nt_bf16_dot(const uint16_t *restrict a,
                            const uint32_t *restrict bt, int64_t ld,
                            float scale, float *restrict s)
 {
@@ -296,6 +296,211 @@ static void matmul_nt_bf16(const uint16_t *restrict a,
                 _mm512_storeu_ps(s + (r + rr) * BK + 16 * j,
                                  _mm512_mul_ps(acc[rr][j], sc));
     }
+}
+
+/* ---- AMX tile products -------------------------------------------- */
+
+/*
+ * With AMX (dms_cpu_amx()) the same products run on the tile unit: eight
+ * tile registers of 16 rows x 64 bytes, tdpbf16ps multiplying a 16 x 32
+ * bfloat16 tile by a 16 x (16 pairs) tile into 16 x 16 float32. The score
+ * product takes exactly the operands of matmul_nt_bf16_dot (raw rows, key
+ * pairs) and is exact in the same way. The probability products
+ * (out += p v, p a float32 tile) take the other operand as pairs of rows,
+ * dst[(c / 2) * ld + d] = (x[c][d], x[c + 1][d]), from a tensor whose values
+ * are bfloat16 (so the pairs are exact), and split p into two bfloat16
+ * halves, p = hi + lo with hi the truncation: both products are exact in
+ * float32 and hi + lo keeps 16 significant bits of p, an error below 2^-16
+ * of each term (float32 keeps 24; the bfloat16 inputs themselves 8).
+ * Every function configures the tiles itself and releases them.
+ */
+#if DMS_X86_AMX
+#define DMS_AMX_FN __attribute__((target("amx-tile,amx-bf16,avx512f,avx512bf16"), unused)) static
+
+typedef struct amx_config {
+    uint8_t palette, start_row, reserved[14];
+    uint16_t colsb[16];
+    uint8_t rows[16];
+} amx_config;
+
+/* Tiles 0..7, each 16 rows of 64 bytes. */
+DMS_AMX_FN void amx_start(void)
+{
+    amx_config cfg;
+    memset(&cfg, 0, sizeof cfg);
+    cfg.palette = 1;
+    for (int t = 0; t < 8; ++t) {
+        cfg.colsb[t] = 64;
+        cfg.rows[t] = 16;
+    }
+    _tile_loadconfig(&cfg);
+}
+
+/* matmul_nt_bf16_dot on tiles: 2 x 2 accumulator tiles of 16 x 16 per
+ * 32 x 32 block of s, then the scale. */
+DMS_AMX_FN void matmul_nt_amx(const uint16_t *restrict a,
+                              const uint32_t *restrict bt, int64_t ld,
+                              float scale, float *restrict s)
+{
+    amx_start();
+    const size_t sa = (size_t)ld * 2, sb = BK * 4, ss = BK * 4;
+    for (int r = 0; r < BQ; r += 32)
+        for (int c = 0; c < BK; c += 32) {
+            _tile_zero(0);
+            _tile_zero(1);
+            _tile_zero(2);
+            _tile_zero(3);
+            for (int64_t e = 0; e < ld / 2; e += 16) {
+                _tile_loadd(4, a + r * ld + 2 * e, sa);
+                _tile_loadd(5, a + (r + 16) * ld + 2 * e, sa);
+                _tile_loadd(6, bt + e * BK + c, sb);
+                _tile_loadd(7, bt + e * BK + c + 16, sb);
+                _tile_dpbf16ps(0, 4, 6);
+                _tile_dpbf16ps(1, 4, 7);
+                _tile_dpbf16ps(2, 5, 6);
+                _tile_dpbf16ps(3, 5, 7);
+            }
+            _tile_stored(0, s + r * BK + c, ss);
+            _tile_stored(1, s + r * BK + c + 16, ss);
+            _tile_stored(2, s + (r + 16) * BK + c, ss);
+            _tile_stored(3, s + (r + 16) * BK + c + 16, ss);
+        }
+    _tile_release();
+    const __m512 sc = _mm512_set1_ps(scale);
+    for (int i = 0; i < BQ * BK; i += 16)
+        _mm512_storeu_ps(s + i, _mm512_mul_ps(_mm512_loadu_ps(s + i), sc));
+}
+
+/* hi[i], lo[i]: p[i] as the sum of two bfloat16 (hi truncated), n % 16 == 0. */
+DMS_AMX_FN void split_bf16(const float *restrict p, int64_t n,
+                           uint16_t *restrict hi, uint16_t *restrict lo)
+{
+    const __m512i top = _mm512_set1_epi32((int)0xffff0000u);
+    for (int64_t i = 0; i < n; i += 16) {
+        const __m512 x = _mm512_loadu_ps(p + i);
+        const __m512i h = _mm512_and_si512(_mm512_castps_si512(x), top);
+        const __m512 rest = _mm512_sub_ps(x, _mm512_castsi512_ps(h));
+        _mm256_storeu_si256((__m256i *)(hi + i),
+                            _mm512_cvtepi32_epi16(_mm512_srli_epi32(h, 16)));
+        const __m256bh l = _mm512_cvtneps_pbh(rest);
+        memcpy(lo + i, &l, sizeof l);
+    }
+}
+
+/* Pairs of rows of a float32 tile src (rows x ld) whose values are
+ * bfloat16: dst[(c / 2) * ld + d] = (src[c][d], src[c + 1][d]); rows even. */
+DMS_AMX_FN void pack_row_pairs(const float *restrict src, int64_t rows,
+                               int64_t ld, uint32_t *restrict dst)
+{
+    for (int64_t c = 0; c < rows; c += 2)
+        for (int64_t d = 0; d < ld; d += 16) {
+            const __m512i x0 = _mm512_srli_epi32(_mm512_loadu_si512(src + c * ld + d), 16);
+            const __m512i x1 = _mm512_loadu_si512(src + (c + 1) * ld + d);
+            const __m512i both = _mm512_or_si512(
+                x0, _mm512_and_si512(x1, _mm512_set1_epi32((int)0xffff0000u)));
+            _mm512_storeu_si512(dst + (c / 2) * ld + d, both);
+        }
+}
+
+/* out[r][:] += sum_c (hi + lo)[r][c] * x[c][:] for r, c < 64: hi, lo
+ * 64 x 64 bfloat16, x as row pairs ([32][ld]). */
+DMS_AMX_FN void acc_split_amx(const uint16_t *restrict hi,
+                              const uint16_t *restrict lo,
+                              const uint32_t *restrict xp, int64_t ld,
+                              float *restrict out)
+{
+    amx_start();
+    const size_t so = (size_t)ld * 4, sp = 64 * 2, sx = (size_t)ld * 4;
+    for (int r = 0; r < 64; r += 16)
+        for (int64_t d = 0; d < ld; d += 32) {
+            _tile_loadd(0, out + r * ld + d, so);
+            _tile_loadd(1, out + r * ld + d + 16, so);
+            for (int c = 0; c < 64; c += 32) {
+                _tile_loadd(4, hi + r * 64 + c, sp);
+                _tile_loadd(5, lo + r * 64 + c, sp);
+                _tile_loadd(6, xp + (c / 2) * ld + d, sx);
+                _tile_loadd(7, xp + (c / 2) * ld + d + 16, sx);
+                _tile_dpbf16ps(0, 4, 6);
+                _tile_dpbf16ps(1, 4, 7);
+                _tile_dpbf16ps(0, 5, 6);
+                _tile_dpbf16ps(1, 5, 7);
+            }
+            _tile_stored(0, out + r * ld + d, so);
+            _tile_stored(1, out + r * ld + d + 16, so);
+        }
+    _tile_release();
+}
+
+/* out[r][:] += sum_c p[r][c] * x[c][:] for r < BQ, c < BK: p float32
+ * (BQ x BK, split as above into hi, lo: 2 x BQ x BK scratch), x as row
+ * pairs (pack_row_pairs of a BK x ld tile). */
+DMS_AMX_FN void matmul_acc_nn_amx(const float *restrict p,
+                                  const uint32_t *restrict xp, int64_t ld,
+                                  uint16_t *restrict split,
+                                  float *restrict out)
+{
+    uint16_t *hi = split, *lo = split + BQ * BK;
+    split_bf16(p, BQ * BK, hi, lo);
+    acc_split_amx(hi, lo, xp, ld, out);
+}
+
+/* Pairs of raw bfloat16 rows (rows x ld): dst[(r / 2) * ld + d] =
+ * (src[r][d], src[r + 1][d]); rows even, ld % 16 == 0. */
+DMS_AMX_FN void pack_row_pairs16(const uint16_t *restrict src, int64_t rows,
+                                 int64_t ld, uint32_t *restrict dst)
+{
+    for (int64_t r = 0; r < rows; r += 2)
+        for (int64_t d = 0; d < ld; d += 16) {
+            const __m512i x0 = _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)(src + r * ld + d)));
+            const __m512i x1 = _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)(src + (r + 1) * ld + d)));
+            _mm512_storeu_si512(dst + (r / 2) * ld + d, _mm512_or_si512(x0, _mm512_slli_epi32(x1, 16)));
+        }
+}
+
+/* out[c][:] += sum_r mul * p[r][c] * x[r][:] (the transposed product of
+ * matmul_acc_tn) for c < BK, r < BQ: x raw bfloat16 rows (BQ x ld);
+ * scratch: 4 x BQ x BK bfloat16 (the split, then its transpose) and
+ * BQ / 2 x ld pairs. */
+DMS_AMX_FN void matmul_acc_tn_amx(const float *restrict p, float mul,
+                                  const uint16_t *restrict x, int64_t ld,
+                                  uint16_t *restrict split,
+                                  uint32_t *restrict xp, float *restrict out)
+{
+    uint16_t *hi = split, *lo = split + BQ * BK;
+    uint16_t *hit = split + 2 * BQ * BK, *lot = split + 3 * BQ * BK;
+    if (mul != 1.0f) {
+        float *scaled = (float *)hit; /* BQ x BK floats fit in hit + lot */
+        const __m512 m = _mm512_set1_ps(mul);
+        for (int i = 0; i < BQ * BK; i += 16)
+            _mm512_storeu_ps(scaled + i, _mm512_mul_ps(_mm512_loadu_ps(p + i), m));
+        split_bf16(scaled, BQ * BK, hi, lo);
+    } else {
+        split_bf16(p, BQ * BK, hi, lo);
+    }
+    for (int r = 0; r < BQ; ++r)
+        for (int c = 0; c < BK; ++c) {
+            hit[c * BQ + r] = hi[r * BK + c];
+            lot[c * BQ + r] = lo[r * BK + c];
+        }
+    pack_row_pairs16(x, BQ, ld, xp);
+    acc_split_amx(hit, lot, xp, ld, out);
+}
+#endif
+
+/* The score product of bfloat16 operands: on AMX where dms_cpu_amx(), else
+ * on vdpbf16ps. */
+__attribute__((unused)) static void matmul_nt_bf16(const uint16_t *restrict a,
+                                                   const uint32_t *restrict bt,
+                                                   int64_t ld, float scale,
+                                                   float *restrict s)
+{
+#if DMS_X86_AMX
+    if (dms_cpu_amx()) {
+        matmul_nt_amx(a, bt, ld, scale, s);
+        return;
+    }
+#endif
+    matmul_nt_bf16_dot(a, bt, ld, scale, s);
 }
 
 /* Key pairs (dst[e * BK + c], as load_pairs_bf16 makes them) from a float32

@@ -1059,7 +1059,7 @@ static PyObject *py_build_info(PyObject *module, PyObject *unused)
     static const struct { unsigned bit; const char *name; } names[] = {
         {DMS_CPU_AVX2, "avx2"},       {DMS_CPU_FMA, "fma"},
         {DMS_CPU_F16C, "f16c"},       {DMS_CPU_AVX512F, "avx512f"},
-        {DMS_CPU_AVX512BF16, "avx512bf16"}};
+        {DMS_CPU_AVX512BF16, "avx512bf16"}, {DMS_CPU_AMX_BF16, "amx_bf16"}};
     for (size_t i = 0; i < sizeof names / sizeof names[0]; ++i) {
         if (!(features & names[i].bit))
             continue;
