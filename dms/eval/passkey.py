@@ -16,7 +16,7 @@ import random
 import re
 
 __all__ = ["DECLARED_LENGTHS", "DEFAULT_LENGTHS", "DEFAULT_SAMPLES", "GEN_PREFIX", "aggregate", "build_docs",
-           "passkey_dataset", "process_results", "score"]
+           "passkey_dataset", "process_results", "score", "task_tokenizer_and_lengths"]
 
 DEFAULT_LENGTHS = (256, 512, 1024)
 # Lengths whose exact_match_<length> metric dms_passkey.yaml declares (with
@@ -120,24 +120,35 @@ def passkey_dataset(**metadata):
     """The task's `custom_dataset`: {"test": datasets.Dataset} built from
     `metadata` (see the module docstring for the keys read; others are ignored)."""
     import datasets
+
+    tokenizer, lengths = task_tokenizer_and_lengths(metadata, "dms_passkey", DEFAULT_LENGTHS)
+    docs = build_docs(tokenizer, lengths,
+                      metadata.get("num_samples", DEFAULT_SAMPLES), metadata.get("passkey_seed", 0))
+    return {"test": datasets.Dataset.from_list(docs)}
+
+
+def task_tokenizer_and_lengths(metadata, task, default_lengths):
+    """(tokenizer, prompt lengths) of an offline task whose prompts are
+    sized in tokens: the tokenizer named by `tokenizer` or lm-eval's
+    `pretrained`, and `max_seq_lengths` (default `default_lengths`), checked
+    against the model's max_position_embeddings (lm-eval would truncate
+    longer prompts and still report them under the long name)."""
     from transformers import AutoTokenizer
 
     name = metadata.get("tokenizer") or metadata.get("pretrained")
     if not isinstance(name, str) or not name:
-        raise ValueError("tokenizer: dms_passkey sizes its prompts in tokens and needs a tokenizer: pass "
+        raise ValueError(f"tokenizer: {task} sizes its prompts in tokens and needs a tokenizer: pass "
                          "--model_args pretrained=PATH (lm-eval's hf model does) or --metadata "
                          "'{\"tokenizer\": \"NAME_OR_PATH\"}'")
     remote = bool(metadata.get("trust_remote_code", False))
     tokenizer = AutoTokenizer.from_pretrained(name, trust_remote_code=remote)
-    lengths = _check_lengths(metadata.get("max_seq_lengths", DEFAULT_LENGTHS))
+    lengths = _check_lengths(metadata.get("max_seq_lengths", default_lengths))
     limit = _max_positions(metadata.get("pretrained"), remote)
     too_long = [n for n in lengths if limit is not None and n > limit]
-    if too_long:  # lm-eval would truncate them and still report the metric under the long name
+    if too_long:
         raise ValueError(f"max_seq_lengths: {too_long} exceed the model's max_position_embeddings ({limit}); "
                          f"pass lengths up to {limit}, e.g. --metadata '{{\"max_seq_lengths\": [{limit}]}}'")
-    docs = build_docs(tokenizer, lengths,
-                      metadata.get("num_samples", DEFAULT_SAMPLES), metadata.get("passkey_seed", 0))
-    return {"test": datasets.Dataset.from_list(docs)}
+    return tokenizer, lengths
 
 
 def _max_positions(pretrained, trust_remote_code):

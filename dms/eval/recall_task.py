@@ -14,7 +14,7 @@ with the parsed `--model_args` and `--metadata`; the keys it reads are:
     tokenizer        tokenizer name or path (default: `pretrained` from --model_args)
 """
 
-from dms.eval.passkey import DECLARED_LENGTHS, _check_lengths, _max_positions
+from dms.eval.passkey import DECLARED_LENGTHS, _check_lengths, task_tokenizer_and_lengths
 from dms.eval.recall import TASKS, make_examples, score
 
 __all__ = ["DEFAULT_LENGTHS", "DEFAULT_SAMPLES", "DEFAULT_SEED", "build_docs", "process_results", "recall_dataset"]
@@ -44,21 +44,8 @@ def recall_dataset(**metadata):
     """The task's `custom_dataset`: {"test": datasets.Dataset} built from
     `metadata` (see the module docstring for the keys read)."""
     import datasets
-    from transformers import AutoTokenizer
 
-    name = metadata.get("tokenizer") or metadata.get("pretrained")
-    if not isinstance(name, str) or not name:
-        raise ValueError("tokenizer: dms_recall sizes its prompts in tokens and needs a tokenizer: pass "
-                         "--model_args pretrained=PATH (lm-eval's hf model does) or --metadata "
-                         "'{\"tokenizer\": \"NAME_OR_PATH\"}'")
-    remote = bool(metadata.get("trust_remote_code", False))
-    tokenizer = AutoTokenizer.from_pretrained(name, trust_remote_code=remote)
-    lengths = _check_lengths(metadata.get("max_seq_lengths", DEFAULT_LENGTHS))
-    limit = _max_positions(metadata.get("pretrained"), remote)
-    too_long = [n for n in lengths if limit is not None and n > limit]
-    if too_long:
-        raise ValueError(f"max_seq_lengths: {too_long} exceed the model's max_position_embeddings ({limit}); "
-                         f"pass lengths up to {limit}, e.g. --metadata '{{\"max_seq_lengths\": [{limit}]}}'")
+    tokenizer, lengths = task_tokenizer_and_lengths(metadata, "dms_recall", DEFAULT_LENGTHS)
     docs = build_docs(tokenizer, lengths, metadata.get("num_samples", DEFAULT_SAMPLES),
                       metadata.get("recall_seed", DEFAULT_SEED))
     return {"test": datasets.Dataset.from_list(docs)}
