@@ -23,7 +23,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import command_line, machine_description  # noqa: E402
 
-from dms import Qwen3ForCausalLMDMS  # noqa: E402
+from dms import AutoModelForCausalLMDMS  # noqa: E402
 from dms.eval.baselines import eviction_policy  # noqa: E402
 from dms.eval.quality import evaluate_recall, matched_baselines  # noqa: E402
 from dms.eval.recall import make_examples, make_text  # noqa: E402
@@ -77,7 +77,7 @@ def main(argv=None):
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(args.base)
-    base = Qwen3ForCausalLMDMS.from_pretrained(args.base).eval()  # a plain checkpoint: keeps everything
+    base = AutoModelForCausalLMDMS.from_pretrained(args.base).eval()  # a plain checkpoint: keeps everything
     header = ["length", "method", "accuracy", "niah / vt / mqar", "stored per row", "compression", "perplexity"]
     rows, points = [], []
     start = time.time()
@@ -88,7 +88,7 @@ def main(argv=None):
         rows.append(_row(length, "vanilla", vanilla, perplexity(base, tokenizer, docs)))
         points.append(("vanilla", length, 1.0, vanilla["accuracy"]))
         for label, path in _models(args.models):
-            model = Qwen3ForCausalLMDMS.from_pretrained(path).eval()
+            model = AutoModelForCausalLMDMS.from_pretrained(path).eval()
             result = evaluate_recall(model, tokenizer, examples, show_progress=True)
             rows.append(_row(length, f"DMS {label}", result, perplexity(model, tokenizer, docs)))
             points.append((f"DMS {label.rsplit('-', 1)[0]}", length, result["compression_ratio"], result["accuracy"]))

@@ -21,22 +21,48 @@ if "transformers" in _sys.modules:
     import dms.models  # noqa: F401
 
 
-def __getattr__(name):
-    # The model pulls in torch and transformers; the C core must not need them.
-    if name in ("Qwen3ConfigDMS", "Qwen3ForCausalLMDMS", "Qwen3ModelDMS"):
-        from dms.models import qwen3
+# Model classes dms exports, by the family package that defines them.
+_MODEL_EXPORTS = {name: module for module, names in {
+    "dms.models.auto": ["AutoModelForCausalLMDMS"],
+    "dms.models.llama": ["LlamaConfigDMS", "LlamaForCausalLMDMS", "LlamaModelDMS"],
+    "dms.models.mistral": ["MistralConfigDMS", "MistralForCausalLMDMS", "MistralModelDMS"],
+    "dms.models.qwen2": ["Qwen2ConfigDMS", "Qwen2ForCausalLMDMS", "Qwen2ModelDMS"],
+    "dms.models.qwen3": ["Qwen3ConfigDMS", "Qwen3ForCausalLMDMS", "Qwen3ModelDMS"],
+    "dms.models.qwen3_moe": ["Qwen3MoeConfigDMS", "Qwen3MoeForCausalLMDMS", "Qwen3MoeModelDMS"],
+}.items() for name in names}
 
-        return getattr(qwen3, name)
+
+def __getattr__(name):
+    # The models pull in torch and transformers; the C core must not need them.
+    if name in _MODEL_EXPORTS:
+        import importlib
+
+        import dms.models  # noqa: F401  (registers every family with the Auto classes)
+
+        return getattr(importlib.import_module(_MODEL_EXPORTS[name]), name)
     raise AttributeError(f"module 'dms' has no attribute {name!r}")
 
 __all__ = [
+    "AutoModelForCausalLMDMS",
     "CudaError",
     "CudaUnavailableError",
     "DMSError",
+    "LlamaConfigDMS",
+    "LlamaForCausalLMDMS",
+    "LlamaModelDMS",
+    "MistralConfigDMS",
+    "MistralForCausalLMDMS",
+    "MistralModelDMS",
     "PoolExhaustedError",
+    "Qwen2ConfigDMS",
+    "Qwen2ForCausalLMDMS",
+    "Qwen2ModelDMS",
     "Qwen3ConfigDMS",
     "Qwen3ForCausalLMDMS",
     "Qwen3ModelDMS",
+    "Qwen3MoeConfigDMS",
+    "Qwen3MoeForCausalLMDMS",
+    "Qwen3MoeModelDMS",
     "build_info",
     "get_num_threads",
     "set_num_threads",

@@ -18,7 +18,7 @@ import time
 import torch
 
 import dms
-from dms.models.qwen3 import Qwen3ForCausalLMDMS
+from dms.models.auto import AutoModelForCausalLMDMS
 from dms.models.qwen3.modeling_qwen3_dms import cache_kwargs
 from dms.tiny import tiny_model
 
@@ -77,7 +77,7 @@ def main(argv=None) -> int:
     dtype = getattr(torch, args.dtype)
     if args.model:
         try:
-            model = Qwen3ForCausalLMDMS.from_pretrained(args.model, dtype=dtype)
+            model = AutoModelForCausalLMDMS.from_pretrained(args.model, dtype=dtype)
         except OSError as e:
             parser.error(f"--model {args.model}: cannot load it ({str(e).splitlines()[0]})")
         name = args.model

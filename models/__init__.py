@@ -1,3 +1,5 @@
-"""Command-line entry points per model family, run from the repository root
-(`python -m models.qwen3.train`, `python -m models.qwen3.extract`). The
+"""Command-line entry points, run from the repository root:
+`python -m models.train` and `python -m models.extract` serve every family
+(the family comes from the checkpoint's model_type); `models.qwen3.train`
+and `models.qwen3.extract` are the seed's names for the same commands. The
 modeling code is `dms.models` inside the installed package."""

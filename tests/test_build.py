@@ -24,7 +24,7 @@ def test_build_info_fields():
     assert info["openmp"] is True
     assert info["compiler"].startswith(("gcc", "clang"))
     assert info["dlpack_version"] == (1, 0)
-    assert set(info["cpu_features"]) <= {"avx2", "fma", "f16c", "avx512f", "avx512bf16"}
+    assert set(info["cpu_features"]) <= {"avx2", "fma", "f16c", "avx512f", "avx512bf16", "amx_bf16"}
     feats = info["cpu_features"]
     best = "avx512" if "avx512f" in feats else "avx2" if "avx2" in feats else "baseline"
     if info["sanitized"]:  # SIMD clones are compiled out under the sanitizers
@@ -37,9 +37,13 @@ def test_build_info_fields():
         decode = os.environ["DMS_DECODE_KERNEL"]
     # bfloat16 training attention scores on vdpbf16ps where the CPU has it,
     # and prefill, unless DMS_BF16DOT=off (tests/test_attn_train.py).
+    # AMX tiles instead where the CPU has them and Linux grants them, unless
+    # DMS_AMX=off (or DMS_BF16DOT=off, which turns both off).
     train = best
     if "avx512bf16" in feats and os.environ.get("DMS_BF16DOT") not in ("off", "0"):
         train = "avx512bf16"
+        if "amx_bf16" in feats and os.environ.get("DMS_AMX") not in ("off", "0"):
+            train = "amx"
     assert info["cpu_kernels"] == {"gate": best, "logistic_noise": "baseline", "attn_train": train,
                                    "attn_prefill": train,
                                    "attn_decode": decode}
@@ -135,12 +139,14 @@ def test_distribution_name_is_dms_kv_everywhere_it_is_named():
     next to saved checkpoints."""
     import importlib.metadata
 
-    from dms.models.qwen3.modeling_qwen3_dms import _REMOTE_CODE
+    from dms.models.modeling_dms import _remote_code
+    from dms.tiny import tiny_model
 
+    files, _ = _remote_code(tiny_model(seed=0))
     text = (ROOT / "pyproject.toml").read_text()
     assert 'name = "dms-kv"' in text and '"dms-kv[train,eval,notebook]"' in text
     assert importlib.metadata.version("dms-kv") == dms.__version__
-    assert all("pip install dms-kv" in code and "pip install dms)" not in code for code in _REMOTE_CODE.values())
+    assert all("pip install dms-kv" in code and "pip install dms)" not in code for code in files.values())
 
 
 def test_python_m_dms_checks_every_op_family_on_every_device(capsys):

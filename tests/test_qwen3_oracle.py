@@ -1,5 +1,7 @@
 """The whole `Qwen3ForCausalLMDMS` against a float64 model built from
-tests/oracle.py: transformers' Qwen3 projections, norms and MLPs, with the
+tests/oracle.py: transformers' projections, norms and MLPs (`oracle_logits`
+serves every family: q/k norms where the model has them, biases, MoE
+blocks; tests/test_families.py uses it), with the
 DMS parts (decision logits, gate, attention with delayed eviction) taken from
 the oracle over the whole sequence with dense masks. Eval mode is checked at
 every step of a prefill → decode → prefill → decode run; training mode with
@@ -35,7 +37,9 @@ def _model(**dms):
 
 
 def oracle_logits(m, ids, noise=None, decisions=None, window=None):
-    """Logits of the float64 model `m` over the whole of `ids` [B, T]; `noise`
+    """Logits of the float64 DMS model `m` (any family: its transformers
+    modules compute the projections, q/k norms if it has them, norms and MLP
+    or MoE blocks) over the whole of `ids` [B, T]; `noise`
     (one [B, H, T] tensor per layer) switches to the training form;
     `decisions` (one [B, H, T] 0/1 tensor per layer) and `window` replace
     the model's own decisions and dms_window_size at inference."""
@@ -47,26 +51,35 @@ def oracle_logits(m, ids, noise=None, decisions=None, window=None):
         attn = layer.self_attn
         h = layer.input_layernorm(x)
         shape = (B, T, -1, attn.head_dim)
-        q = attn.q_norm(attn.q_proj(h).view(shape)).transpose(1, 2)
-        k = attn.k_norm(attn.k_proj(h).view(shape)).transpose(1, 2)
+        q, k = attn.q_proj(h).view(shape), attn.k_proj(h).view(shape)
+        if getattr(attn, "q_norm", None) is not None:  # Qwen3, Qwen3-MoE; Llama, Qwen2, Mistral have none
+            q, k = attn.q_norm(q), attn.k_norm(k)
+        q, k = q.transpose(1, 2), k.transpose(1, 2)
         v = attn.v_proj(h).view(shape).transpose(1, 2)
         if c.dms_separate_alpha:
             z = oracle.decision_logits_separate(x, attn.dms_proj_alpha_norm.weight, attn.dms_proj_alpha.weight,
-                                                scale=c.dms_alpha_scale, offset=c.dms_initial_alpha_offset,
-                                                eps=c.rms_norm_eps)
+                                                attn.dms_proj_alpha.bias, scale=c.dms_alpha_scale,
+                                                offset=c.dms_initial_alpha_offset, eps=c.rms_norm_eps)
         else:
             z, q = oracle.decision_logits_borrowed(q, c.num_key_value_heads, scale=c.dms_alpha_scale,
                                                    offset=c.dms_initial_alpha_offset)
         q, k = apply_rotary_pos_emb(q, k, cos, sin)
-        if not c.dms_separate_alpha:
+        if not c.dms_separate_alpha and getattr(c, "dms_zero_borrowed_after_rope", True):
             q = oracle.zero_borrowed(q, c.num_key_value_heads)
         layer_wide = oracle.per_layer if c.dms_alpha_per == "layer" else (lambda values: values)
+        # dms_decision_target "current" (the FastDMS layout): key i's own decision flags it.
+        own = getattr(c, "dms_decision_target", "previous") == "current"
         if noise is None:
             alpha = layer_wide((z > 0).double()) if decisions is None else decisions[i].double()
-            o = oracle.attention_with_decisions(q, k, v, alpha, c.dms_window_size if window is None else window,
-                                                attn.scaling)
+            w = c.dms_window_size if window is None else window
+            if own:
+                o = oracle.attention_hard(q, k, v, alpha, w, attn.scaling)  # evict_flags e[i] = alpha[i]
+            else:
+                o = oracle.attention_with_decisions(q, k, v, alpha, w, attn.scaling)  # e[i] = alpha[i+1]
         else:
             y = layer_wide(oracle.gate(z, noise[i].double(), c.dms_tau)[0])
+            if own:  # attention_train penalises key i with y[i+1]: hand it key i's own y there
+                y = torch.cat([torch.zeros_like(y[..., :1]), y[..., :-1]], dim=-1)
             o, _ = oracle.attention_train(q, k, v, y, c.dms_window_size, attn.scaling)
         x = x + attn.o_proj(o.transpose(1, 2).reshape(B, T, -1))
         x = x + layer.mlp(layer.post_attention_layernorm(x))

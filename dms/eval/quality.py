@@ -5,7 +5,7 @@ one prompt per row — together with the KV budget it used: tokens stored per
 (all tokens seen / all tokens stored). `matched_baselines` sizes the
 training-free policies of `dms.eval.baselines` to the budget a DMS run used.
 
-    model = Qwen3ForCausalLMDMS.from_pretrained(path).eval()
+    model = AutoModelForCausalLMDMS.from_pretrained(path).eval()
     result = evaluate_recall(model, tokenizer, make_examples(60, 1024, seed=1_000_003))
     result["accuracy"], result["stored_per_row"], result["compression_ratio"]
 """

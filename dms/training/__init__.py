@@ -5,7 +5,7 @@
     engine.py    losses, CR schedule, gate-noise counters, model loading, DMSTrainer
     pipeline.py  train / prepare data / extract a student; the command-line entry points
 
-Run `python -m models.qwen3.train --config configs/tiny.yaml` from the
+Run `python -m models.train --config configs/tiny.yaml` from the
 repository root, or `bash scripts/train.sh CONFIG` for several processes.
 """
 

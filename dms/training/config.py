@@ -13,7 +13,7 @@ key by its dotted path (``trainer.max_steps: expected an int >= 1, got 0``)
 and unknown keys are rejected. Every key has a default, listed in the
 section classes below and in configs/README.md. `TrainingConfig.save` writes
 the resolved config (defaults filled in) as OUTPUT/config.yaml, which
-`load_config` reads back unchanged (`python -m models.qwen3.extract` uses it).
+`load_config` reads back unchanged (`python -m models.extract` uses it).
 """
 
 import copy
@@ -151,9 +151,10 @@ def _check(fn, doc):
 
 @dataclass
 class DMSModelConfig:
-    """`model.dms`: DMS fields of the student's `Qwen3ConfigDMS` (SPEC.md names
-    without the `dms_` prefix). Each default null keeps the loaded
-    checkpoint's value (`Qwen3ConfigDMS`'s default for a plain Qwen3).
+    """`model.dms`: DMS fields of the student's DMS config (`Qwen3ConfigDMS`,
+    `LlamaConfigDMS`, ...; SPEC.md names without the `dms_` prefix). Each
+    default null keeps the loaded checkpoint's value (the DMS config's default
+    for a plain checkpoint).
 
     separate_alpha: decisions from a separate adapter (true; the recipe) or a
         borrowed query neuron (false). Adapters-only training needs true.
@@ -193,9 +194,10 @@ class DMSModelConfig:
 class ModelConfig:
     """`model`: the student.
 
-    name_or_path: a Hugging Face id or directory of a Qwen3 or Qwen3-DMS
-        checkpoint, or "tiny" for the built-in tiny model (dms.tiny)
-        (default "tiny").
+    name_or_path: a Hugging Face id or directory of a plain or DMS checkpoint
+        of a supported family (model_type llama, mistral, qwen2, qwen3,
+        qwen3_moe, or their "_dms" types), or "tiny" for the built-in tiny
+        model (dms.tiny) (default "tiny").
     dtype: dtype the weights load in: float32, bfloat16 or float16
         (default float32).
     trainable_dtype: dtype of the trained parameters (default null: dtype);
@@ -232,7 +234,7 @@ class TeacherConfig:
     name_or_path: null (default): the student's own weights with eviction
         off, one model and two forward passes per step (with
         distillation.train_all_weights: a frozen copy of the student's
-        initial weights). Otherwise a separate frozen Qwen3 checkpoint
+        initial weights). Otherwise a separate frozen checkpoint
         ("tiny" for the built-in model) with the student's vocabulary.
     dtype: dtype of a separate teacher (default null: model.dtype).
     """

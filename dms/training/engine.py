@@ -198,7 +198,7 @@ def load_tokenizer(model_config):
 
 
 def _load_dms_model(config, name_or_path, dtype, overrides, show_progress=True):
-    from dms.models.qwen3 import Qwen3ForCausalLMDMS
+    from dms.models import AutoModelForCausalLMDMS
 
     if name_or_path == "tiny":
         if not config.model.tiny_lm_steps:
@@ -208,12 +208,14 @@ def _load_dms_model(config, name_or_path, dtype, overrides, show_progress=True):
         from dms.training.tiny_lm import ensure_tiny_lm
 
         name_or_path = ensure_tiny_lm(config, show_progress=show_progress)
-    return Qwen3ForCausalLMDMS.from_pretrained(name_or_path, dtype=dtype, **overrides)
+    # The family (Qwen3, Llama, Qwen2, Mistral, Qwen3-MoE) comes from the checkpoint's model_type.
+    return AutoModelForCausalLMDMS.from_pretrained(name_or_path, dtype=dtype, **overrides)
 
 
 def load_student(config, show_progress=True):
-    """The student `Qwen3ForCausalLMDMS` of `config` (a TrainingConfig): a
-    plain Qwen3 checkpoint gets fresh adapters that keep everything;
+    """The student DMS model of `config` (a TrainingConfig), of the family its
+    checkpoint's model_type names: a plain checkpoint gets fresh adapters
+    that keep everything;
     `model.dms` keys override the checkpoint's DMS fields. Eviction is on."""
     m = config.model
     model = _load_dms_model(config, m.name_or_path, torch_dtype(m.dtype), m.dms.overrides(), show_progress)
@@ -239,7 +241,7 @@ def load_teacher(config, student, show_progress=True):
         teacher = _load_dms_model(config, "tiny", dtype, overrides, show_progress)
     elif _is_dms_checkpoint(t.name_or_path):
         teacher = _load_dms_model(config, t.name_or_path, dtype, {"dms_disable_eviction": True}, show_progress)
-    else:  # a plain causal LM (e.g. a larger Qwen3): transformers' own model
+    else:  # a plain causal LM (e.g. a larger model of the family): transformers' own model
         from transformers import AutoModelForCausalLM
 
         teacher = AutoModelForCausalLM.from_pretrained(t.name_or_path, dtype=dtype)
@@ -251,7 +253,8 @@ def load_teacher(config, student, show_progress=True):
         teacher.config.dms_disable_eviction = True
         # Training mode: a DMS model's whole-sequence attention (its eval
         # mode goes through the paged cache); with eviction off nothing is
-        # noised and Qwen3 has no dropout, so this forward is deterministic.
+        # noised and DMS attention has no dropout (the families' MLPs have
+        # none), so this forward is deterministic.
         teacher.train()
     else:
         teacher.eval()
@@ -291,7 +294,7 @@ def freeze_for_training(model, train_all_weights=False, trainable_dtype=None):
 
 
 def save_student_model(model, path, *, dtype, tokenizer=None, state_dict=None, final_cr=None):
-    """Write `model` (a Qwen3ForCausalLMDMS) to `path` in `dtype`, loadable by
+    """Write `model` (a DMS causal LM of any family) to `path` in `dtype`, loadable by
     `AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True)`,
     with the tokenizer next to it. `state_dict` (e.g. gathered from FSDP)
     replaces the model's own tensors."""

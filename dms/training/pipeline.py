@@ -1,7 +1,9 @@
 """Retrofit training runs end to end: prepare the data, train, save the
 student, extract a student from an intermediate checkpoint.
 
-`python -m models.qwen3.train` and `python -m models.qwen3.extract` are thin
+`python -m models.train` and `python -m models.extract` (any family: it comes
+from the checkpoint's model_type; `models.qwen3.train` and
+`models.qwen3.extract` are the same commands under the seed's names) are thin
 wrappers of `main_train` and `main_extract`; `scripts/train.sh` runs the
 first with --prepare-dataset-only in one process, then under
 `accelerate launch`.
@@ -234,12 +236,13 @@ def _config_from_args(parser, args):
         parser.error(str(e))
 
 
-def main_train(argv=None):
-    """python -m models.qwen3.train --config FILE [--prepare-dataset-only] [--set KEY=VALUE ...]"""
+def main_train(argv=None, prog="python -m models.train"):
+    """python -m models.train --config FILE [--prepare-dataset-only] [--set KEY=VALUE ...]"""
     parser = argparse.ArgumentParser(
-        prog="python -m models.qwen3.train",
-        description="Retrofit DMS onto a Qwen3 model by distillation (SPEC §6). Run from the repository root; "
-                    "under `accelerate launch` for several processes (scripts/train.sh does both steps).")
+        prog=prog,
+        description="Retrofit DMS onto a Llama, Mistral, Qwen2, Qwen3 or Qwen3-MoE model by distillation "
+                    "(SPEC §6; the family comes from model.name_or_path's model_type). Run from the repository "
+                    "root; under `accelerate launch` for several processes (scripts/train.sh does both steps).")
     parser.add_argument("--config", required=True, help="YAML config (configs/*.yaml; keys in configs/README.md)")
     parser.add_argument("--prepare-dataset-only", action="store_true",
                         help="tokenise and cache the training data, then exit (run once before a multi-process "
@@ -257,10 +260,10 @@ def main_train(argv=None):
     return 0
 
 
-def main_extract(argv=None):
-    """python -m models.qwen3.extract --config OUTPUT/config.yaml --checkpoint OUTPUT/checkpoint-N [--output DIR]"""
+def main_extract(argv=None, prog="python -m models.extract"):
+    """python -m models.extract --config OUTPUT/config.yaml --checkpoint OUTPUT/checkpoint-N [--output DIR]"""
     parser = argparse.ArgumentParser(
-        prog="python -m models.qwen3.extract",
+        prog=prog,
         description="Write a loadable DMS student model from an intermediate training checkpoint.")
     parser.add_argument("--config", required=True, help="the run's config (OUTPUT/config.yaml)")
     parser.add_argument("--checkpoint", required=True, help="a checkpoint folder (OUTPUT/checkpoint-N)")

@@ -11,4 +11,4 @@ import sys
 from dms.training.pipeline import main_extract
 
 if __name__ == "__main__":
-    sys.exit(main_extract())
+    sys.exit(main_extract(prog="python -m models.qwen3.extract"))

@@ -1,4 +1,5 @@
-"""Retrofit DMS onto a Qwen3 model by distillation.
+"""Retrofit DMS onto a Qwen3 model by distillation (the seed's command; the
+same as `python -m models.train`, which serves every family).
 
     python -m models.qwen3.train --config configs/tiny.yaml
     python -m models.qwen3.train --config configs/qwen3_8b.yaml --prepare-dataset-only
@@ -12,4 +13,4 @@ import sys
 from dms.training.pipeline import main_train
 
 if __name__ == "__main__":
-    sys.exit(main_train())
+    sys.exit(main_train(prog="python -m models.qwen3.train"))
