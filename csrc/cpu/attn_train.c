@@ -246,8 +246,12 @@ static void forward_tile(const dms_attn_train_args *a, int64_t b, int64_t h,
             if (!full)
                 apply_masks(q0, k0, a->y ? a->window : INT64_MAX, tk.penalty,
                             tk.hidden_bias, w->s);
-            online_softmax(w->s, BQ, w->qg.m + g * BQ, w->qg.l + g * BQ, o,
-                           ld);
+#if DMS_X86_AMX
+            if (w->vpairs != NULL)
+                online_softmax_amx(w->s, BQ, w->qg.m + g * BQ, w->qg.l + g * BQ, o, ld);
+            else
+#endif
+                online_softmax(w->s, BQ, w->qg.m + g * BQ, w->qg.l + g * BQ, o, ld);
             acc_product(w->s, w->v, w->vpairs, w->split, ld, o);
         }
     }
@@ -397,6 +401,28 @@ static void softmax_grad(float *restrict s, float *restrict dp,
     }
 }
 
+#if DMS_X86_AMX
+/* softmax_grad with exp_avx512 (tiles.h), for the AMX path. */
+__attribute__((target("avx512f"))) static void softmax_grad_amx(float *restrict s, float *restrict dp,
+                                                               const float *restrict lse,
+                                                               const float *restrict delta)
+{
+    const __m512 zero = _mm512_setzero_ps();
+    for (int r = 0; r < BQ; ++r) {
+        float *sr = s + r * BK, *dr = dp + r * BK;
+        const __m512 l = _mm512_set1_ps(lse[r]), dl = _mm512_set1_ps(delta[r]);
+        const int silent = lse[r] == -INFINITY;
+        for (int c = 0; c < BK; c += 16) {
+            /* min(0, x): s - lse <= 0 up to rounding; a NaN stays NaN. */
+            const __m512 x = _mm512_min_ps(zero, _mm512_sub_ps(_mm512_loadu_ps(sr + c), l));
+            const __m512 p = silent ? zero : exp_avx512(x);
+            _mm512_storeu_ps(sr + c, p);
+            _mm512_storeu_ps(dr + c, _mm512_mul_ps(p, _mm512_sub_ps(_mm512_loadu_ps(dr + c), dl)));
+        }
+    }
+}
+#endif
+
 /* dpen[c] += sum of dS[r][c] over the pairs beyond the window. */
 DMS_SIMD_CLONES
 static void window_grad(int64_t q0, int64_t k0, int64_t window,
@@ -426,6 +452,12 @@ static void probs_and_dscores(const dms_attn_train_args *a, int64_t q0,
                     tk->hidden_bias, w->s);
     score_tile(w->dout + at, w->vt, w->dout16 ? w->dout16 + at : NULL, w->vp,
                ld, 1.0f, w->dp);
+#if DMS_X86_AMX
+    if (w->split != NULL) {
+        softmax_grad_amx(w->s, w->dp, w->lse + slot * BQ, w->delta + slot * BQ);
+        return;
+    }
+#endif
     softmax_grad(w->s, w->dp, w->lse + slot * BQ, w->delta + slot * BQ);
 }
 

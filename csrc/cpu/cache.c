@@ -319,13 +319,14 @@ static void prefill_key_tile(const dms_cache_call *x, prefill_scratch *w,
 #endif
             matmul_nt(w->qg.q + g * BQ * ld, w->kt, ld, w->s);
         mask_visible(qpos, kpos, limit, w->s);
-        online_softmax(w->s, BQ, w->qg.m + g * BQ, w->qg.l + g * BQ, o, ld);
 #if DMS_X86_AMX
         if (w->vp != NULL) {
+            online_softmax_amx(w->s, BQ, w->qg.m + g * BQ, w->qg.l + g * BQ, o, ld);
             matmul_acc_nn_amx(w->s, w->vp, ld, w->split, o);
             continue;
         }
 #endif
+        online_softmax(w->s, BQ, w->qg.m + g * BQ, w->qg.l + g * BQ, o, ld);
         matmul_acc_nn(w->s, w->v, ld, o);
     }
 }

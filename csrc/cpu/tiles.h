@@ -485,7 +485,77 @@ DMS_AMX_FN void matmul_acc_tn_amx(const float *restrict p, float mul,
     pack_row_pairs16(x, BQ, ld, xp);
     acc_split_amx(hit, lot, xp, ld, out);
 }
+/*
+ * exp(x) of 16 scores x <= 0 (or -inf, or NaN) in AVX-512 registers, for the
+ * AMX path where the tile products no longer hide the exps:
+ * 2^(x log2 e) as 2^k 2^f, f in [-1/2, 1/2] by the Cephes exp2f polynomial
+ * (about 1 ulp, as exp_nonpositive) and 2^k by vscalefps. Below 2^-125
+ * (exp_nonpositive's flush point; masked scores, -inf, among them) the
+ * result is exactly 0, set by a mask: letting vscalefps underflow would make
+ * denormals, which cost a microcode assist each. NaN stays NaN.
+ */
+__attribute__((target("avx512f"), unused)) static inline __m512 exp_avx512(__m512 x)
+{
+    const __m512 floor_ = _mm512_set1_ps(-125.0f);
+    __m512 y = _mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f));
+    const __mmask16 live = _mm512_cmp_ps_mask(y, floor_, _CMP_NLE_UQ); /* > 2^-125 or NaN */
+    y = _mm512_max_ps(floor_, y); /* NaN stays NaN */
+    const __m512 k = _mm512_roundscale_ps(y, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    const __m512 f = _mm512_sub_ps(y, k);
+    __m512 p = _mm512_set1_ps(1.535336188319500e-4f);
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.339887440266574e-3f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(9.618437357674640e-3f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(5.550332471162809e-2f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(2.402264791363012e-1f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(6.931472028550421e-1f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f));
+    return _mm512_maskz_scalef_ps(live, p, k);
+}
+
+/*
+ * online_softmax (below) with exp_avx512, for the AMX path: one pass for
+ * the row max, one for exp and sum. NaN scores are left out of the max and
+ * give NaN probabilities, as online_softmax does.
+ */
+DMS_AMX_FN void online_softmax_amx(float *restrict s, int64_t rows,
+                                   float *restrict m, float *restrict l,
+                                   float *restrict o, int64_t ld)
+{
+    for (int64_t r = 0; r < rows; ++r) {
+        float *row = s + r * BK;
+        __m512 v[BK / 16];
+        __m512 mv = _mm512_set1_ps(-INFINITY);
+        for (int j = 0; j < BK / 16; ++j) {
+            v[j] = _mm512_loadu_ps(row + 16 * j);
+            mv = _mm512_max_ps(v[j], mv); /* a NaN in v[j] keeps mv */
+        }
+        float mx = _mm512_reduce_max_ps(mv);
+        mx = mx > m[r] ? mx : m[r];
+        if (mx == -INFINITY) { /* nothing visible yet */
+            for (int j = 0; j < BK / 16; ++j)
+                _mm512_storeu_ps(row + 16 * j, _mm512_setzero_ps());
+            continue;
+        }
+        const __m512 mxv = _mm512_set1_ps(mx);
+        __m512 sum = _mm512_setzero_ps();
+        for (int j = 0; j < BK / 16; ++j) {
+            const __m512 p = exp_avx512(_mm512_sub_ps(v[j], mxv));
+            _mm512_storeu_ps(row + 16 * j, p);
+            sum = _mm512_add_ps(sum, p);
+        }
+        const float corr = exp_nonpositive(m[r] - mx);
+        l[r] = l[r] * corr + _mm512_reduce_add_ps(sum);
+        m[r] = mx;
+        if (corr != 1.0f) {
+            float *orow = o + r * ld;
+            const __m512 c = _mm512_set1_ps(corr);
+            for (int64_t d = 0; d < ld; d += 16)
+                _mm512_storeu_ps(orow + d, _mm512_mul_ps(_mm512_loadu_ps(orow + d), c));
+        }
+    }
+}
 #endif
+
 
 /* The score product of bfloat16 operands: on AMX where dms_cpu_amx(), else
  * on vdpbf16ps. */
