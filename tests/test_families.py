@@ -72,14 +72,15 @@ def _fields(family):
     return {**TINY, **FAMILIES[family][4]}
 
 
-def _model(family, seed=0, **dms_fields):
-    """The tiny DMS model of `family` with random adapters (or borrowed
-    neurons) that evict a real fraction of tokens (scale 1, offset 0)."""
+def _model(family, seed=0, sizes=None, **dms_fields):
+    """The tiny DMS model of `family` (`sizes` overrides its config fields)
+    with random adapters (or borrowed neurons) that evict a real fraction of
+    tokens (scale 1, offset 0)."""
     config_class, model_class = FAMILIES[family][:2]
     torch.manual_seed(seed)
-    fields = dict(dms_window_size=5, dms_paged_attention_block_size=2, dms_alpha_scale=1.0,
-                  dms_initial_alpha_offset=0.0, **dms_fields)
-    m = model_class(config_class(**fields, **_fields(family)))
+    fields = {**dict(dms_window_size=5, dms_paged_attention_block_size=2, dms_alpha_scale=1.0,
+                     dms_initial_alpha_offset=0.0), **dms_fields}
+    m = model_class(config_class(**fields, **{**_fields(family), **(sizes or {})}))
     with torch.no_grad():
         for layer in m.model.layers:
             attn = layer.self_attn
@@ -438,3 +439,41 @@ def test_a_family_class_refuses_another_familys_checkpoint(tmp_path):
         with pytest.raises(ValueError, match=f"^model_type: Qwen3ConfigDMS reads 'qwen3' and 'qwen3_dms' "
                                              f"checkpoints, this one is '{found}'.*AutoModelForCausalLMDMS"):
             Qwen3ForCausalLMDMS.from_pretrained(path)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family", ["llama", "qwen3_moe"])
+def test_lm_eval_and_viz_run_on_a_saved_family_directory(family, tmp_path):
+    """The evaluation path of the README (scripts/evaluate.sh: lm-eval's hf
+    model with trust_remote_code, the offline dms_recall task, the
+    compression tally) and dms.viz's report, on another family than Qwen3."""
+    from dms.models.modeling_dms import cache_kwargs
+    from dms.tiny import tiny_tokenizer
+    from dms.viz import compression_report
+
+    tok = tiny_tokenizer()
+    model = _model(family, sizes=dict(vocab_size=-(-len(tok) // 64) * 64, max_position_embeddings=1024),
+                   dms_separate_alpha=True, dms_window_size=16, dms_paged_attention_block_size=8).eval()
+    path = str(tmp_path / family)
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+    ids = torch.tensor([tok("The code of vup is 41. " * 12, add_special_tokens=False)["input_ids"]])
+    cache = model.get_cache()
+    with torch.no_grad():
+        model.generate(ids, max_new_tokens=4, do_sample=False, pad_token_id=tok.pad_token_id, **cache_kwargs(cache))
+    report = compression_report(cache)
+    assert f"{model.config.num_hidden_layers} layers" in report and cache.compression_ratio() > 1.2
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, MAX_SEQ_LENGTHS="300", BATCH_SIZE="2", CUDA_VISIBLE_DEVICES="", PYTHON=sys.executable,
+               HF_DATASETS_OFFLINE="1", HF_HUB_OFFLINE="1")
+    env.pop("DEVICE", None)
+    run = subprocess.run(["bash", os.path.join(root, "scripts", "evaluate.sh"), path, "dms_recall", "--limit", "2"],
+                         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-5000:]
+    import glob
+
+    [results_path] = glob.glob(os.path.join(path, "eval_results", "*", "results_*.json"))
+    with open(results_path) as f:
+        results = json.load(f)
+    assert 0.0 <= results["results"]["dms_recall"]["exact_match,none"] <= 1.0
+    assert results["dms_compression"]["compression_ratio"] > 1.2  # the family's DMS caches held the prompts
