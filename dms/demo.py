@@ -4,11 +4,17 @@ against the same run with eviction off.
 
 Without --model it builds a tiny built-in Qwen3-DMS (deterministic random
 weights, adapters set so that a real fraction of tokens is evicted): no
-download. With --model PATH it loads a checkpoint (a DMS-retrofitted one, or
-a plain Qwen3 plus DMS defaults).
+download. With --model PATH it loads a checkpoint of any supported family (a
+DMS-retrofitted one, or a plain one plus DMS defaults).
+
+With --questions N (a model with its tokenizer) it asks N fresh long-context
+recall questions instead (`dms.eval.recall`: needles, variable tracking,
+associative recall, --prompt-tokens long) and prints each answer with DMS
+on and off next to the right one, with the compression and KV bytes.
 
     python -m dms.demo [--model PATH] [--prompt-tokens 600] [--new-tokens 64]
                        [--chunk 256] [--device cpu|cuda] [--dtype float32]
+                       [--questions N]
 """
 
 import argparse
@@ -23,17 +29,52 @@ from dms.models.qwen3.modeling_qwen3_dms import cache_kwargs
 from dms.tiny import tiny_model
 
 
-def run(model, prompt, new_tokens, disable_eviction):
+def run(model, prompt, new_tokens, disable_eviction, pad_token_id=0):
     model.config.dms_disable_eviction = disable_eviction
     cache = model.get_cache()
     start = time.perf_counter()
     with torch.no_grad():
         out = model.generate(prompt, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
-                             pad_token_id=0, **cache_kwargs(cache))
+                             pad_token_id=pad_token_id, **cache_kwargs(cache))
     if prompt.is_cuda:
         torch.cuda.synchronize()
     seconds = time.perf_counter() - start
     return out, cache, seconds
+
+
+def ask(model, name, args):
+    """--questions: fresh recall prompts answered with DMS on and off."""
+    from transformers import AutoTokenizer
+
+    from dms.eval.recall import make_examples, score
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(args.model)
+    except (OSError, ValueError) as e:
+        raise SystemExit(f"--questions: {args.model} has no tokenizer to write questions with "
+                         f"({str(e).splitlines()[0]})") from None
+    examples = make_examples(args.questions, args.prompt_tokens, seed=args.seed, tokenizer=tokenizer)
+    print(f"dms {dms.__version__} demo: {name}, {args.device}, {args.dtype}")
+    print(f"{args.questions} recall questions, prompts of up to {args.prompt_tokens} tokens (seed {args.seed})\n")
+    print(f"{'task':<6}{'answer':>8}{'DMS':>8}{'off':>8}{'compression':>13}{'KV bytes DMS':>15}{'off':>12}")
+    right = {"DMS": 0, "off": 0}
+    for ex in examples:
+        ids = torch.tensor([tokenizer(ex.prompt, add_special_tokens=False)["input_ids"]], device=model.device)
+        answers, caches = {}, {}
+        for label, disabled in (("DMS", False), ("off", True)):
+            out, cache, _ = run(model, ids, len(tokenizer(ex.completion, add_special_tokens=False)["input_ids"]) + 1,
+                                disabled, pad_token_id=tokenizer.pad_token_id)
+            text = tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
+            answers[label] = (text.strip().split(" ")[0].rstrip(".") or "-")[:7]
+            right[label] += score(ex, text)
+            caches[label] = cache
+        print(f"{ex.task:<6}{ex.answer:>8}{answers['DMS']:>8}{answers['off']:>8}"
+              f"{caches['DMS'].compression_ratio():>12.2f}x{caches['DMS'].bytes_in_use():>15,}"
+              f"{caches['off'].bytes_in_use():>12,}")
+    model.config.dms_disable_eviction = False
+    print(f"\nright: DMS {right['DMS']}/{args.questions}, eviction off {right['off']}/{args.questions} "
+          "(compression = tokens seen / stored; KV bytes: pages in use once the answer is generated)")
+    return 0
 
 
 def _count(low, what):
@@ -62,7 +103,13 @@ def main(argv=None) -> int:
                         help="cpu or cuda[:N] (default: cuda when available)")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     parser.add_argument("--seed", type=int, default=0, help="seed of the prompt and the tiny model (default 0)")
+    parser.add_argument("--questions", type=_count(0, "a number of questions"), default=0,
+                        help="ask this many recall questions (needs --model with a tokenizer; default 0: "
+                             "generate from a random prompt)")
     args = parser.parse_args(argv)
+    if args.questions and not args.model:
+        parser.error("--questions: needs --model PATH (a model with its tokenizer; the built-in tiny model "
+                     "has random weights and answers nothing)")
     try:
         device = torch.device(args.device)
     except RuntimeError:
@@ -86,6 +133,8 @@ def main(argv=None) -> int:
         name = "built-in tiny Qwen3-DMS (4 layers, 2 KV heads, w=64, random weights)"
     model = model.to(device).eval()
     model.config.dms_chunked_prefill = args.chunk or None
+    if args.questions:
+        return ask(model, name, args)
     g = torch.Generator().manual_seed(args.seed)
     prompt = torch.randint(1, model.config.vocab_size, (1, args.prompt_tokens), generator=g).to(device)
 

@@ -32,3 +32,19 @@ def test_bad_flags_get_a_usage_message_not_a_traceback(argv, message, capsys):
 def test_chunk_zero_prefills_at_once(capsys):
     assert demo.main(["--prompt-tokens", "80", "--new-tokens", "2", "--chunk", "0"]) == 0
     assert "(one prefill)" in capsys.readouterr().out
+
+
+def test_questions_mode_answers_recall_prompts_with_dms_on_and_off(tmp_path, capsys):
+    from dms.tiny import save_tiny
+
+    path = save_tiny(str(tmp_path / "tiny"), seed=0)
+    assert demo.main(["--model", path, "--questions", "3", "--prompt-tokens", "300", "--chunk", "128"]) == 0
+    out = capsys.readouterr().out
+    rows = [line.split() for line in out.splitlines() if line.split()[:1] and line.split()[0] in ("niah", "vt", "mqar")]
+    assert [r[0] for r in rows] == ["niah", "vt", "mqar"]
+    assert all(float(r[4].rstrip("x")) > 1.0 for r in rows)  # the tiny adapters evict
+    assert all(int(r[5].replace(",", "")) < int(r[6].replace(",", "")) or float(r[4].rstrip("x")) < 1.1 for r in rows)
+    assert "right: DMS " in out and "/3, eviction off " in out
+    with pytest.raises(SystemExit) as exit_info:
+        demo.main(["--questions", "2"])
+    assert exit_info.value.code == 2 and "--questions: needs --model PATH" in capsys.readouterr().err
