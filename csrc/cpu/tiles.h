@@ -457,34 +457,62 @@ DMS_AMX_FN void pack_row_pairs16(const uint16_t *restrict src, int64_t rows,
         }
 }
 
+/* dst (16 x 16, row stride ds) = the transpose of src (row stride ss). */
+DMS_AMX_FN void transpose16(const float *restrict src, int64_t ss, float *restrict dst, int64_t ds)
+{
+    __m512 r[16], t[16];
+    for (int i = 0; i < 16; ++i)
+        r[i] = _mm512_loadu_ps(src + i * ss);
+    for (int i = 0; i < 16; i += 2) { /* pairs of rows, interleaved per 128-bit lane */
+        t[i] = _mm512_unpacklo_ps(r[i], r[i + 1]);
+        t[i + 1] = _mm512_unpackhi_ps(r[i], r[i + 1]);
+    }
+    for (int i = 0; i < 16; i += 4) { /* 4 x 4 blocks within each lane */
+        r[i] = _mm512_castpd_ps(_mm512_unpacklo_pd(_mm512_castps_pd(t[i]), _mm512_castps_pd(t[i + 2])));
+        r[i + 1] = _mm512_castpd_ps(_mm512_unpackhi_pd(_mm512_castps_pd(t[i]), _mm512_castps_pd(t[i + 2])));
+        r[i + 2] = _mm512_castpd_ps(_mm512_unpacklo_pd(_mm512_castps_pd(t[i + 1]), _mm512_castps_pd(t[i + 3])));
+        r[i + 3] = _mm512_castpd_ps(_mm512_unpackhi_pd(_mm512_castps_pd(t[i + 1]), _mm512_castps_pd(t[i + 3])));
+    }
+    for (int i = 0; i < 4; ++i) { /* then the lanes themselves */
+        t[i] = _mm512_shuffle_f32x4(r[i], r[i + 4], 0x88);
+        t[i + 4] = _mm512_shuffle_f32x4(r[i], r[i + 4], 0xdd);
+        t[i + 8] = _mm512_shuffle_f32x4(r[i + 8], r[i + 12], 0x88);
+        t[i + 12] = _mm512_shuffle_f32x4(r[i + 8], r[i + 12], 0xdd);
+    }
+    for (int i = 0; i < 4; ++i) {
+        r[i] = _mm512_shuffle_f32x4(t[i], t[i + 8], 0x88);
+        r[i + 8] = _mm512_shuffle_f32x4(t[i], t[i + 8], 0xdd);
+        r[i + 4] = _mm512_shuffle_f32x4(t[i + 4], t[i + 12], 0x88);
+        r[i + 12] = _mm512_shuffle_f32x4(t[i + 4], t[i + 12], 0xdd);
+    }
+    for (int i = 0; i < 16; ++i)
+        _mm512_storeu_ps(dst + i * ds, r[i]);
+}
+
 /* out[c][:] += sum_r mul * p[r][c] * x[r][:] (the transposed product of
  * matmul_acc_tn) for c < BK, r < BQ: x raw bfloat16 rows (BQ x ld);
- * scratch: 4 x BQ x BK bfloat16 (the split, then its transpose) and
- * BQ / 2 x ld pairs. */
+ * scratch: 4 x BQ x BK bfloat16 (the split of the transpose, then the
+ * transpose itself as BK x BQ floats) and BQ / 2 x ld pairs. */
 DMS_AMX_FN void matmul_acc_tn_amx(const float *restrict p, float mul,
                                   const uint16_t *restrict x, int64_t ld,
                                   uint16_t *restrict split,
                                   uint32_t *restrict xp, float *restrict out)
 {
     uint16_t *hi = split, *lo = split + BQ * BK;
-    uint16_t *hit = split + 2 * BQ * BK, *lot = split + 3 * BQ * BK;
+    float *pt = (float *)(split + 2 * BQ * BK); /* BK x BQ */
+    for (int r = 0; r < BQ; r += 16)
+        for (int c = 0; c < BK; c += 16)
+            transpose16(p + r * BK + c, BK, pt + c * BQ + r, BQ);
     if (mul != 1.0f) {
-        float *scaled = (float *)hit; /* BQ x BK floats fit in hit + lot */
         const __m512 m = _mm512_set1_ps(mul);
         for (int i = 0; i < BQ * BK; i += 16)
-            _mm512_storeu_ps(scaled + i, _mm512_mul_ps(_mm512_loadu_ps(p + i), m));
-        split_bf16(scaled, BQ * BK, hi, lo);
-    } else {
-        split_bf16(p, BQ * BK, hi, lo);
+            _mm512_storeu_ps(pt + i, _mm512_mul_ps(_mm512_loadu_ps(pt + i), m));
     }
-    for (int r = 0; r < BQ; ++r)
-        for (int c = 0; c < BK; ++c) {
-            hit[c * BQ + r] = hi[r * BK + c];
-            lot[c * BQ + r] = lo[r * BK + c];
-        }
+    split_bf16(pt, BQ * BK, hi, lo);
     pack_row_pairs16(x, BQ, ld, xp);
-    acc_split_amx(hit, lot, xp, ld, out);
+    acc_split_amx(hi, lo, xp, ld, out);
 }
+
 /*
  * exp(x) of 16 scores x <= 0 (or -inf, or NaN) in AVX-512 registers, for the
  * AMX path where the tile products no longer hide the exps:
