@@ -541,42 +541,64 @@ __attribute__((target("avx512f"), unused)) static inline __m512 exp_avx512(__m51
 }
 
 /*
- * online_softmax (below) with exp_avx512, for the AMX path: one pass for
- * the row max, one for exp and sum. NaN scores are left out of the max and
- * give NaN probabilities, as online_softmax does.
+ * online_softmax (below) with exp_avx512, for the AMX path: 16 rows at a
+ * time, their maxima and sums gathered by a 16 x 16 transpose instead of a
+ * horizontal reduction per row, the state (m, l, the correction) updated as
+ * vectors. NaN scores are left out of the max and give NaN probabilities,
+ * as online_softmax does. rows % 16 == 0.
  */
 DMS_AMX_FN void online_softmax_amx(float *restrict s, int64_t rows,
                                    float *restrict m, float *restrict l,
                                    float *restrict o, int64_t ld)
 {
-    for (int64_t r = 0; r < rows; ++r) {
-        float *row = s + r * BK;
-        __m512 v[BK / 16];
-        __m512 mv = _mm512_set1_ps(-INFINITY);
-        for (int j = 0; j < BK / 16; ++j) {
-            v[j] = _mm512_loadu_ps(row + 16 * j);
-            mv = _mm512_max_ps(v[j], mv); /* a NaN in v[j] keeps mv */
-        }
-        float mx = _mm512_reduce_max_ps(mv);
-        mx = mx > m[r] ? mx : m[r];
-        if (mx == -INFINITY) { /* nothing visible yet */
+    float part[16 * 16] __attribute__((aligned(64)));
+    float tpart[16 * 16] __attribute__((aligned(64)));
+    float mx[16] __attribute__((aligned(64))), corr[16] __attribute__((aligned(64)));
+    for (int64_t r0 = 0; r0 < rows; r0 += 16) {
+        for (int i = 0; i < 16; ++i) {
+            const float *row = s + (r0 + i) * BK;
+            __m512 mv = _mm512_set1_ps(-INFINITY);
             for (int j = 0; j < BK / 16; ++j)
-                _mm512_storeu_ps(row + 16 * j, _mm512_setzero_ps());
-            continue;
+                mv = _mm512_max_ps(_mm512_loadu_ps(row + 16 * j), mv); /* a NaN keeps mv */
+            _mm512_store_ps(part + 16 * i, mv);
         }
-        const __m512 mxv = _mm512_set1_ps(mx);
-        __m512 sum = _mm512_setzero_ps();
-        for (int j = 0; j < BK / 16; ++j) {
-            const __m512 p = exp_avx512(_mm512_sub_ps(v[j], mxv));
-            _mm512_storeu_ps(row + 16 * j, p);
-            sum = _mm512_add_ps(sum, p);
+        transpose16(part, 16, tpart, 16);
+        __m512 mxv = _mm512_loadu_ps(m + r0);
+        for (int i = 0; i < 16; ++i)
+            mxv = _mm512_max_ps(_mm512_load_ps(tpart + 16 * i), mxv);
+        _mm512_store_ps(mx, mxv);
+        for (int i = 0; i < 16; ++i) {
+            float *row = s + (r0 + i) * BK;
+            __m512 sum = _mm512_setzero_ps();
+            if (mx[i] != -INFINITY) { /* else nothing visible yet: p = 0 */
+                const __m512 b = _mm512_set1_ps(mx[i]);
+                for (int j = 0; j < BK / 16; ++j) {
+                    const __m512 p = exp_avx512(_mm512_sub_ps(_mm512_loadu_ps(row + 16 * j), b));
+                    _mm512_storeu_ps(row + 16 * j, p);
+                    sum = _mm512_add_ps(sum, p);
+                }
+            } else {
+                for (int j = 0; j < BK / 16; ++j)
+                    _mm512_storeu_ps(row + 16 * j, sum);
+            }
+            _mm512_store_ps(part + 16 * i, sum);
         }
-        const float corr = exp_nonpositive(m[r] - mx);
-        l[r] = l[r] * corr + _mm512_reduce_add_ps(sum);
-        m[r] = mx;
-        if (corr != 1.0f) {
-            float *orow = o + r * ld;
-            const __m512 c = _mm512_set1_ps(corr);
+        transpose16(part, 16, tpart, 16);
+        __m512 sumv = _mm512_setzero_ps();
+        for (int i = 0; i < 16; ++i)
+            sumv = _mm512_add_ps(sumv, _mm512_load_ps(tpart + 16 * i));
+        const __m512 mold = _mm512_loadu_ps(m + r0);
+        /* Rows still at -inf keep their state (correction 1, sum 0). */
+        const __mmask16 seen = _mm512_cmp_ps_mask(mxv, _mm512_set1_ps(-INFINITY), _CMP_NEQ_UQ);
+        const __m512 cv = _mm512_mask_blend_ps(seen, _mm512_set1_ps(1.0f), exp_avx512(_mm512_sub_ps(mold, mxv)));
+        _mm512_storeu_ps(l + r0, _mm512_fmadd_ps(_mm512_loadu_ps(l + r0), cv, sumv));
+        _mm512_storeu_ps(m + r0, _mm512_mask_blend_ps(seen, mold, mxv));
+        _mm512_store_ps(corr, cv);
+        for (int i = 0; i < 16; ++i) {
+            if (corr[i] == 1.0f)
+                continue;
+            float *orow = o + (r0 + i) * ld;
+            const __m512 c = _mm512_set1_ps(corr[i]);
             for (int64_t d = 0; d < ld; d += 16)
                 _mm512_storeu_ps(orow + d, _mm512_mul_ps(_mm512_loadu_ps(orow + d), c));
         }
