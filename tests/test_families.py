@@ -477,3 +477,28 @@ def test_lm_eval_and_viz_run_on_a_saved_family_directory(family, tmp_path):
         results = json.load(f)
     assert 0.0 <= results["results"]["dms_recall"]["exact_match,none"] <= 1.0
     assert results["dms_compression"]["compression_ratio"] > 1.2  # the family's DMS caches held the prompts
+
+
+@pytest.mark.parametrize("family", NAMES)
+def test_bf16_autocast_trains_and_decodes(family):
+    """Under torch.autocast (the trainer's `bf16: true`) the projections give
+    bfloat16 while a q/k norm with float32 weights gives float32: attention
+    gets one dtype, the training step's adapter gradients follow the float32
+    ones, and eval-mode generate runs on a bfloat16 cache."""
+    m = _model(family, dms_separate_alpha=True)
+    ids = torch.randint(0, TINY["vocab_size"], (2, 40), generator=torch.Generator().manual_seed(6))
+    grads = {}
+    for autocast in (False, True):
+        m.zero_grad()
+        m.train()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            loss = m(ids, labels=ids).loss
+        loss.backward()
+        grads[autocast] = torch.cat([p.grad.flatten() for n, p in m.named_parameters() if "dms_proj_alpha" in n])
+    assert torch.isfinite(grads[True]).all() and grads[True].abs().sum() > 0
+    assert torch.nn.functional.cosine_similarity(grads[True], grads[False], dim=0) > 0.95
+    m.eval()
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        cache = m.get_cache()
+        m.generate(ids[:1], max_new_tokens=3, do_sample=False, **dms.models.modeling_dms.cache_kwargs(cache))
+    assert cache.layers[0].paged.dtype == torch.bfloat16

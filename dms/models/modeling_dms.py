@@ -238,6 +238,11 @@ class DMSAttention:
         q, k = self.apply_rotary(q, k, cos, sin)
         if not self.config.dms_separate_alpha and self.config.dms_zero_borrowed_after_rope:
             q = self._zero_borrowed(q)  # apply_rotary_pos_emb returned a new tensor
+        # One dtype for q, k, v: under autocast the projections give its dtype but a q/k norm with
+        # float32 weights gives float32 (transformers' SDPA path casts the same way).
+        device_type = q.device.type
+        dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else v.dtype
+        q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
         disabled = self.config.dms_disable_eviction
         if self.training and cache_layer is None:
             if disabled:
