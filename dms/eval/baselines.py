@@ -85,7 +85,9 @@ class StreamingLLM:
 class _ScorePolicy:
     """Flags nothing; after every attention call scores the stored tokens
     of each row by the call's attention weights (recomputed in float32 from
-    the pages) and keeps `budget` of them (`_choose`)."""
+    the pages) and keeps `budget` of them. A subclass defines
+    `_choose(layer_idx, weights [R, G, n, S], counts [R], first)` -> [R, S]
+    keep mask or None (every row fits)."""
 
     window_size = 0
 
@@ -124,9 +126,6 @@ class _ScorePolicy:
         if keep is not None:
             new_slot = paged.retain(keep)
             self._moved(layer_idx, new_slot)
-
-    def _choose(self, layer_idx, weights, counts, first):
-        raise NotImplementedError
 
     def _moved(self, layer_idx, new_slot):
         pass
