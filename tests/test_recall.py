@@ -6,7 +6,8 @@ import statistics
 
 import pytest
 
-from dms.eval.recall import TASKS, RecallExample, make_examples, make_text, recall_tokenizer, score, solve
+from dms.eval.recall import (TASKS, RecallExample, make_drills, make_examples, make_text, recall_tokenizer, score,
+                             solve)
 from dms.tiny import tiny_tokenizer
 
 
@@ -140,3 +141,38 @@ def test_the_word_tokenizer_makes_keys_and_answers_one_token_and_round_trips():
     assert tok.convert_ids_to_tokens(tok("Hello 5000 ~", add_special_tokens=False)["input_ids"]) == \
         ["<unk>", "<unk>", "<unk>"]  # outside the vocabulary: unknown, never a wrong word
     assert tok.eos_token == tok.pad_token == "<|endoftext|>"
+
+
+@pytest.mark.parametrize("context_tokens", [120, 1024])
+def test_every_drill_answer_can_be_read_from_the_text_before_it(context_tokens):
+    tok = recall_tokenizer()
+    drills = make_drills(12, context_tokens, seed=2, tokenizer=tok)
+    assert drills == make_drills(12, context_tokens, seed=2, tokenizer=tok)
+    assert all(a.text != b.text for a, b in zip(drills, make_drills(12, context_tokens, seed=3, tokenizer=tok)))
+    kinds, copies, far = set(), 0, 0
+    for d in drills:
+        ids = tok(d.text, add_special_tokens=False)["input_ids"]
+        assert context_tokens - 25 < len(ids) <= context_tokens and tok.unk_token_id not in ids
+        assert len(d.answer_spans) == d.text.count("\n") >= 1  # one answer per question line
+        for a, b in d.answer_spans:
+            answer, before = d.text[a:b], d.text[:a]
+            assert answer[0] == " " and answer[1:].isdigit() and d.text[b] == "."
+            assert solve(before) == answer[1:]  # stated earlier in the drill, and given right
+            line = before.rsplit("\n", 1)[-1]
+            kinds.add(" ".join(line.split()[:3]) if line.startswith("Q:") else "recall")
+            key = line.split()[-2] if line.endswith(" is") else line.split()[-1][:-1]
+            if line.startswith("Q: The value of "):
+                copies += not (" " + d.text).split(f" Let {key} = ", 1)[1].split(".")[0].isdigit()
+            far += a + 1 - (" " + d.text).index(f" {key}") > len(d.text) // 3
+    assert kinds == {"Q: The code", "Q: The value", "recall"}
+    if context_tokens > 500:
+        assert copies > 0 and far > 20  # questions through copies, and across a third of the text
+
+
+@pytest.mark.parametrize("kwargs,message", [
+    (dict(count=-1, context_tokens=100), "^count: expected an int >= 0"),
+    (dict(count=1, context_tokens=100, filler=1.0), r"^filler: expected a number in \[0, 1\)"),
+])
+def test_bad_drill_arguments_are_named(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        make_drills(**kwargs)

@@ -13,7 +13,7 @@ from dms.training.recall_base import BaseConfig, batch_for_step, main, recall_ac
 
 MICRO = dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1, head_dim=16,
              intermediate_size=64, max_position_embeddings=512, lengths=(200, 300), tokens_per_step=600,
-             eval_lengths=(200,), eval_examples=3, warmup_steps=2, ramp_steps=0)
+             eval_lengths=(200,), eval_examples=3, warmup_steps=2, ramp_steps=0, drill_fraction=0.0)
 
 
 def test_batches_are_a_function_of_the_step_and_mark_the_answers():
@@ -36,6 +36,18 @@ def test_batches_are_a_function_of_the_step_and_mark_the_answers():
             assert int(ids[r, end]) == tok.eos_token_id
         real = labels[r] != -100
         assert torch.equal(labels[r][real], ids[r][real]) and int(ids[r][real][-1]) == tok.eos_token_id
+
+
+def test_drill_rows_mark_every_answer_they_give():
+    config, tok = BaseConfig(**{**MICRO, "drill_fraction": 1.0, "text_fraction": 0.0}), recall_tokenizer()
+    ids, labels, answers = batch_for_step(config, tok, 5)
+    for r in range(ids.shape[0]):
+        text = tok.decode(ids[r])
+        assert "\n" in text[:len(text) // 2]  # questions from the start, not only at the end
+        marked = answers[r].nonzero().flatten().tolist()
+        assert len(marked) == text.count("\n") > 3
+        for at in marked:  # each marked token is the answer of the question line it ends
+            assert solve(tok.decode(ids[r, :at])) == tok.decode(ids[r, at:at + 1]).strip()
 
 
 def test_a_continued_run_equals_an_uninterrupted_one(tmp_path):

@@ -57,8 +57,8 @@ import random
 import sys
 from dataclasses import dataclass
 
-__all__ = ["TASKS", "RecallExample", "main", "make_examples", "make_text", "recall_tokenizer", "score", "solve",
-           "write_jsonl"]
+__all__ = ["TASKS", "RecallDrill", "RecallExample", "main", "make_drills", "make_examples", "make_text",
+           "recall_tokenizer", "score", "solve", "write_jsonl"]
 
 TASKS = ("niah", "vt", "mqar")
 """The task names, in the order `make_examples` cycles through them."""
@@ -244,6 +244,82 @@ def make_text(count, context_tokens, seed=0, tokenizer=None):
         rng = random.Random(f"dms.recall.text:{seed}:{context_tokens}:{i}")
         docs.append("".join(_filler(rng, context_tokens, length)).lstrip())
     return docs
+
+
+@dataclass(frozen=True)
+class RecallDrill:
+    """One training drill: `text`, and `answer_spans`, the character spans
+    (start, end) of the answers its questions are given (each with its
+    leading space), the tokens a training loss weighs as answers."""
+
+    text: str
+    answer_spans: tuple
+
+
+def make_drills(count, context_tokens, seed=0, tokenizer=None, filler=0.25):
+    """`count` recall drills of at most `context_tokens` tokens: the facts of
+    all three tasks (needles, variable assignments and key-value pairs, in
+    their prompts' wording) and answered questions about facts stated
+    earlier, interleaved through the whole text, with a `filler` share of
+    filler sentences between them. Where a prompt has a few retrievals in a
+    long text, a drill has one every few tokens at every distance: the
+    training signal that teaches a small model retrieval at all (the study's
+    base model reached a fraction of the accuracy without them; issue 13).
+    Questions start a line (``\nQ: The code of vup is 41.``,
+    ``\nrecall vup: 41.``, ``\nQ: The value of CD is 41.``, the last one
+    through a chain of ``Let`` copies)."""
+    _check(count, context_tokens, seed)
+    if not isinstance(filler, (int, float)) or isinstance(filler, bool) or not 0 <= filler < 1:
+        raise ValueError(f"filler: expected a number in [0, 1), got {filler!r}")
+    length = _counter(tokenizer)
+    drills = []
+    for i in range(count):
+        rng = random.Random(f"dms.recall.drill:{seed}:{context_tokens}:{i}")
+        taken, asked, chains = set(), [], []  # asked: (question, value); chains: [(last name, hops, value)]
+        pieces, spans, used, at = [], [], 0, 0
+        while True:
+            roll = rng.random()
+            span = None
+            if roll < filler:
+                piece = _sentence(rng)
+            elif roll < filler + (1 - filler) / 2 or not asked:
+                kind = rng.choice(TASKS)
+                value = str(rng.randrange(10, 100))
+                if kind == "niah":
+                    key = _word(rng, taken)
+                    piece, question = f" The code of {key} is {value}.", f"Q: The code of {key} is"
+                elif kind == "mqar":
+                    key = _word(rng, taken)
+                    piece, question = f" {key}: {value}.", f"recall {key}:"
+                else:
+                    open_chains = [c for c in range(len(chains)) if chains[c][1] < CHAIN_HOPS]
+                    name = _variable(rng, taken)
+                    if open_chains and rng.random() < 0.5:
+                        c = rng.choice(open_chains)
+                        last, hops, value = chains[c]
+                        piece = f" Let {name} = {last}."
+                        chains[c] = (name, hops + 1, value)
+                    else:
+                        piece = f" Let {name} = {value}."
+                        chains.append((name, 1, value))
+                    question = f"Q: The value of {name} is"
+                asked.append((question, value))
+            else:
+                question, value = rng.choice(asked)
+                piece = f"\n{question} {value}."
+                span = (at + len(piece) - len(value) - 2, at + len(piece) - 1)
+            cost = length(piece)
+            if used + cost > context_tokens:
+                break
+            pieces.append(piece)
+            used += cost
+            at += len(piece)
+            if span:
+                spans.append(span)
+        text = "".join(pieces)
+        strip = len(text) - len(text.lstrip())
+        drills.append(RecallDrill(text[strip:], tuple((a - strip, b - strip) for a, b in spans)))
+    return drills
 
 
 def solve(prompt):

@@ -47,7 +47,8 @@ class BaseConfig:
     qk_norm_init: float = 2.5  # initial q_norm / k_norm weights: sharper attention from the start (Qwen3's is 1)
     lengths: tuple = (256, 512, 1024, 2048)  # prompt lengths in tokens; a step uses one
     tokens_per_step: int = 8192  # rows per step = tokens_per_step // length
-    text_fraction: float = 0.25  # rows of plain filler text; the rest are recall prompts
+    text_fraction: float = 0.25  # rows of plain filler text; the rest are recall prompts ...
+    drill_fraction: float = 0.5  # ... of which this share are drills (dms.eval.recall.make_drills: retrieval every few tokens)
     answer_weight: float = 2.0  # extra loss weight: mean over answer tokens, added to the LM mean
     facts_scale: float = 1.0  # facts per training prompt, x the evaluation's (dms.eval.recall facts_scale) ...
     questions: int = None  # ... and questions per prompt (None: every fact), for more retrieval signal per token
@@ -89,8 +90,8 @@ def batch_for_step(config, tokenizer, step):
     pure function of (config.seed, step). Recall rows are prompt + completion
     + eos, text rows text + eos; padding is eos with label -100. The answer
     mask marks the tokens of every answer: the prompt's answered questions
-    and the completion."""
-    from dms.eval.recall import TASKS, make_examples, make_text
+    and the completion (a drill's: its answered questions)."""
+    from dms.eval.recall import TASKS, make_drills, make_examples, make_text
 
     rng = random.Random(f"dms.recall_base:{config.seed}:{step}")
     ramping = step < config.ramp_steps
@@ -99,14 +100,17 @@ def batch_for_step(config, tokenizer, step):
                                   if ramping else 1.0)
     rows = max(1, config.tokens_per_step // length)
     n_text = sum(rng.random() < config.text_fraction for _ in range(rows))
+    n_drill = sum(rng.random() < config.drill_fraction for _ in range(rows - n_text))
     seed = config.seed * 1_000_000 + step  # eval_seed is far from every training seed
     tasks = list(TASKS)
     rng.shuffle(tasks)
-    sequences = []
-    for ex in make_examples(rows - n_text, length, seed=seed, tasks=tasks, tokenizer=tokenizer, facts_scale=scale,
-                            questions=config.questions):
+    sequences, marked = [], []
+    for ex in make_examples(rows - n_text - n_drill, length, seed=seed, tasks=tasks, tokenizer=tokenizer,
+                            facts_scale=scale, questions=config.questions):
         text = ex.prompt + ex.completion
-        spans = _answered_spans(ex.prompt) + [(len(ex.prompt), len(text))]
+        marked.append((text, _answered_spans(ex.prompt) + [(len(ex.prompt), len(text))]))
+    marked += [(d.text, d.answer_spans) for d in make_drills(n_drill, length - 1, seed=seed, tokenizer=tokenizer)]
+    for text, spans in marked:
         encoded = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
         marks = [any(a <= start and end <= b for a, b in spans) for start, end in encoded["offset_mapping"]]
         sequences.append((encoded["input_ids"] + [tokenizer.eos_token_id], marks + [False]))
