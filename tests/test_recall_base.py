@@ -3,6 +3,7 @@ function of (seed, step) with answer tokens marked, a continued run equals an
 uninterrupted one exactly, a checkpoint refuses other settings, and the
 accuracy reads greedy answers correctly."""
 
+import json
 import types
 
 import pytest
@@ -58,6 +59,8 @@ def test_a_continued_run_equals_an_uninterrupted_one(tmp_path):
         torch.testing.assert_close(w, torch.full_like(w, config.qk_norm_init), atol=5 * config.learning_rate, rtol=0)
     part = BaseConfig(**MICRO, steps=2)
     train(part, str(tmp_path / "part"), eval_every=2, save_every=2, show_progress=False)
+    with open(tmp_path / "part" / "training_log.jsonl", "a") as f:  # a step done after the checkpoint, then stopped
+        f.write('{"step": 3, "loss": 99.0}\n')
     assert main(["--output", str(tmp_path / "part"), "--steps", "4", "--eval-every", "2", "--save-every", "2"]
                 + [f"--set={k}={v}" for k, v in _cli(MICRO).items()]) == 0
     from transformers import Qwen3ForCausalLM
@@ -69,14 +72,13 @@ def test_a_continued_run_equals_an_uninterrupted_one(tmp_path):
     for (name, a), b in zip(whole.state_dict().items(), resumed.state_dict().values()):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7, msg=name)
     log = (tmp_path / "part" / "training_log.jsonl").read_text().splitlines()
-    assert len(log) == 4 and '"accuracy_200"' in log[1] and '"accuracy_200"' in log[3]
+    assert [json.loads(line)["step"] for line in log] == [1, 2, 3, 4] and '"loss": 99.0' not in log[2]
+    assert '"accuracy_200"' in log[1] and '"accuracy_200"' in log[3]
     with pytest.raises(ValueError, match=r"^output: its checkpoint was trained with other settings \(hidden_size\)"):
         train(BaseConfig(**{**MICRO, "hidden_size": 64}, steps=6), str(tmp_path / "part"), show_progress=False)
 
 
 def _cli(fields):
-    import json
-
     return {k: json.dumps(list(v) if isinstance(v, tuple) else v) for k, v in fields.items()}
 
 

@@ -49,6 +49,7 @@ class BaseConfig:
     tokens_per_step: int = 8192  # rows per step = tokens_per_step // length
     text_fraction: float = 0.25  # rows of plain filler text; the rest are recall prompts ...
     drill_fraction: float = 0.5  # ... of which this share are drills (dms.eval.recall.make_drills: retrieval every few tokens)
+    drill_filler: float = 0.25  # share of filler sentences among a drill's items
     answer_weight: float = 2.0  # extra loss weight: mean over answer tokens, added to the LM mean
     facts_scale: float = 1.0  # facts per training prompt, x the evaluation's (dms.eval.recall facts_scale) ...
     questions: int = None  # ... and questions per prompt (None: every fact), for more retrieval signal per token
@@ -109,7 +110,8 @@ def batch_for_step(config, tokenizer, step):
                             facts_scale=scale, questions=config.questions):
         text = ex.prompt + ex.completion
         marked.append((text, _answered_spans(ex.prompt) + [(len(ex.prompt), len(text))]))
-    marked += [(d.text, d.answer_spans) for d in make_drills(n_drill, length - 1, seed=seed, tokenizer=tokenizer)]
+    marked += [(d.text, d.answer_spans) for d in make_drills(n_drill, length - 1, seed=seed, tokenizer=tokenizer,
+                                                               filler=config.drill_filler)]
     for text, spans in marked:
         encoded = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
         marks = [any(a <= start and end <= b for a, b in spans) for start, end in encoded["offset_mapping"]]
@@ -214,7 +216,10 @@ def train(config, output, *, eval_every=250, save_every=100, show_progress=True)
         model = Qwen3ForCausalLM.from_pretrained(checkpoint, dtype=torch.float32)
         state = torch.load(os.path.join(checkpoint, "trainer_state.pt"), weights_only=False)
         start = state["step"]
-        saved = {k: v for k, v in state["config"].items() if k != "steps"}
+        # A field newer than the checkpoint: what the run did without it.
+        defaults = {**asdict(BaseConfig()), "drill_fraction": 0.0}
+        saved = {**{k: defaults[k] for k in defaults.keys() - state["config"].keys()}, **state["config"]}
+        saved = {k: v for k, v in saved.items() if k != "steps"}
         wanted = {k: v for k, v in asdict(config).items() if k != "steps"}
         if json.loads(json.dumps(saved)) != json.loads(json.dumps(wanted)):
             changed = sorted(k for k in wanted if json.dumps(saved.get(k)) != json.dumps(wanted[k]))
@@ -237,6 +242,11 @@ def train(config, output, *, eval_every=250, save_every=100, show_progress=True)
     held_out = {n: make_examples(config.eval_examples, n, seed=config.eval_seed, tokenizer=tokenizer)
                 for n in config.eval_lengths}
     log_path = os.path.join(output, "training_log.jsonl")
+    if os.path.isfile(log_path):  # steps logged after the checkpoint are done again: log them once
+        with open(log_path) as f:
+            kept = [line for line in f if json.loads(line)["step"] <= start]
+        with open(log_path, "w") as f:
+            f.writelines(kept)
     bar = tqdm(range(start, config.steps), desc="recall base", initial=start, total=config.steps,
                disable=not show_progress)
     for step in bar:
