@@ -76,6 +76,15 @@ def test_a_continued_run_equals_an_uninterrupted_one(tmp_path):
     assert '"accuracy_200"' in log[1] and '"accuracy_200"' in log[3]
     with pytest.raises(ValueError, match=r"^output: its checkpoint was trained with other settings \(hidden_size\)"):
         train(BaseConfig(**{**MICRO, "hidden_size": 64}, steps=6), str(tmp_path / "part"), show_progress=False)
+    # A checkpoint older than the drill fields ran without drills and with the default drill filler.
+    state_path = tmp_path / "part" / "checkpoint" / "trainer_state.pt"
+    state = torch.load(state_path, weights_only=False)
+    for key in ("drill_fraction", "drill_filler"):
+        del state["config"][key]
+    torch.save(state, state_path)
+    train(BaseConfig(**MICRO, steps=4), str(tmp_path / "part"), show_progress=False)
+    with pytest.raises(ValueError, match=r"other settings \(drill_fraction\)"):
+        train(BaseConfig(**{**MICRO, "drill_fraction": 0.5}, steps=4), str(tmp_path / "part"), show_progress=False)
 
 
 def _cli(fields):

@@ -48,7 +48,7 @@ class BaseConfig:
     lengths: tuple = (256, 512, 1024, 2048)  # prompt lengths in tokens; a step uses one
     tokens_per_step: int = 8192  # rows per step = tokens_per_step // length
     text_fraction: float = 0.25  # rows of plain filler text; the rest are recall prompts ...
-    drill_fraction: float = 0.5  # ... of which this share are drills (dms.eval.recall.make_drills: retrieval every few tokens)
+    drill_fraction: float = 0.5  # ... of which this share are drills (dms.eval.recall.make_drills)
     drill_filler: float = 0.25  # share of filler sentences among a drill's items
     answer_weight: float = 2.0  # extra loss weight: mean over answer tokens, added to the LM mean
     facts_scale: float = 1.0  # facts per training prompt, x the evaluation's (dms.eval.recall facts_scale) ...
