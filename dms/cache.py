@@ -15,6 +15,8 @@ dim, P page size, w window.
 
 import math
 import threading
+import weakref
+from typing import Optional
 
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
@@ -28,9 +30,96 @@ _INT32_MAX = 2**31 - 1
 _PAGE_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
-def _check_preallocate(value):
+# id(k_pages) -> its PagedLayerCache: lets the custom ops below reuse the
+# cache's imported views when torch.compile hands them the cache's own tensors.
+_owners = weakref.WeakValueDictionary()
+
+
+def _views_of(state, stream):
+    """`_C.CacheViews` of the nine state tensors a custom op was given: the
+    owning cache's kept views when these are its tensors (compiled graphs pass
+    them as they are), else imported for this call (e.g. the copies that a
+    functionalizing backend such as aot_eager makes)."""
+    owner = _owners.get(id(state[0]))
+    if owner is not None and all(a is b for a, b in zip(owner._state(), state)):
+        return owner._cache_views(stream)
+    return _C.CacheViews(state, stream=stream)
+
+
+# The cache's kernels as torch.library custom ops, for torch.compile: Dynamo
+# traces through them (no graph break) with the cache's tensors as explicit,
+# mutated arguments. Eager calls go straight to dms._C (see PagedLayerCache).
+_STATE = ("k_pages", "v_pages", "slot_limit", "page_table", "row_slots", "row_seen", "window", "free_pages",
+          "free_count")
+
+
+@torch.library.custom_op("dms::cache_append", mutates_args=_STATE + ("token_slots",))
+def _cache_append_op(k_pages: torch.Tensor, v_pages: torch.Tensor, slot_limit: torch.Tensor,
+                     page_table: torch.Tensor, row_slots: torch.Tensor, row_seen: torch.Tensor,
+                     window: torch.Tensor, free_pages: torch.Tensor, free_count: torch.Tensor, window_size: int,
+                     k_new: torch.Tensor, v_new: torch.Tensor, decisions: torch.Tensor,
+                     key_padding: Optional[torch.Tensor], token_slots: torch.Tensor) -> None:
+    state = (k_pages, v_pages, slot_limit, page_table, row_slots, row_seen, window, free_pages, free_count)
+    ex = exec_kwargs(k_new)
+    _C.cache_append(_views_of(state, ex["stream"]), window_size, k_new, v_new, decisions, key_padding, token_slots,
+                    **ex)
+
+
+@_cache_append_op.register_fake
+def _(*args):
+    return None
+
+
+@torch.library.custom_op("dms::attn_prefill", mutates_args=("o", "lse"))
+def _attn_prefill_op(k_pages: torch.Tensor, v_pages: torch.Tensor, slot_limit: torch.Tensor,
+                     page_table: torch.Tensor, row_slots: torch.Tensor, row_seen: torch.Tensor,
+                     window: torch.Tensor, free_pages: torch.Tensor, free_count: torch.Tensor, window_size: int,
+                     q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor, decisions: torch.Tensor,
+                     key_padding: Optional[torch.Tensor], scale: float, o: torch.Tensor, lse: torch.Tensor) -> None:
+    state = (k_pages, v_pages, slot_limit, page_table, row_slots, row_seen, window, free_pages, free_count)
+    ex = exec_kwargs(q)
+    _C.attn_prefill(_views_of(state, ex["stream"]), window_size, q, k_new, v_new, decisions, key_padding, scale, o,
+                    lse, **ex)
+
+
+@_attn_prefill_op.register_fake
+def _(*args):
+    return None
+
+
+@torch.library.custom_op("dms::attn_decode", mutates_args=("o", "lse", "workspace"))
+def _attn_decode_op(k_pages: torch.Tensor, v_pages: torch.Tensor, slot_limit: torch.Tensor,
+                    page_table: torch.Tensor, row_slots: torch.Tensor, row_seen: torch.Tensor,
+                    window: torch.Tensor, free_pages: torch.Tensor, free_count: torch.Tensor, window_size: int,
+                    q: torch.Tensor, scale: float, o: torch.Tensor, lse: torch.Tensor,
+                    workspace: Optional[torch.Tensor]) -> None:
+    state = (k_pages, v_pages, slot_limit, page_table, row_slots, row_seen, window, free_pages, free_count)
+    ex = exec_kwargs(q)
+    _C.attn_decode(_views_of(state, ex["stream"]), window_size, q, scale, o, lse, workspace, **ex)
+
+
+@_attn_decode_op.register_fake
+def _(*args):
+    return None
+
+
+@torch.library.custom_op("dms::snapshot", mutates_args=())
+def _snapshot_op(x: torch.Tensor) -> torch.Tensor:
+    """A copy of x made where the op stands in a compiled graph. Inductor
+    inlines a plain copy into the kernels that consume it, which may run after
+    an op above has changed x in place (the positions of a step read the
+    counters that the step's appends advance)."""
+    return x.clone()
+
+
+@_snapshot_op.register_fake
+def _(x):
+    return torch.empty_like(x)
+
+
+def _check_preallocate(value, name="preallocate_for_tokens"):
     if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
-        raise ValueError(f"preallocate_for_tokens: expected None or an int >= 0, got {value!r}")
+        raise ValueError(f"{name}: expected None or an int >= 0, got {value!r}")
 
 
 class CompressionTally:
@@ -125,10 +214,15 @@ class PagedLayerCache:
         growth: factor by which the pool grows when it runs out (default 2).
         allow_growth: if False, a call that needs more pages than the pool has
             raises `dms.PoolExhaustedError` and changes nothing.
+        max_tokens: tokens per row the page table (a few bytes per page) is
+            sized for up front (default None: it grows on demand). A model's
+            cache passes `max_position_embeddings`, so that a compiled decode
+            step never sees the table change shape.
     """
 
     def __init__(self, batch_size, num_kv_heads, head_dim, window_size=512, *, page_size=256,
-                 dtype=torch.bfloat16, device="cpu", preallocate_for_tokens=None, growth=2.0, allow_growth=True):
+                 dtype=torch.bfloat16, device="cpu", preallocate_for_tokens=None, growth=2.0, allow_growth=True,
+                 max_tokens=None):
         for name, value, low in (("batch_size", batch_size, 1), ("num_kv_heads", num_kv_heads, 1),
                                  ("head_dim", head_dim, 1), ("window_size", window_size, 0),
                                  ("page_size", page_size, 1)):
@@ -138,6 +232,7 @@ class PagedLayerCache:
                                                                                     and growth > 1):
             raise ValueError(f"growth: expected a finite factor > 1, got {growth!r}")
         _check_preallocate(preallocate_for_tokens)
+        _check_preallocate(max_tokens, "max_tokens")
         if dtype not in _PAGE_DTYPES:
             raise ValueError(f"dtype: expected one of {', '.join(str(d) for d in _PAGE_DTYPES)} for the pages, "
                              f"got {dtype!r}")
@@ -153,9 +248,18 @@ class PagedLayerCache:
         self.growth, self.allow_growth = float(growth), allow_growth
         rows = batch_size * num_kv_heads
         per_row = max(1, math.ceil((preallocate_for_tokens or 0) / page_size))
-        self._allocate(rows * per_row, per_row)
+        self._allocate(rows * per_row, max(per_row, math.ceil((max_tokens or 0) / page_size)))
 
     # ---- state -----------------------------------------------------------
+
+    @property
+    def k_pages(self):
+        return self._k_pages
+
+    @k_pages.setter
+    def k_pages(self, pages):
+        self._k_pages = pages
+        _owners[id(pages)] = self  # for the custom ops (_views_of)
 
     @property
     def rows(self) -> int:
@@ -246,16 +350,26 @@ class PagedLayerCache:
         pages since the count was known: while a page per row is free that
         is one read per P tokens at most. On CUDA the pool grows here, to
         keep that page per row (with allow_growth; without it reads come
-        every call once the pool is nearly full); on the CPU, where a read
-        costs nothing, the C call's dry run asks for growth (after checking
-        the input, so a refused call changes nothing)."""
+        every call once the pool is nearly full), and so it does on the CPU
+        under torch.compile; eager on the CPU, where a read costs nothing, the
+        C call's dry run asks for growth (after checking the input, so a
+        refused call changes nothing)."""
         P, R = self.page_size, self.rows
-        if self._free_known - R * math.ceil((self._tokens_since_known + n) / P) >= 0:
+        if self._free_known - R * -(-(self._tokens_since_known + n) // P) >= 0:
             self._tokens_since_known += n
             return
+        self._reserve_exactly(n, ahead=self.device.type == "cuda" or torch.compiler.is_compiling())
+
+    @torch.compiler.disable
+    def _reserve_exactly(self, n, ahead):
+        """`_reserve` when the bound cannot tell: reads the free count and,
+        `ahead` (when no C dry run can ask for growth: CUDA, or a compiled
+        step), grows the pool. Eager also inside a compiled step (a graph
+        break there, once per P tokens at most while the pool has room)."""
+        P, R = self.page_size, self.rows
         exact = self._read_free_count()
         need = R * math.ceil(n / P)
-        if self.device.type == "cuda" and exact < need + R and (self.allow_growth or exact < need):
+        if ahead and exact < need + R and (self.allow_growth or exact < need):
             self._grow_for(need + R - exact)  # raises PoolExhaustedError without growth
             exact = self._free_known
         self._set_free_known(exact)
@@ -309,6 +423,11 @@ class PagedLayerCache:
             token_slots = torch.empty(B, H, n, dtype=torch.int32, device=self.device)
         self._ensure_page_table(self._seen_upper_bound + n)  # capacity only: no token moves
         self._reserve(n)  # no host read in steady state (see _reserve)
+        if torch.compiler.is_compiling():  # the custom op: traced, no graph break (the pool has room)
+            torch.ops.dms.cache_append(*self._state(), self.window_size, k_new, v_new, decisions, key_padding,
+                                       token_slots)
+            self._seen_upper_bound += n
+            return token_slots
         ex = exec_kwargs(k_new)
         if self.device.type == "cuda":
             _C.cache_append(self._cache_views(ex["stream"]), self.window_size, k_new, v_new, decisions, key_padding,
@@ -340,6 +459,10 @@ class PagedLayerCache:
         scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
         o = torch.empty(q.shape, dtype=q.dtype, device=q.device)
         lse = torch.empty(q.shape[:3], dtype=torch.float32, device=q.device)
+        if torch.compiler.is_compiling():
+            torch.ops.dms.attn_prefill(*self._state(), self.window_size, q, k_new, v_new, decisions, key_padding,
+                                       scale, o, lse)
+            return o, lse
         ex = exec_kwargs(q)
         _C.attn_prefill(self._cache_views(ex["stream"]), self.window_size, q, k_new, v_new, decisions, key_padding,
                         scale, o, lse, **ex)
@@ -358,6 +481,9 @@ class PagedLayerCache:
             o = torch.empty(q.shape, dtype=q.dtype, device=q.device)
         if lse is None:
             lse = torch.empty(q.shape[:3], dtype=torch.float32, device=q.device)
+        if torch.compiler.is_compiling():
+            torch.ops.dms.attn_decode(*self._state(), self.window_size, q, scale, o, lse, self._decode_workspace(q))
+            return o, lse
         ex = exec_kwargs(q)
         _C.attn_decode(self._cache_views(ex["stream"]), self.window_size, q, scale, o, lse, self._decode_workspace(q),
                        **ex)
@@ -568,15 +694,18 @@ class DMSCacheLayer(CacheLayerMixin):
     numbers of tokens, so there is no dense [B, H, T, D] to return).
 
     Args (all optional, see `PagedLayerCache`): window_size (512), page_size
-    (256), preallocate_for_tokens (None), allow_growth (True).
+    (256), preallocate_for_tokens (None), allow_growth (True), max_tokens (None).
     """
 
     is_compileable = False
     is_sliding = False
 
-    def __init__(self, window_size=512, page_size=256, preallocate_for_tokens=None, allow_growth=True):
+    def __init__(self, window_size=512, page_size=256, preallocate_for_tokens=None, allow_growth=True,
+                 max_tokens=None):
         _check_preallocate(preallocate_for_tokens)
+        _check_preallocate(max_tokens, "max_tokens")
         super().__init__()
+        self.max_tokens = max_tokens
         self.window_size, self.page_size = window_size, page_size
         self.preallocate_for_tokens, self.allow_growth = preallocate_for_tokens, allow_growth
         self.paged = None
@@ -587,7 +716,7 @@ class DMSCacheLayer(CacheLayerMixin):
         B, H, _, D = key_states.shape
         self.paged = PagedLayerCache(B, H, D, self.window_size, page_size=self.page_size, dtype=key_states.dtype,
                                      device=key_states.device, preallocate_for_tokens=self.preallocate_for_tokens,
-                                     allow_growth=self.allow_growth)
+                                     allow_growth=self.allow_growth, max_tokens=self.max_tokens)
         self._scratch = None
         self.is_initialized = True
 
@@ -694,12 +823,16 @@ class DMSCache(Cache):
         page_size: slots per page (`config.dms_paged_attention_block_size`, default 256).
         preallocate_for_tokens: reserve pages for this many tokens per row (default None).
         allow_growth: grow the page pools on demand (default True).
+        max_tokens: tokens per row the page tables are sized for up front
+            (default None: they grow; `from_config` passes the model's
+            max_position_embeddings).
     """
 
-    def __init__(self, num_layers, window_size=512, page_size=256, preallocate_for_tokens=None, allow_growth=True):
+    def __init__(self, num_layers, window_size=512, page_size=256, preallocate_for_tokens=None, allow_growth=True,
+                 max_tokens=None):
         if not isinstance(num_layers, int) or num_layers < 1:
             raise ValueError(f"num_layers: expected an int >= 1, got {num_layers!r}")
-        layers = [DMSCacheLayer(window_size, page_size, preallocate_for_tokens, allow_growth)
+        layers = [DMSCacheLayer(window_size, page_size, preallocate_for_tokens, allow_growth, max_tokens)
                   for _ in range(num_layers)]
         super().__init__(layers=layers)
 
@@ -709,7 +842,8 @@ class DMSCache(Cache):
         return cls(config.num_hidden_layers, window_size=getattr(config, "dms_window_size", 512),
                    page_size=getattr(config, "dms_paged_attention_block_size", 256),
                    preallocate_for_tokens=preallocate_for_tokens
-                   if preallocate_for_tokens is not None else getattr(config, "dms_preallocate_for_tokens", None))
+                   if preallocate_for_tokens is not None else getattr(config, "dms_preallocate_for_tokens", None),
+                   max_tokens=getattr(config, "max_position_embeddings", None))
 
     def reset(self):
         """Empties every layer (pages stay allocated); what it held is first
@@ -765,7 +899,9 @@ class DMSCache(Cache):
         layer = self.layers[0]
         if not layer.is_initialized or layer.tokens_fed == 0:
             return None
-        return layer.paged.tokens_seen()[:, 0]
+        lengths = layer.paged.tokens_seen()[:, 0]
+        # Compiled, a copy taken here, before this step's appends advance the counts (see _snapshot_op).
+        return torch.ops.dms.snapshot(lengths) if torch.compiler.is_compiling() else lengths
 
     def bytes_in_use(self) -> int:
         return sum(layer.paged.bytes_in_use() for layer in self.layers if layer.is_initialized)
