@@ -14,7 +14,8 @@ from dms.training.recall_base import BaseConfig, batch_for_step, main, recall_ac
 
 MICRO = dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1, head_dim=16,
              intermediate_size=64, max_position_embeddings=512, lengths=(200, 300), tokens_per_step=600,
-             eval_lengths=(200,), eval_examples=3, warmup_steps=2, ramp_steps=0, drill_fraction=0.0)
+             eval_lengths=(200,), eval_examples=3, warmup_steps=2, ramp_steps=0, drill_fraction=0.0,
+             qk_norm_init=1.5)  # not Qwen3's 1, so that the fill shows
 
 
 def test_batches_are_a_function_of_the_step_and_mark_the_answers():
