@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import dms
-from dms.cache import PagedLayerCache
+from dms.cache import DMSCacheLayer, PagedLayerCache
 from tests import oracle
 from tests.conftest import DEVICES
 
@@ -507,6 +507,7 @@ def test_bad_construction_and_stale_caches_are_named_at_once():
         (dict(dtype=torch.int32), "^dtype: expected one of"),
         (dict(device="meta"), r"^device: expected cpu or cuda\[:N\] \(the engine's devices\), got 'meta'"),
         (dict(preallocate_for_tokens=-5), "^preallocate_for_tokens: expected None or an int >= 0, got -5"),
+        (dict(max_tokens=1.5), "^max_tokens: expected None or an int >= 0, got 1.5"),
     ]
     for kwargs, message in cases:
         with pytest.raises(ValueError, match=message):
@@ -518,6 +519,12 @@ def test_bad_construction_and_stale_caches_are_named_at_once():
     model = tiny_model().eval()
     with pytest.raises(ValueError, match="^preallocate_for_tokens: expected None or an int >= 0, got -5"):
         model.get_cache(preallocate_for_tokens=-5)
+    with pytest.raises(ValueError, match="^max_tokens: expected None or an int >= 0, got -1"):
+        DMSCacheLayer(max_tokens=-1)
+    sized = PagedLayerCache(2, 1, 8, 4, page_size=4, dtype=torch.float32, max_tokens=30)
+    assert tuple(sized.page_table.shape) == (2, 8)  # ceil(30 / 4) columns up front
+    layer = model.get_cache().layers[0]  # a model's cache: its tables cover max_position_embeddings
+    assert layer.max_tokens == model.config.max_position_embeddings
     filled = model.get_cache()
     ids = torch.randint(0, 256, (1, 20))
     with torch.no_grad():
