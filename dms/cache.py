@@ -30,6 +30,11 @@ _INT32_MAX = 2**31 - 1
 _PAGE_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
+@torch.compiler.disable
+def _multiprocessors(device):
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
 # id(k_pages) -> its PagedLayerCache: lets the custom ops below reuse the
 # cache's imported views when torch.compile hands them the cache's own tensors.
 _owners = weakref.WeakValueDictionary()
@@ -246,6 +251,8 @@ class PagedLayerCache:
         self.window_size, self.page_size = window_size, page_size
         self.dtype, self.device = dtype, device
         self.growth, self.allow_growth = float(growth), allow_growth
+        if device.type == "cuda":
+            self._sms = _multiprocessors(device)  # for the decode workspace, read here and not in a compiled step
         rows = batch_size * num_kv_heads
         per_row = max(1, math.ceil((preallocate_for_tokens or 0) / page_size))
         self._allocate(rows * per_row, max(per_row, math.ceil((max_tokens or 0) / page_size)))
@@ -496,8 +503,8 @@ class PagedLayerCache:
             return None
         rows = q.shape[0] * q.shape[1]
         sms = getattr(self, "_sms", None)
-        if sms is None:
-            sms = self._sms = torch.cuda.get_device_properties(self.device).multi_processor_count
+        if sms is None:  # read once, eagerly (a compiled step then only reads an int)
+            sms = self._sms = _multiprocessors(self.device)
         splits = max(1, min(64, -(-2 * sms // (q.shape[0] * self.num_kv_heads))))
         shape = (rows, splits, self.head_dim + 2)
         ws = getattr(self, "_workspace", None)
