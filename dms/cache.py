@@ -502,10 +502,7 @@ class PagedLayerCache:
         if self.device.type != "cuda":
             return None
         rows = q.shape[0] * q.shape[1]
-        sms = getattr(self, "_sms", None)
-        if sms is None:  # read once, eagerly (a compiled step then only reads an int)
-            sms = self._sms = _multiprocessors(self.device)
-        splits = max(1, min(64, -(-2 * sms // (q.shape[0] * self.num_kv_heads))))
+        splits = max(1, min(64, -(-2 * self._sms // (q.shape[0] * self.num_kv_heads))))
         shape = (rows, splits, self.head_dim + 2)
         ws = getattr(self, "_workspace", None)
         if ws is None or tuple(ws.shape) != shape:
