@@ -14,7 +14,8 @@ from dms.training.recall_base import BaseConfig, batch_for_step, main, recall_ac
 
 MICRO = dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1, head_dim=16,
              intermediate_size=64, max_position_embeddings=512, lengths=(200, 300), tokens_per_step=600,
-             eval_lengths=(200,), eval_examples=3, warmup_steps=2, ramp_steps=0, drill_fraction=0.0,
+             eval_lengths=(200,), eval_examples=3, warmup_steps=2, induction_steps=0, ramp_steps=0,
+             drill_fraction=0.0,
              qk_norm_init=1.5)  # not Qwen3's 1, so that the fill shows
 
 
@@ -77,15 +78,18 @@ def test_a_continued_run_equals_an_uninterrupted_one(tmp_path):
     assert '"accuracy_200"' in log[1] and '"accuracy_200"' in log[3]
     with pytest.raises(ValueError, match=r"^output: its checkpoint was trained with other settings \(hidden_size\)"):
         train(BaseConfig(**{**MICRO, "hidden_size": 64}, steps=6), str(tmp_path / "part"), show_progress=False)
-    # A checkpoint older than the drill fields ran without drills and with the default drill filler.
+    # A checkpoint older than the drill and copy-phase fields ran without drills, with the default drill
+    # filler and without a copy phase.
     state_path = tmp_path / "part" / "checkpoint" / "trainer_state.pt"
     state = torch.load(state_path, weights_only=False)
-    for key in ("drill_fraction", "drill_filler"):
+    for key in ("drill_fraction", "drill_filler", "induction_steps"):
         del state["config"][key]
     torch.save(state, state_path)
     train(BaseConfig(**MICRO, steps=4), str(tmp_path / "part"), show_progress=False)
     with pytest.raises(ValueError, match=r"other settings \(drill_fraction\)"):
         train(BaseConfig(**{**MICRO, "drill_fraction": 0.5}, steps=4), str(tmp_path / "part"), show_progress=False)
+    with pytest.raises(ValueError, match=r"other settings \(induction_steps\)"):
+        train(BaseConfig(**{**MICRO, "induction_steps": 2}, steps=4), str(tmp_path / "part"), show_progress=False)
 
 
 def _cli(fields):
@@ -110,10 +114,26 @@ def test_accuracy_reads_greedy_answers():
 def test_the_curriculum_starts_short_with_few_facts():
     tok = recall_tokenizer()
     config = BaseConfig(**{**MICRO, "lengths": (600,), "tokens_per_step": 1200, "text_fraction": 0.0,
-                           "ramp_steps": 100, "ramp_start": 0.25, "ramp_lengths": (300,)})
-    early, _, _ = batch_for_step(config, tok, 0)
-    late, _, _ = batch_for_step(config, tok, 100)
+                           "ramp_steps": 100, "ramp_start": 0.25, "ramp_lengths": (300,), "induction_steps": 50})
+    early, _, _ = batch_for_step(config, tok, 50)  # the ramp counts from the end of the copy phase
+    late, _, _ = batch_for_step(config, tok, 150)
     assert early.shape[1] < 310 < late.shape[1]
     texts = [tok.decode(row) for row in early]
     assert all(t.count("The code of ") <= 2 for t in texts)  # one needle and its question
     assert any(t.count("The code of ") == 8 for t in (tok.decode(row) for row in late))  # 4 needles, 4 questions
+
+
+def test_the_copy_phase_comes_first_then_the_recall_mix_from_its_start():
+    tok = recall_tokenizer()
+    config = BaseConfig(**{**MICRO, "induction_steps": 3, "induction_rows": 5, "induction_span": 8})
+    ids, labels, answers = batch_for_step(config, tok, 2)
+    assert ids.shape == (5, 32) and torch.equal(answers, labels != -100)
+    for r in range(5):
+        marked = answers[r].nonzero().flatten()
+        start = int(marked[0]) - 1  # the copy's first token: a content match cannot predict it
+        assert len(marked) == 7 and torch.equal(marked, torch.arange(start + 1, start + 8))
+        assert 8 <= start < 16 and torch.equal(ids[r, start:start + 8], ids[r, :8])
+        assert torch.equal(labels[r, marked], ids[r, marked])
+        assert all(tok.decode([t])[0] == " " for t in ids[r].tolist())  # words and numbers, no eos or newline
+    ids = batch_for_step(config, tok, 3)[0]
+    assert ids.shape[0] in {config.tokens_per_step // n for n in config.lengths}

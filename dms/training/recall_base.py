@@ -48,6 +48,13 @@ class BaseConfig:
     # learning rate of 3e-3 this model learned nothing of pure associative recall in 600 steps, where
     # 1.0 and 1e-3 learned to pick the context's values (measured in issue 13's notes).
     qk_norm_init: float = 1.0
+    # Curriculum, phase 1: the first steps train copying of random token sequences only (a sequence, a
+    # random gap, the sequence again; loss on the copy). Content-based copying (an induction head) is
+    # what recall needs, and the recall mix alone did not form it: every run plateaued at picking one of
+    # the context's values. After this phase the recall mix starts (and ramp_steps count from there).
+    induction_steps: int = 1500
+    induction_rows: int = 32  # rows per phase-1 step ...
+    induction_span: int = 32  # ... each: this many random tokens, a gap of 0 to span-1, the copy, padding
     lengths: tuple = (256, 512, 1024, 2048)  # prompt lengths in tokens; a step uses one
     tokens_per_step: int = 8192  # rows per step = tokens_per_step // length
     text_fraction: float = 0.25  # rows of plain filler text; the rest are recall prompts ...
@@ -98,6 +105,9 @@ def batch_for_step(config, tokenizer, step):
     from dms.eval.recall import TASKS, make_drills, make_examples, make_text
 
     rng = random.Random(f"dms.recall_base:{config.seed}:{step}")
+    if step < config.induction_steps:
+        return _copy_batch(config, tokenizer, rng)
+    step -= config.induction_steps
     ramping = step < config.ramp_steps
     length = rng.choice(config.ramp_lengths if ramping else config.lengths)
     scale = config.facts_scale * (config.ramp_start + (1 - config.ramp_start) * step / config.ramp_steps
@@ -131,6 +141,25 @@ def batch_for_step(config, tokenizer, step):
         labels[r, :len(seq)] = ids[r, :len(seq)]
         answers[r, :len(seq)] = torch.tensor(marks)
     return ids, labels, answers
+
+
+def _copy_batch(config, tokenizer, rng):
+    """Phase 1 (`induction_steps`): rows of `induction_span` random word and
+    number tokens, a random gap of 0 to span - 1 random tokens, the same
+    tokens again, then random tokens up to 4 x span; labels and answers are
+    the copy's tokens after its first (the ones a content match predicts)."""
+    words = sorted(i for p, i in tokenizer.get_vocab().items() if len(p) > 1 and p[0] == " " and p[1:].isalnum())
+    span = config.induction_span
+    ids = torch.tensor([[0]], dtype=torch.long).new_empty(config.induction_rows, 4 * span)
+    labels = torch.full(ids.shape, -100, dtype=torch.long)
+    for r in range(config.induction_rows):
+        gap = rng.randrange(span)
+        first = [rng.choice(words) for _ in range(span)]
+        row = first + [rng.choice(words) for _ in range(gap)] + first
+        row += [rng.choice(words) for _ in range(4 * span - len(row))]
+        ids[r] = torch.tensor(row)
+        labels[r, span + gap + 1:2 * span + gap] = ids[r, span + gap + 1:2 * span + gap]
+    return ids, labels, labels != -100
 
 
 def _answered_spans(prompt):
@@ -220,7 +249,7 @@ def train(config, output, *, eval_every=250, save_every=100, show_progress=True)
         state = torch.load(os.path.join(checkpoint, "trainer_state.pt"), weights_only=False)
         start = state["step"]
         # A field newer than the checkpoint: what the run did without it.
-        defaults = {**asdict(BaseConfig()), "drill_fraction": 0.0}
+        defaults = {**asdict(BaseConfig()), "drill_fraction": 0.0, "induction_steps": 0}
         saved = {**{k: defaults[k] for k in defaults.keys() - state["config"].keys()}, **state["config"]}
         saved = {k: v for k, v in saved.items() if k != "steps"}
         wanted = {k: v for k, v in asdict(config).items() if k != "steps"}
