@@ -125,7 +125,8 @@ def test_the_curriculum_starts_short_with_few_facts():
 
 def test_the_copy_phase_comes_first_then_the_recall_mix_from_its_start():
     tok = recall_tokenizer()
-    config = BaseConfig(**{**MICRO, "induction_steps": 3, "induction_rows": 5, "induction_span": 8})
+    config = BaseConfig(**{**MICRO, "induction_steps": 3, "induction_rows": 5, "induction_span": 8,
+                                      "induction_vocab": 20})
     ids, labels, answers = batch_for_step(config, tok, 2)
     assert ids.shape == (5, 32) and torch.equal(answers, labels != -100)
     for r in range(5):
@@ -135,5 +136,6 @@ def test_the_copy_phase_comes_first_then_the_recall_mix_from_its_start():
         assert 8 <= start < 16 and torch.equal(ids[r, start:start + 8], ids[r, :8])
         assert torch.equal(labels[r, marked], ids[r, marked])
         assert all(tok.decode([t])[0] == " " for t in ids[r].tolist())  # words and numbers, no eos or newline
+    assert len(set(ids.flatten().tolist())) <= 20
     ids = batch_for_step(config, tok, 3)[0]
     assert ids.shape[0] in {config.tokens_per_step // n for n in config.lengths}
