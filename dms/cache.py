@@ -157,7 +157,7 @@ class CompressionTally:
         """Adds `cache`'s current contents (nothing if it holds no tokens)."""
         if not self.enabled or not any(layer.is_initialized for layer in cache.layers):
             return
-        stats = cache.compression_stats()
+        stats = cache.compression_stats(local=True)  # no collective: caches are collected at any time
         if not any(stats["tokens_seen"]):
             return
         with self._lock:
@@ -670,11 +670,11 @@ class PagedLayerCache:
 
 def _compression_stats(caches) -> list:
     """(compression_ratio, mean_row_compression_ratio, tokens seen, tokens
-    stored) of each `PagedLayerCache` in `caches`, computed together: the
+    stored, rows holding tokens) of each `PagedLayerCache` in `caches`, computed together: the
     model reports them after every forward, so a decode step pays a few
     tensor ops and one host read (one sync on CUDA) per device, not a dozen
     ops and a sync per layer."""
-    stats = [(1.0, 1.0, 0, 0)] * len(caches)
+    stats = [(1.0, 1.0, 0, 0, 0)] * len(caches)
     groups = {}  # layers may sit on different devices (device_map="auto")
     for i, c in enumerate(caches):
         groups.setdefault((c.row_seen.device, c.row_seen.shape[0]), []).append(i)
@@ -687,7 +687,7 @@ def _compression_stats(caches) -> list:
         table = torch.stack([seen.sum(1), stored.sum(1), mean_row, count]).tolist()
         for i, total_seen, total_stored, row_mean, n in zip(index, *table):
             if n:
-                stats[i] = (total_seen / total_stored, row_mean, int(total_seen), int(total_stored))
+                stats[i] = (total_seen / total_stored, row_mean, int(total_seen), int(total_stored), int(n))
     return stats
 
 
@@ -830,24 +830,40 @@ class DMSCache(Cache):
         max_tokens: tokens per row the page tables are sized for up front
             (default None: they grow; `from_config` passes the model's
             max_position_embeddings).
+        process_group: under tensor parallelism, the process group whose
+            ranks each hold a share of the KV heads (each rank's cache holds
+            its own); compression figures and byte counts are then summed
+            over the group, a collective call on every rank (default None:
+            this process's cache alone; a tensor-parallel model's
+            `get_cache()` passes its group).
     """
 
     def __init__(self, num_layers, window_size=512, page_size=256, preallocate_for_tokens=None, allow_growth=True,
-                 max_tokens=None):
+                 max_tokens=None, process_group=None):
         if not isinstance(num_layers, int) or num_layers < 1:
             raise ValueError(f"num_layers: expected an int >= 1, got {num_layers!r}")
         layers = [DMSCacheLayer(window_size, page_size, preallocate_for_tokens, allow_growth, max_tokens)
                   for _ in range(num_layers)]
         super().__init__(layers=layers)
+        self.process_group = process_group
 
     @classmethod
-    def from_config(cls, config, preallocate_for_tokens=None):
+    def from_config(cls, config, preallocate_for_tokens=None, process_group=None):
         """The cache `config` (a DMS model config) asks for."""
         return cls(config.num_hidden_layers, window_size=getattr(config, "dms_window_size", 512),
                    page_size=getattr(config, "dms_paged_attention_block_size", 256),
                    preallocate_for_tokens=preallocate_for_tokens
                    if preallocate_for_tokens is not None else getattr(config, "dms_preallocate_for_tokens", None),
-                   max_tokens=getattr(config, "max_position_embeddings", None))
+                   max_tokens=getattr(config, "max_position_embeddings", None), process_group=process_group)
+
+    def _sum_over_group(self, values):
+        """`values` (a list of numbers) summed over `process_group` (as they are without one)."""
+        if self.process_group is None:
+            return values
+        used = [layer.paged.row_seen.device for layer in self.layers if layer.is_initialized]
+        total = torch.tensor(values, dtype=torch.float64, device=used[0] if used else None)  # NCCL: on the GPU
+        torch.distributed.all_reduce(total, group=self.process_group)
+        return total.tolist()
 
     def reset(self):
         """Empties every layer (pages stay allocated); what it held is first
@@ -862,16 +878,22 @@ class DMSCache(Cache):
         except Exception:  # interpreter shutdown or a half-built cache: nothing to record
             pass
 
-    def compression_stats(self) -> dict:
+    def compression_stats(self, local=False) -> dict:
         """Every compression figure of the cache from one host read:
         compression_ratio (all tokens seen / all tokens stored, over every
         row and layer: the KV memory saved), compression_ratios (the same per
         layer), mean_row_compression_ratio (each row's seen / stored averaged
         over rows and layers), tokens_seen / tokens_stored (per layer). A
-        layer not used yet counts as 1.0 and 0 tokens."""
+        layer not used yet counts as 1.0 and 0 tokens. With a
+        `process_group`, over every rank's heads (a collective call) unless
+        `local` (default False)."""
         used = [layer.paged for layer in self.layers if layer.is_initialized]
         per_used = iter(_compression_stats(used))
-        per_layer = [next(per_used) if layer.is_initialized else (1.0, 1.0, 0, 0) for layer in self.layers]
+        per_layer = [next(per_used) if layer.is_initialized else (1.0, 1.0, 0, 0, 0) for layer in self.layers]
+        if self.process_group is not None and not local:
+            flat = self._sum_over_group([x for row in per_layer for x in (row[2], row[3], row[1] * row[4], row[4])])
+            per_layer = [(seen / stored if stored else 1.0, ratios / rows if rows else 1.0, int(seen), int(stored))
+                         for seen, stored, ratios, rows in zip(*[iter(flat)] * 4)]
         seen = [row[2] for row in per_layer]
         stored = [row[3] for row in per_layer]
         live = [row[1] for row in per_layer if row[3]]
@@ -908,7 +930,11 @@ class DMSCache(Cache):
         return torch.ops.dms.snapshot(lengths) if torch.compiler.is_compiling() else lengths
 
     def bytes_in_use(self) -> int:
-        return sum(layer.paged.bytes_in_use() for layer in self.layers if layer.is_initialized)
+        """Bytes of keys and values in pages that hold tokens, every layer (and with a `process_group`, every rank)."""
+        return int(self._sum_over_group([sum(layer.paged.bytes_in_use() for layer in self.layers
+                                             if layer.is_initialized)])[0])
 
     def bytes_reserved(self) -> int:
-        return sum(layer.paged.bytes_reserved() for layer in self.layers if layer.is_initialized)
+        """Bytes of every layer's page pool (and with a `process_group`, every rank's)."""
+        return int(self._sum_over_group([sum(layer.paged.bytes_reserved() for layer in self.layers
+                                             if layer.is_initialized)])[0])

@@ -142,6 +142,17 @@ class DMSPreTrainedMixin:
         super()._init_weights(module)
         _init_dms_weights(module)
 
+    @classmethod
+    def from_pretrained(cls, *args, **kwargs):
+        """transformers' from_pretrained; a tensor-parallel split (tp_plan)
+        that does not divide the KV heads is refused here, at load."""
+        model = super().from_pretrained(*args, **kwargs)
+        loaded = model[0] if isinstance(model, tuple) else model  # output_loading_info=True: (model, info)
+        attention = next((m for m in loaded.modules() if isinstance(m, DMSAttention)), None)
+        if attention is not None:
+            attention._tensor_parallel()
+        return model
+
 
 class DMSAttention:
     """A family's attention whose keys are evicted by learned, delayed
@@ -170,7 +181,6 @@ class DMSAttention:
 
     def __init__(self, config, layer_idx):
         super().__init__(config, layer_idx)
-        self.num_kv_heads = config.num_key_value_heads
         if config.dms_separate_alpha:
             self.dms_proj_alpha_norm = self.norm_class(config.hidden_size, eps=config.rms_norm_eps)
             # SPEC §1: bias iff attention_bias (Qwen2, whose q/k/v always carry a bias, has no such
@@ -187,6 +197,29 @@ class DMSAttention:
                 nn.init.zeros_(self.dms_proj_alpha.bias)
             nn.init.ones_(self.dms_proj_alpha_norm.weight)
 
+    def _tensor_parallel(self):
+        """(rank, size, group) of the tensor-parallel group this attention's
+        heads are split over (transformers' tp_plan: q/k/v column-wise, so
+        rank r holds KV heads r*H/size ... (r+1)*H/size - 1 and their query
+        groups), or None on one process. Read from k_proj's weight, a DTensor
+        under tensor parallelism."""
+        weight = self.k_proj.weight
+        mesh = getattr(weight, "device_mesh", None)
+        if mesh is None or mesh.size() == 1:
+            return None
+        size, heads = mesh.size(), self.config.num_key_value_heads
+        if heads % size:
+            raise ValueError(f"tp_plan: {size} tensor-parallel ranks do not divide the model's {heads} KV heads; DMS "
+                             "splits the cache by KV head, so use a tensor-parallel size that divides "
+                             f"{heads} (tp_size, or the number of processes torchrun starts)")
+        return mesh.get_local_rank(), size, mesh.get_group()
+
+    def local_kv_heads(self):
+        """The KV heads this process computes: all of the config's, or its
+        share under tensor parallelism."""
+        tp = self._tensor_parallel()
+        return self.config.num_key_value_heads // (tp[1] if tp else 1)
+
     def _decision_logits(self, layer_input, q):
         """z [B, H, T] (SPEC §1) and the queries to use (the borrowed neuron is
         zeroed in them). layer_input: [B, T, hidden] before the input norm;
@@ -195,11 +228,23 @@ class DMSAttention:
         `_per_layer` picks head 0 after the gate, so training noise is drawn
         per head first (the reference's order)."""
         c = self.config
+        tp = self._tensor_parallel()
         if c.dms_separate_alpha:
+            # The adapter is replicated under tensor parallelism (H outputs: nothing to split): every
+            # rank computes all heads' logits and keeps its own, with head 0's for dms_alpha_per="layer".
             raw = self.dms_proj_alpha(self.dms_proj_alpha_norm(layer_input)).transpose(1, 2)
+            if tp is not None:
+                heads = raw.shape[1] // tp[1]
+                own = raw[:, tp[0] * heads:(tp[0] + 1) * heads]
+                raw = torch.cat([raw[:, :1], own[:, 1:]], dim=1) if c.dms_alpha_per == "layer" else own
         else:
             raw = q[:, :: self.num_key_value_groups, :, -1]
             q = self._zero_borrowed(q.clone())
+            if tp is not None and c.dms_alpha_per == "layer":
+                # Head 0's query (the decision of every head) is on the group's first rank only.
+                head0 = raw[:, :1].contiguous()
+                torch.distributed.broadcast(head0, group=tp[2], group_src=0)
+                raw = torch.cat([head0, raw[:, 1:]], dim=1)
         z = c.dms_alpha_scale * raw.float() - c.dms_initial_alpha_offset
         return z.contiguous(), q
 
@@ -245,6 +290,10 @@ class DMSAttention:
         q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
         disabled = self.config.dms_disable_eviction
         if self.training and cache_layer is None:
+            if self._tensor_parallel() is not None:
+                raise ValueError("model.train(): a tensor-parallel (tp_plan) DMS model runs inference only; train "
+                                 "a retrofit with FSDP or DDP through accelerate (models.train) and load the "
+                                 "result with tp_plan for inference")
             if disabled:
                 y, decisions = None, torch.zeros_like(z)
             else:
@@ -410,6 +459,11 @@ class DMSModel:
         self.layers = nn.ModuleList(self.decoder_layer_class(config, i) for i in range(config.num_hidden_layers))
         self.post_init()
 
+    def tensor_parallel_group(self):
+        """The process group the KV heads are split over (tp_plan), or None."""
+        tp = self.layers[0].self_attn._tensor_parallel() if len(self.layers) else None
+        return tp[2] if tp else None
+
     def _check_cache(self, cache, batch_size):
         """Raises ValueError unless `cache` was made for this model (layers,
         window, KV heads, head dim) and holds `batch_size` sequences."""
@@ -418,15 +472,16 @@ class DMSModel:
             raise ValueError(f"cache: expected a DMSCache for {c.num_hidden_layers} layers (model.get_cache()), got "
                              f"one for {len(cache.layers)}")
         head_dim = self.layers[0].self_attn.head_dim if len(self.layers) else None
+        heads = self.layers[0].self_attn.local_kv_heads() if len(self.layers) else None
         for layer in cache.layers:
             if layer.window_size != c.dms_window_size:
                 raise ValueError(f"cache: its window is {layer.window_size} tokens, the model's dms_window_size is "
                                  f"{c.dms_window_size}; make the cache with model.get_cache()")
             if layer.is_initialized and layer.tokens_fed:  # an empty (new or reset) cache takes any shape
                 p = layer.paged
-                if (p.num_kv_heads, p.head_dim) != (c.num_key_value_heads, head_dim):
+                if (p.num_kv_heads, p.head_dim) != (heads, head_dim):
                     raise ValueError(f"cache: holds {p.num_kv_heads} KV heads of dim {p.head_dim}, the model has "
-                                     f"{c.num_key_value_heads} of dim {head_dim}: a cache from another model")
+                                     f"{heads} of dim {head_dim}: a cache from another model")
                 if p.batch_size != batch_size:
                     raise ValueError(f"cache: holds {p.batch_size} sequences, the input has {batch_size} (reset it, "
                                      "or reorder it with cache.reorder_cache)")
@@ -453,7 +508,7 @@ class DMSModel:
                             f"{type(cache).__name__}: a DMS model keeps a different number of tokens per "
                             "(sequence, KV head) row, which only its own paged cache can hold")
         if use_cache and cache is None:
-            cache = DMSCache.from_config(self.config)
+            cache = DMSCache.from_config(self.config, process_group=self.tensor_parallel_group())
         B, T = inputs_embeds.shape[:2]
         if use_cache:
             self._check_cache(cache, B)
@@ -568,8 +623,10 @@ class DMSForCausalLM:
                 f.write(text)
 
     def get_cache(self, preallocate_for_tokens=None):
-        """An empty `DMSCache` for this model."""
-        return DMSCache.from_config(self.config, preallocate_for_tokens)
+        """An empty `DMSCache` for this model (under tensor parallelism, for
+        this rank's KV heads, reporting figures summed over the ranks)."""
+        return DMSCache.from_config(self.config, preallocate_for_tokens,
+                                    process_group=self.model.tensor_parallel_group())
 
     def _prepare_cache_for_generation(self, generation_config, model_kwargs, generation_mode, *args, **kwargs):
         """generate's cache: the user's DMSCache, or a new one; other caches
