@@ -144,13 +144,15 @@ class DMSPreTrainedMixin:
 
     @classmethod
     def from_pretrained(cls, *args, **kwargs):
-        """transformers' from_pretrained; a tensor-parallel split (tp_plan)
-        that does not divide the KV heads is refused here, at load."""
+        """transformers' from_pretrained; when it split the model by
+        tp_plan, every DMS attention learns its share of the KV heads here,
+        and a split that does not divide them is refused."""
         model = super().from_pretrained(*args, **kwargs)
         loaded = model[0] if isinstance(model, tuple) else model  # output_loading_info=True: (model, info)
-        attention = next((m for m in loaded.modules() if isinstance(m, DMSAttention)), None)
-        if attention is not None:
-            attention._tensor_parallel()
+        if (getattr(loaded, "_tp_size", None) or 1) > 1:
+            for module in loaded.modules():
+                if isinstance(module, DMSAttention):
+                    module._set_tensor_parallel(module.k_proj.weight.device_mesh)
         return model
 
 
@@ -201,18 +203,23 @@ class DMSAttention:
         """(rank, size, group) of the tensor-parallel group this attention's
         heads are split over (transformers' tp_plan: q/k/v column-wise, so
         rank r holds KV heads r*H/size ... (r+1)*H/size - 1 and their query
-        groups), or None on one process. Read from k_proj's weight, a DTensor
-        under tensor parallelism."""
-        weight = self.k_proj.weight
-        mesh = getattr(weight, "device_mesh", None)
-        if mesh is None or mesh.size() == 1:
-            return None
+        groups), or None on one process. Set by `from_pretrained` when
+        transformers split the model (FSDP's sharded weights are not a
+        split of the heads, so the weights alone cannot tell)."""
+        return self.__dict__.get("_dms_tp")
+
+    def _set_tensor_parallel(self, mesh):
+        """Records the split over `mesh` (the "tp" mesh); refuses one that does not divide the KV heads."""
+        if mesh.ndim > 1:
+            mesh = mesh["tp"]
         size, heads = mesh.size(), self.config.num_key_value_heads
+        if size == 1:
+            return
         if heads % size:
             raise ValueError(f"tp_plan: {size} tensor-parallel ranks do not divide the model's {heads} KV heads; DMS "
                              "splits the cache by KV head, so use a tensor-parallel size that divides "
                              f"{heads} (tp_size, or the number of processes torchrun starts)")
-        return mesh.get_local_rank(), size, mesh.get_group()
+        self.__dict__["_dms_tp"] = (mesh.get_local_rank(), size, mesh.get_group())
 
     def local_kv_heads(self):
         """The KV heads this process computes: all of the config's, or its
