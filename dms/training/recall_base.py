@@ -9,6 +9,11 @@ that `Qwen3ForCausalLMDMS.from_pretrained` loads with fresh adapters.
     python -m dms.training.recall_base --output outputs/recall_base
     python -m dms.training.recall_base --output outputs/recall_base --steps 6000   # continues a run
 
+Training runs in two phases: `induction_steps` of copying random token
+sequences (which forms the content-matching attention that recall needs;
+the recall mix alone plateaued at picking one of the context's values), then
+the recall mix, itself starting on short prompts with few facts (`ramp_*`).
+
 Every step draws fresh examples (a pure function of the seed and the step),
 so nothing is memorised and a resumed run sees exactly the data it would
 have seen. A checkpoint (weights, optimizer, step, log) is written every
