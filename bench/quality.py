@@ -92,6 +92,9 @@ def main(argv=None):
             result = evaluate_recall(model, tokenizer, examples, show_progress=True)
             rows.append(_row(length, f"DMS {label}", result, perplexity(model, tokenizer, docs)))
             points.append((f"DMS {label.rsplit('-', 1)[0]}", length, result["compression_ratio"], result["accuracy"]))
+            # The baselines run the base model with the DMS model's window, on pages of its size (a plain
+            # checkpoint gets the default 256-slot pages; page size changes the memory layout, not results).
+            base.config.dms_paged_attention_block_size = model.config.dms_paged_attention_block_size
             for name, (policy, window) in matched_baselines(result, model.config.dms_window_size,
                                                             sinks=args.sinks).items():
                 baseline = evaluate_recall(base, tokenizer, examples, policy=policy, window_size=window,
