@@ -160,16 +160,18 @@ def _copy_batch(config, tokenizer, rng):
     words = sorted(i for p, i in tokenizer.get_vocab().items() if len(p) > 1 and p[0] == " " and p[1:].isalnum())
     words = random.Random(f"dms.recall_base.copy:{config.seed}").sample(words, min(len(words), config.induction_vocab))
     span = config.induction_span
-    ids = torch.tensor([[0]], dtype=torch.long).new_empty(config.induction_rows, 4 * span)
-    labels = torch.full(ids.shape, -100, dtype=torch.long)
-    for r in range(config.induction_rows):
+    rows, copies = [], []
+    for _ in range(config.induction_rows):
         gap = rng.randrange(span)
         first = [rng.choice(words) for _ in range(span)]
         row = first + [rng.choice(words) for _ in range(gap)] + first
-        row += [rng.choice(words) for _ in range(4 * span - len(row))]
-        ids[r] = torch.tensor(row)
-        labels[r, span + gap + 1:2 * span + gap] = ids[r, span + gap + 1:2 * span + gap]
-    return ids, labels, labels != -100
+        rows.append(row + [rng.choice(words) for _ in range(4 * span - len(row))])
+        copies.append(span + gap)
+    ids = torch.tensor(rows)
+    answers = torch.zeros(ids.shape, dtype=torch.bool)
+    for r, start in enumerate(copies):
+        answers[r, start + 1:start + span] = True
+    return ids, torch.where(answers, ids, -100), answers
 
 
 def _answered_spans(prompt):
