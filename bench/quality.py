@@ -1,8 +1,9 @@
 """Quality of DMS against training-free eviction at the same KV budget, on
 generated long-context recall prompts (issue 13): accuracy per task and
 held-out perplexity of the base model (vanilla), of each DMS retrofit, and of
-content-blind eviction and StreamingLLM sized to the budget each DMS model
-used, at each context length. Prints a Markdown table (and writes it, with a
+the training-free policies (content-blind, StreamingLLM, TOVA, H2O) sized to
+the budget each DMS model used, at each context length (in the base
+tokenizer's tokens). Prints a Markdown table (and writes it, with a
 plot of accuracy against compression, when --out is given).
 
     python bench/quality.py --models adapters-2x=outputs/recall_adapters/cr2,adapters-4x=...
@@ -56,7 +57,7 @@ def perplexity(model, tokenizer, docs):
 
 def _row(length, method, result, ppl):
     tasks = " / ".join(f"{result['per_task'].get(t, float('nan')):.2f}" for t in ("niah", "vt", "mqar"))
-    return [length, method, f"{result['accuracy']:.3f}", tasks, f"{result['stored_per_row']:.0f}",
+    return [length, method, f"{result['accuracy']:.3f}", tasks, f"{result['stored_per_row']:.0f} / {result['seen_per_row']:.0f}",
             f"{result['compression_ratio']:.2f}x", f"{ppl:.3f}"]
 
 
@@ -78,12 +79,14 @@ def main(argv=None):
 
     tokenizer = AutoTokenizer.from_pretrained(args.base)
     base = AutoModelForCausalLMDMS.from_pretrained(args.base).eval()  # a plain checkpoint: keeps everything
-    header = ["length", "method", "accuracy", "niah / vt / mqar", "stored per row", "compression", "perplexity"]
+    header = ["length", "method", "accuracy", "niah / vt / mqar", "stored / seen per row", "compression", "perplexity"]
     rows, points = [], []
     start = time.time()
     for length in lengths:
-        examples = make_examples(count, length, seed=EVAL_SEED)
-        docs = make_text(4 if args.quick else 12, length, seed=EVAL_SEED)
+        # Lengths count the model's own tokens (make_examples counts UTF-8 bytes without a tokenizer:
+        # a "2048" prompt would be ~440 words long, and the 64-token window a seventh of it).
+        examples = make_examples(count, length, seed=EVAL_SEED, tokenizer=tokenizer)
+        docs = make_text(4 if args.quick else 12, length, seed=EVAL_SEED, tokenizer=tokenizer)
         vanilla = evaluate_recall(base, tokenizer, examples, show_progress=True)
         rows.append(_row(length, "vanilla", vanilla, perplexity(base, tokenizer, docs)))
         points.append(("vanilla", length, 1.0, vanilla["accuracy"]))

@@ -6,7 +6,8 @@ one prompt per row — together with the KV budget it used: tokens stored per
 training-free policies of `dms.eval.baselines` to the budget a DMS run used.
 
     model = AutoModelForCausalLMDMS.from_pretrained(path).eval()
-    result = evaluate_recall(model, tokenizer, make_examples(60, 1024, seed=1_000_003))
+    result = evaluate_recall(model, tokenizer, make_examples(60, 1024, seed=1_000_003,
+                                                                  tokenizer=tokenizer))
     result["accuracy"], result["stored_per_row"], result["compression_ratio"]
 """
 
