@@ -7,7 +7,7 @@ import statistics
 import pytest
 
 from dms.eval.recall import (TASKS, RecallExample, make_drills, make_examples, make_text, recall_tokenizer, score,
-                             solve)
+                             solve, write_jsonl)
 from dms.tiny import tiny_tokenizer
 
 
@@ -100,6 +100,25 @@ def test_written_jsonl_is_a_local_training_source(tmp_path):
     config = DataConfig.from_dict({"blend": f"local:{path}", "max_length": 256, "cache_dir": str(tmp_path / "cache")})
     dataset = build_dataset(config, tiny_tokenizer(), show_progress=False)
     assert len(dataset) >= sum(len(r) for r in rows) // 256
+
+
+def test_written_jsonl_takes_a_share_of_drills(tmp_path):
+    import json
+
+    from dms.eval.recall import main
+
+    path = tmp_path / "recall.jsonl"
+    assert main(["--write", str(path), "--count", "8", "--lengths", "300", "--text-fraction", "0.25",
+                 "--drill-fraction", "0.5", "--tokenizer", "bytes"]) == 0
+    rows = [json.loads(line)["text"] for line in path.read_text().splitlines()]
+    drills = [d.text + "\n" for d in make_drills(4, 299, seed=0)]
+    assert len(rows) == 8 and sorted(r for r in rows if r in drills) == sorted(drills)
+    assert all(len(r.encode()) <= 300 for r in drills)
+    for bad in (["--drill-fraction", "0.8"], ["--drill-fraction", "-0.1"]):
+        with pytest.raises(SystemExit):
+            main(["--write", str(path), "--tokenizer", "bytes", *bad])
+    with pytest.raises(ValueError, match=r"^text_fraction, drill_fraction: expected shares"):
+        write_jsonl(str(path), 4, [300], text_fraction=0.5, drill_fraction=0.6)
 
 
 def test_facts_scale_sets_the_needles_and_pairs():

@@ -388,15 +388,24 @@ def score(example, generated):
     return text.startswith(example.answer) and not text[len(example.answer):][:1].isdigit()
 
 
-def write_jsonl(path, count, lengths, seed=0, text_fraction=0.25, tokenizer=None):
+def write_jsonl(path, count, lengths, seed=0, text_fraction=0.25, tokenizer=None, drill_fraction=0.0):
     """Writes `count` documents per length as JSONL `{"text": ...}` rows to
     `path` (atomically): recall prompts followed by their completion and a
-    newline, and a `text_fraction` share of plain filler; returns `path`."""
+    newline, a `text_fraction` share of plain filler and a `drill_fraction`
+    share of drills (`make_drills`: answered questions every few tokens, at
+    every distance); returns `path`. Drills give a retrofit's distillation a
+    signal on recall in most rows instead of a few answer tokens per
+    prompt."""
+    if not 0 <= text_fraction + drill_fraction <= 1 or min(text_fraction, drill_fraction) < 0:
+        raise ValueError(f"text_fraction, drill_fraction: expected shares in [0, 1] that sum to at most 1, "
+                         f"got {text_fraction!r}, {drill_fraction!r}")
     rows = []
     for length in lengths:
-        n_text = round(count * text_fraction)
-        rows += [ex.prompt + ex.completion + "\n" for ex in make_examples(count - n_text, length, seed, tokenizer=tokenizer)]
+        n_text, n_drill = round(count * text_fraction), round(count * drill_fraction)
+        rows += [ex.prompt + ex.completion + "\n"
+                 for ex in make_examples(count - n_text - n_drill, length, seed, tokenizer=tokenizer)]
         rows += make_text(n_text, length, seed, tokenizer=tokenizer)
+        rows += [d.text + "\n" for d in make_drills(n_drill, length - 1, seed, tokenizer=tokenizer)]
     random.Random(f"dms.recall.write:{seed}").shuffle(rows)
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     tmp = f"{path}.tmp-{os.getpid()}"
@@ -417,13 +426,17 @@ def main(argv=None):
                              "or a tokenizer's folder or hub name")
     parser.add_argument("--seed", type=int, default=0, help="seed (default 0; evaluation uses other seeds)")
     parser.add_argument("--text-fraction", type=float, default=0.25, help="share of filler documents (default 0.25)")
+    parser.add_argument("--drill-fraction", type=float, default=0.0,
+                        help="share of recall drills, question-dense documents (default 0)")
     args = parser.parse_args(argv)
     try:
         lengths = [int(n) for n in args.lengths.split(",")]
     except ValueError:
         parser.error(f"--lengths: expected comma-separated integers, got {args.lengths!r}")
-    if args.count < 1 or not all(n > 0 for n in lengths) or not 0 <= args.text_fraction <= 1:
-        parser.error("--count and --lengths must be positive and --text-fraction in [0, 1]")
+    if args.count < 1 or not all(n > 0 for n in lengths) or not (
+            min(args.text_fraction, args.drill_fraction) >= 0 and args.text_fraction + args.drill_fraction <= 1):
+        parser.error("--count and --lengths must be positive, --text-fraction and --drill-fraction shares in [0, 1] "
+                     "that sum to at most 1")
     if args.tokenizer == "words":
         tokenizer = recall_tokenizer()
     elif args.tokenizer == "bytes":
@@ -432,7 +445,8 @@ def main(argv=None):
         from transformers import AutoTokenizer
 
         tokenizer = AutoTokenizer.from_pretrained(args.tokenizer)
-    write_jsonl(args.write, args.count, lengths, args.seed, args.text_fraction, tokenizer=tokenizer)
+    write_jsonl(args.write, args.count, lengths, args.seed, args.text_fraction, tokenizer=tokenizer,
+                drill_fraction=args.drill_fraction)
     print(f"wrote {args.count * len(lengths)} documents to {args.write}")
     return 0
 
