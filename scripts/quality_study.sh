@@ -25,7 +25,7 @@ if [ ! -f "$BASE/model.safetensors" ]; then
   python -m dms.training.recall_base --output "$BASE" --set autocast_bf16=true
 fi
 if [ ! -f "$DATA" ]; then
-  python -m dms.eval.recall --write "$DATA" --count 3000 --lengths 1024,2048
+  python -m dms.eval.recall --write "$DATA" --count 2000 --lengths 1024,2048 --text-fraction 0.1 --drill-fraction 0.5
 fi
 
 models=""
