@@ -70,7 +70,14 @@ def main(argv=None):
     parser.add_argument("--quick", action="store_true", help="20 prompts per length and 4 documents of perplexity")
     parser.add_argument("--sinks", type=int, default=4, help="StreamingLLM's attention sinks (default 4)")
     parser.add_argument("--out", default=None, help="write the table (.md) and the plot (.png) here")
+    parser.add_argument("--merge", default=None, metavar="A.md,B.md",
+                        help="instead of measuring: join tables this bench wrote (runs done in parallel) into "
+                             "one, vanilla once per length, and plot it; needs --out")
     args = parser.parse_args(argv)
+    if args.merge:
+        if not args.out:
+            parser.error("--merge: needs --out (where the joined table and its plot go)")
+        return _merge(args.merge.split(","), args.out)
     count = 20 if args.quick else args.count
     lengths = [int(n) for n in args.lengths.split(",")]
     torch.manual_seed(0)
@@ -117,6 +124,43 @@ def main(argv=None):
         with open(args.out, "w") as f:
             f.write("\n".join(lines) + "\n")
         _plot(points, os.path.splitext(args.out)[0] + ".png")
+    return 0
+
+
+def _point(row):
+    """(method line, length, compression, accuracy) of a table row."""
+    length, method, accuracy, _, _, compression = row[:6]
+    if method.startswith("DMS "):
+        method = method.rsplit("-", 1)[0]
+    elif " at " in method:
+        method = method.split(" at ")[0]
+    return method, int(length), float(compression.rstrip("x")), float(accuracy)
+
+
+def _merge(paths, out):
+    """Joins tables written by --out into `out` (rows sorted by length, the
+    first table's order within a length; vanilla once) and plots them."""
+    heads, rows = [], []
+    for path in paths:
+        with open(path) as f:
+            lines = f.read().splitlines()
+        table = [line for line in lines if line.startswith("|")]
+        heads += [line for line in lines if line and not line.startswith("|")]
+        header = table[0]
+        for line in table[2:]:
+            row = [cell.strip() for cell in line.strip("|").split("|")]
+            if row[1] != "vanilla" or not any(r[0] == row[0] and r[1] == "vanilla" for r in rows):
+                rows.append(row)
+    rows.sort(key=lambda r: int(r[0]))  # stable: each table's order within a length
+    cells = [[cell.strip() for cell in header.strip("|").split("|")]] + rows
+    widths = [max(len(x) for x in col) for col in zip(*cells)]
+    text = heads + ["| " + " | ".join(x.ljust(w) for x, w in zip(cells[0], widths)) + " |",
+                    "|" + "|".join("-" * (w + 2) for w in widths) + "|"]
+    text += ["| " + " | ".join(x.ljust(w) for x, w in zip(row, widths)) + " |" for row in rows]
+    with open(out, "w") as f:
+        f.write("\n".join(text) + "\n")
+    _plot([_point(r) for r in rows], os.path.splitext(out)[0] + ".png")
+    print("\n".join(text))
     return 0
 
 

@@ -115,4 +115,13 @@ def test_quality_bench_runs_end_to_end(tmp_path, monkeypatch, capsys):
     assert (tmp_path / "q.png").stat().st_size > 1000 and "machine:" in table
     vanilla = next(line for line in table.splitlines() if "| vanilla " in line)
     assert "| 1.00x " in vanilla  # a model without trained adapters keeps every token
+    other = tmp_path / "r.md"
+    assert quality.main(["--base", base, "--models", f"more-4x={dms}", "--lengths", "300", "--count", "2",
+                         "--out", str(other)]) == 0
+    joined = tmp_path / "joined.md"
+    assert quality.main(["--merge", f"{out},{other}", "--out", str(joined)]) == 0
+    rows = [line for line in joined.read_text().splitlines() if line.startswith("| 300 ")]
+    assert len(rows) == 11 and sum("| vanilla " in r for r in rows) == 1
+    assert rows[1].startswith("| 300    | DMS tiny-2x ") and any("| H2O at more-4x " in r for r in rows)
+    assert (tmp_path / "joined.png").stat().st_size > 1000
     del sys.modules["quality"]
