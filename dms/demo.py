@@ -1,20 +1,24 @@
-"""`python -m dms.demo`: prefill a prompt in chunks and generate with a DMS
-model, and print the speed, the compression per layer and the KV-cache bytes
-against the same run with eviction off.
+"""`python -m dms.demo`: a DMS model answers long-context questions with its
+KV cache compressed, next to the same model with eviction off.
 
-Without --model it builds a tiny built-in Qwen3-DMS (deterministic random
-weights, adapters set so that a real fraction of tokens is evicted): no
-download. With --model PATH it loads a checkpoint of any supported family (a
-DMS-retrofitted one, or a plain one plus DMS defaults).
+Without --model it runs the shipped recall model (`dms.recall_models`: a
+small Qwen3 trained here on long-context recall, with DMS adapters
+retrofitted; nothing is downloaded) and asks it --questions fresh recall
+questions (`dms.eval.recall`: needles, variable tracking, associative
+recall, prompts of --prompt-tokens): each answer with DMS on and off next to
+the right one, with the compression and the KV bytes.
 
-With --questions N (a model with its tokenizer) it asks N fresh long-context
-recall questions instead (`dms.eval.recall`: needles, variable tracking,
-associative recall, --prompt-tokens long) and prints each answer with DMS
-on and off next to the right one, with the compression and KV bytes.
+With --model PATH (a checkpoint of any supported family: a DMS-retrofitted
+one, or a plain one plus DMS defaults) it asks questions when --questions is
+given, and otherwise prefills a random prompt in chunks and generates, and
+prints the speed, the compression per layer and the KV-cache bytes against
+the same run with eviction off. `--model tiny` is the built-in tiny
+Qwen3-DMS (deterministic random weights, adapters set so that a real fraction
+of tokens is evicted) for that run.
 
-    python -m dms.demo [--model PATH] [--prompt-tokens 600] [--new-tokens 64]
-                       [--chunk 256] [--device cpu|cuda] [--dtype float32]
-                       [--questions N]
+    python -m dms.demo [--model PATH|tiny] [--questions N] [--prompt-tokens N]
+                       [--new-tokens 64] [--chunk 256] [--device cpu|cuda]
+                       [--dtype float32]
 """
 
 import argparse
@@ -92,9 +96,11 @@ def _count(low, what):
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m dms.demo", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", default=None, help="checkpoint directory or hub name (default: built-in tiny model)")
-    parser.add_argument("--prompt-tokens", type=_count(1, "a prompt length"), default=600,
-                        help="prompt length (default 600)")
+    parser.add_argument("--model", default=None,
+                        help="checkpoint directory or hub name, or tiny: the built-in random tiny model "
+                             "(default: the shipped recall model, dms.recall_models)")
+    parser.add_argument("--prompt-tokens", type=_count(1, "a prompt length"), default=None,
+                        help="prompt length (default 2048 with questions, else 600)")
     parser.add_argument("--new-tokens", type=_count(1, "a number of tokens"), default=64,
                         help="tokens to generate (default 64)")
     parser.add_argument("--chunk", type=_count(0, "a chunk size, 0 for one prefill"), default=256,
@@ -103,13 +109,17 @@ def main(argv=None) -> int:
                         help="cpu or cuda[:N] (default: cuda when available)")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     parser.add_argument("--seed", type=int, default=0, help="seed of the prompt and the tiny model (default 0)")
-    parser.add_argument("--questions", type=_count(0, "a number of questions"), default=0,
-                        help="ask this many recall questions (needs --model with a tokenizer; default 0: "
-                             "generate from a random prompt)")
+    parser.add_argument("--questions", type=_count(0, "a number of questions"), default=None,
+                        help="ask this many recall questions (a model with a tokenizer; default 3 on the "
+                             "shipped model, else 0: generate from a random prompt)")
     args = parser.parse_args(argv)
-    if args.questions and not args.model:
-        parser.error("--questions: needs --model PATH (a model with its tokenizer; the built-in tiny model "
-                     "has random weights and answers nothing)")
+    if args.questions is None:
+        args.questions = 3 if args.model is None else 0
+    if args.prompt_tokens is None:
+        args.prompt_tokens = 2048 if args.questions else 600
+    if args.questions and args.model == "tiny":
+        parser.error("--questions: needs a trained model (the built-in tiny model has random weights and "
+                     "answers nothing; leave out --model for the shipped recall model)")
     try:
         device = torch.device(args.device)
     except RuntimeError:
@@ -122,12 +132,20 @@ def main(argv=None) -> int:
         parser.error("--device cuda: dms was built without CUDA (rebuild with nvcc present, or use --device cpu)")
 
     dtype = getattr(torch, args.dtype)
-    if args.model:
+    shipped = args.model is None
+    if shipped:
+        from dms.recall_models import recall_model_path
+
+        try:
+            args.model = recall_model_path()
+        except FileNotFoundError as e:
+            parser.error(f"{e}; or pass --model PATH or --model tiny")
+    if args.model != "tiny":
         try:
             model = AutoModelForCausalLMDMS.from_pretrained(args.model, dtype=dtype)
         except OSError as e:
             parser.error(f"--model {args.model}: cannot load it ({str(e).splitlines()[0]})")
-        name = args.model
+        name = "the shipped recall model (dms.recall_models)" if shipped else args.model
     else:
         model = tiny_model(args.seed).to(dtype)
         name = "built-in tiny Qwen3-DMS (4 layers, 2 KV heads, w=64, random weights)"
@@ -157,7 +175,7 @@ def main(argv=None) -> int:
     model.config.dms_disable_eviction = False
     print(f"\nfirst generated tokens, DMS:          {rows[0][1][0, args.prompt_tokens:][:12].tolist()}")
     print(f"first generated tokens, eviction off: {rows[1][1][0, args.prompt_tokens:][:12].tolist()}")
-    if not args.model:
+    if args.model == "tiny":
         print("(random weights: the two runs may pick different tokens; a retrofitted model keeps them close)")
     return 0
 

@@ -1,4 +1,4 @@
-"""The README's main job, `python -m dms.demo`, on the built-in tiny model."""
+"""The README's main job, `python -m dms.demo`: the built-in tiny model's run, flags, and questions."""
 
 import pytest
 
@@ -6,7 +6,7 @@ from dms import demo
 
 
 def test_demo_runs_and_reports_compression(capsys):
-    assert demo.main(["--prompt-tokens", "200", "--new-tokens", "8", "--chunk", "64"]) == 0
+    assert demo.main(["--model", "tiny", "--prompt-tokens", "200", "--new-tokens", "8", "--chunk", "64"]) == 0
     out = capsys.readouterr().out
     assert "compression per layer" in out and "eviction off" in out
     dms_line = next(line for line in out.splitlines() if line.startswith("DMS "))
@@ -30,7 +30,7 @@ def test_bad_flags_get_a_usage_message_not_a_traceback(argv, message, capsys):
 
 
 def test_chunk_zero_prefills_at_once(capsys):
-    assert demo.main(["--prompt-tokens", "80", "--new-tokens", "2", "--chunk", "0"]) == 0
+    assert demo.main(["--model", "tiny", "--prompt-tokens", "80", "--new-tokens", "2", "--chunk", "0"]) == 0
     assert "(one prefill)" in capsys.readouterr().out
 
 
@@ -46,5 +46,5 @@ def test_questions_mode_answers_recall_prompts_with_dms_on_and_off(tmp_path, cap
     assert all(int(r[5].replace(",", "")) < int(r[6].replace(",", "")) or float(r[4].rstrip("x")) < 1.1 for r in rows)
     assert "right: DMS " in out and "/3, eviction off " in out
     with pytest.raises(SystemExit) as exit_info:
-        demo.main(["--questions", "2"])
-    assert exit_info.value.code == 2 and "--questions: needs --model PATH" in capsys.readouterr().err
+        demo.main(["--model", "tiny", "--questions", "2"])
+    assert exit_info.value.code == 2 and "--questions: needs a trained model" in capsys.readouterr().err
