@@ -29,6 +29,7 @@ from dms.eval.baselines import eviction_policy  # noqa: E402
 from dms.eval.quality import evaluate_recall, matched_baselines  # noqa: E402
 from dms.eval.recall import make_examples, make_text  # noqa: E402
 
+ANSWER_ROOM = 16  # positions a prompt leaves free for generating its answer
 EVAL_SEED = 1_000_003  # no training step of dms.training.recall_base draws from this seed
 
 
@@ -65,7 +66,8 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--base", default="outputs/recall_base", help="the base model (vanilla)")
     parser.add_argument("--models", default="", help="DMS models, LABEL=PATH,... (default none)")
-    parser.add_argument("--lengths", default="1024,2048", help="prompt lengths in tokens (default 1024,2048)")
+    parser.add_argument("--lengths", default="2048,3072",
+                        help="prompt lengths in tokens (default 2048,3072: the trained length and a longer one)")
     parser.add_argument("--count", type=int, default=60, help="prompts per length (default 60)")
     parser.add_argument("--quick", action="store_true", help="20 prompts per length and 4 documents of perplexity")
     parser.add_argument("--sinks", type=int, default=4, help="StreamingLLM's attention sinks (default 4)")
@@ -86,6 +88,10 @@ def main(argv=None):
 
     tokenizer = AutoTokenizer.from_pretrained(args.base)
     base = AutoModelForCausalLMDMS.from_pretrained(args.base).eval()  # a plain checkpoint: keeps everything
+    room = base.config.max_position_embeddings - ANSWER_ROOM
+    if max(lengths) > room:  # found before an hour of shorter lengths is spent, not after
+        parser.error(f"--lengths: {max(lengths)} leaves no room for the answer in the base model's "
+                     f"{base.config.max_position_embeddings} positions (at most {room})")
     header = ["length", "method", "accuracy", "niah / vt / mqar", "stored / seen per row", "compression", "perplexity"]
     rows, points = [], []
     start = time.time()
@@ -113,6 +119,12 @@ def main(argv=None):
                     ppl = perplexity(base, tokenizer, docs)
                 rows.append(_row(length, f"{name} at {label}", baseline, ppl))
                 points.append((name, length, baseline["compression_ratio"], baseline["accuracy"]))
+        _write(header, rows, points, count, start, args.out)  # after every length: a long run keeps what it did
+    return 0
+
+
+def _write(header, rows, points, count, start, out):
+    """Prints the table so far and writes it (and its plot) to `out`."""
     widths = [max(len(str(x)) for x in col) for col in zip(header, *rows)]
     lines = [f"recall quality, {count} prompts per length (seed {EVAL_SEED}); `{command_line()}`",
              machine_description("cpu") + f"; {time.time() - start:.0f} s",
@@ -120,11 +132,10 @@ def main(argv=None):
              "|" + "|".join("-" * (w + 2) for w in widths) + "|"]
     lines += ["| " + " | ".join(str(x).ljust(w) for x, w in zip(row, widths)) + " |" for row in rows]
     print("\n".join(lines))
-    if args.out:
-        with open(args.out, "w") as f:
+    if out:
+        with open(out, "w") as f:
             f.write("\n".join(lines) + "\n")
-        _plot(points, os.path.splitext(args.out)[0] + ".png")
-    return 0
+        _plot(points, os.path.splitext(out)[0] + ".png")
 
 
 def _point(row):
@@ -181,7 +192,7 @@ def _plot(points, path):
         ax.set_xlabel("KV compression (tokens seen / stored)")
         ax.set_ylabel("accuracy")
         ax.set_ylim(-0.02, 1.02)
-        ax.legend(fontsize=7)
+        ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=4)
     fig.savefig(path, dpi=110, bbox_inches="tight")
 
 

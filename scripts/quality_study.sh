@@ -11,19 +11,20 @@
 #
 # Settings (environment): OUT (default outputs), VARIANTS ("adapters
 # all_weights"), COUNT (prompts per length in the table, 60), LENGTHS
-# (1024,2048: the trained length and one past the retrofit's data), QUICK.
+# (2048,3072: the trained length and a longer one), QUICK.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-outputs}
 VARIANTS=${VARIANTS:-"adapters all_weights"}
 COUNT=${COUNT:-60}
-LENGTHS=${LENGTHS:-1024,2048}
+LENGTHS=${LENGTHS:-2048,3072}
 BASE="$OUT/recall_base"
 DATA="$OUT/recall_data/train.jsonl"
 
-if [ ! -f "$BASE/model.safetensors" ]; then
-  python -m dms.training.recall_base --output "$BASE" --set autocast_bf16=true
-fi
+# The study's base model: 5000 steps (the default schedule), then continued to 7000 (the cosine schedule
+# recomputed for 7000 steps: its learning rate rises again at 5000). Each command resumes or does nothing.
+python -m dms.training.recall_base --output "$BASE" --set autocast_bf16=true
+python -m dms.training.recall_base --output "$BASE" --set autocast_bf16=true --steps 7000
 if [ ! -f "$DATA" ]; then
   python -m dms.eval.recall --write "$DATA" --count 2000 --lengths 1024,2048 --text-fraction 0.1 --drill-fraction 0.5
 fi

@@ -1,7 +1,6 @@
 """configs/tiny.yaml end to end (shrunk through overrides to stay in CI time):
-losses finite, the achieved compression follows the schedule, the learned
-evictions cost less than content-blind ones at the same rate, only adapter
-tensors change, the saved student loads with trust_remote_code in a fresh
+losses finite, the achieved compression follows the schedule, training lowers
+the objective, only adapter tensors change, the saved student loads with trust_remote_code in a fresh
 process and generates with compression, and a student extracted from an
 intermediate checkpoint has exactly the checkpoint's weights."""
 
@@ -21,24 +20,15 @@ from dms.training.engine import cr_schedule, forward_kl, is_adapter_parameter, l
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = os.path.join(ROOT, "configs", "tiny.yaml")
 
-# tiny.yaml with a faster retrofit. The teacher must need context beyond the
-# window (16 tokens) for learned eviction to be told apart from content-blind
-# eviction. After 100 language-model steps (loss ~2.4 nats/byte, the plateau
-# before the model learns to copy) it barely does, and whether the retrofit
-# then beat blind eviction depended on the training trajectory: KL ratio
-# 0.99 / 0.25 / 0.19 for init seeds 0 / 1 / 2 on one machine, and a CPU whose
-# float32 GEMMs sum in another order (AMX vs AVX-512 vs AVX2 kernels) takes
-# another trajectory. After 300 steps (loss ~0.41-0.46) every trajectory
-# measured separates, without the bimodality: ratios 0.36-0.74 over 16 runs
-# (4 init seeds; final CR 2, 3, 4; 80 or 120 steps; lr 5e-4 to 1.5e-3; 1 or
-# 2 threads), so the bound below has margin on every machine while a
-# content-blind policy (ratio ~1) still fails it. Issue 13's recall model
-# gives the comparison its real footing.
+# tiny.yaml with a faster retrofit; 300 language-model steps make a teacher
+# that copies (loss ~0.4 nats/byte), so eviction has something to cost.
+# Whether learned eviction beats content-blind eviction is guarded on a model
+# that needs its memory: tests/test_recall_models.py (the tiny model's
+# margin depended on the training trajectory, so on the CPU's GEMM kernels).
 OVERRIDES = {"model.tiny_lm_steps": 300, "trainer.max_steps": 80, "distillation.final_step": 60,
              "trainer.learning_rate": 5e-4, "trainer.save_steps": 25, "trainer.report_to": "none",
              "trainer.training_arguments": {"disable_tqdm": True}}
 NOISE_DRAWS = 8  # KLs are averaged over this many gate-noise draws
-BLIND_RATIO = 0.85  # trained KL / content-blind KL at the same evicted fraction
 CR_TOLERANCE = 0.15  # |achieved / target - 1| of every 10-step window's means
 
 
@@ -94,11 +84,10 @@ def _fixed_batch(config):
 
 
 @pytest.mark.slow
-def test_training_lowers_the_objective_and_beats_content_blind_eviction(tiny_run):
-    """At the final target, the trained student's loss is far below the
-    initial model's (which evicts nothing), and its KL is clearly below that
-    of an untrained model that evicts the same fraction of tokens at random
-    (both averaged over NOISE_DRAWS gate-noise draws)."""
+def test_training_lowers_the_objective(tiny_run):
+    """At the final target, the trained student's loss (KL + compression
+    loss, averaged over NOISE_DRAWS gate-noise draws) is far below the
+    initial model's, which evicts nothing."""
     from dms.models.qwen3 import Qwen3ForCausalLMDMS
 
     config, _ = tiny_run
@@ -113,24 +102,19 @@ def test_training_lowers_the_objective_and_beats_content_blind_eviction(tiny_run
         initial.config.dms_disable_eviction = False
 
         def objective(model):
-            """KL, KL + compression loss and evicted fraction, averaged over noise draws."""
-            totals = torch.zeros(3, dtype=torch.float64)
+            """KL + compression loss and evicted fraction, averaged over noise draws."""
+            totals = torch.zeros(2, dtype=torch.float64)
             for draw in range(NOISE_DRAWS):
                 out = model(ids, attention_mask=am, use_cache=False, dms_target=target,
                             dms_noise_counters=noise_counters(123 + draw, 0, 0, 10_000))
                 kl = forward_kl(out.logits, teacher, mask).item()
-                totals += torch.tensor([kl, kl + out.compression_loss.item(), out.evicted_fraction.mean().item()])
+                totals += torch.tensor([kl + out.compression_loss.item(), out.evicted_fraction.mean().item()])
             return (totals / NOISE_DRAWS).tolist()
 
-        _, before, evicted_before = objective(initial)
-        kl_trained, after, evicted = objective(trained)
-        # Every decision evicts with probability `evicted`, whatever the token.
-        initial.config.dms_initial_alpha_offset = -math.log(evicted / (1 - evicted))
-        kl_blind, _, evicted_blind = objective(initial)
+        before, evicted_before = objective(initial)
+        after, evicted = objective(trained)
     assert evicted_before < 0.05 and before > 0.9 * target
-    assert after < 0.25 * before
-    assert abs(evicted_blind - evicted) < 0.03
-    assert kl_trained < BLIND_RATIO * kl_blind, (kl_trained, kl_blind)
+    assert after < 0.25 * before and evicted > 0.5 * target
 
 
 @pytest.mark.slow
