@@ -2,8 +2,8 @@
 KV cache compressed, next to the same model with eviction off.
 
 Without --model it runs the shipped recall model (`dms.recall_models`: a
-small Qwen3 trained here on long-context recall, with DMS adapters
-retrofitted; nothing is downloaded) and asks it --questions fresh recall
+small Qwen3 trained here on long-context recall, with DMS retrofitted at
+8x; nothing is downloaded) and asks it --questions fresh recall
 questions (`dms.eval.recall`: needles, variable tracking, associative
 recall, prompts of --prompt-tokens): each answer with DMS on and off next to
 the right one, with the compression and the KV bytes.

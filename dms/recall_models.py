@@ -1,7 +1,8 @@
 """The recall models shipped with dms: the quality study's base model, a
 small Qwen3 trained from scratch here on generated long-context recall
-(`python -m dms.training.recall_base`), and its DMS retrofit (adapters
-trained by distillation with `python -m models.qwen3.train`); bench/QUALITY.md
+(`python -m dms.training.recall_base`), and its DMS retrofit (all weights
+trained by distillation with `python -m models.qwen3.train`, extracted where
+the schedule reached 8x); bench/QUALITY.md
 has how they were made and what they score. Both are ordinary Hugging Face
 directories (bfloat16 safetensors, config, the word-level tokenizer of
 `dms.eval.recall.recall_tokenizer`) inside the package: nothing is
