@@ -58,8 +58,9 @@ def perplexity(model, tokenizer, docs):
 
 def _row(length, method, result, ppl):
     tasks = " / ".join(f"{result['per_task'].get(t, float('nan')):.2f}" for t in ("niah", "vt", "mqar"))
-    return [length, method, f"{result['accuracy']:.3f}", tasks, f"{result['stored_per_row']:.0f} / {result['seen_per_row']:.0f}",
-            f"{result['compression_ratio']:.2f}x", f"{ppl:.3f}"]
+    budget = f"{result['stored_per_row']:.0f} / {result['seen_per_row']:.0f}"
+    return [length, method, f"{result['accuracy']:.3f}", tasks, budget, f"{result['compression_ratio']:.2f}x",
+            f"{ppl:.3f}"]
 
 
 def main(argv=None):
@@ -125,17 +126,21 @@ def main(argv=None):
 
 def _write(header, rows, points, count, start, out):
     """Prints the table so far and writes it (and its plot) to `out`."""
-    widths = [max(len(str(x)) for x in col) for col in zip(header, *rows)]
     lines = [f"recall quality, {count} prompts per length (seed {EVAL_SEED}); `{command_line()}`",
-             machine_description("cpu") + f"; {time.time() - start:.0f} s",
-             "| " + " | ".join(h.ljust(w) for h, w in zip(header, widths)) + " |",
-             "|" + "|".join("-" * (w + 2) for w in widths) + "|"]
-    lines += ["| " + " | ".join(str(x).ljust(w) for x, w in zip(row, widths)) + " |" for row in rows]
+             machine_description("cpu") + f"; {time.time() - start:.0f} s"] + _table(header, rows)
     print("\n".join(lines))
     if out:
         with open(out, "w") as f:
             f.write("\n".join(lines) + "\n")
         _plot(points, os.path.splitext(out)[0] + ".png")
+
+
+def _table(header, rows):
+    """Markdown lines of a table, columns padded to their widest cell."""
+    widths = [max(len(str(x)) for x in col) for col in zip(header, *rows)]
+    lines = ["| " + " | ".join(str(x).ljust(w) for x, w in zip(header, widths)) + " |",
+             "|" + "|".join("-" * (w + 2) for w in widths) + "|"]
+    return lines + ["| " + " | ".join(str(x).ljust(w) for x, w in zip(row, widths)) + " |" for row in rows]
 
 
 def _point(row):
@@ -163,11 +168,7 @@ def _merge(paths, out):
             if row[1] != "vanilla" or not any(r[0] == row[0] and r[1] == "vanilla" for r in rows):
                 rows.append(row)
     rows.sort(key=lambda r: int(r[0]))  # stable: each table's order within a length
-    cells = [[cell.strip() for cell in header.strip("|").split("|")]] + rows
-    widths = [max(len(x) for x in col) for col in zip(*cells)]
-    text = heads + ["| " + " | ".join(x.ljust(w) for x, w in zip(cells[0], widths)) + " |",
-                    "|" + "|".join("-" * (w + 2) for w in widths) + "|"]
-    text += ["| " + " | ".join(x.ljust(w) for x, w in zip(row, widths)) + " |" for row in rows]
+    text = heads + _table([cell.strip() for cell in header.strip("|").split("|")], rows)
     with open(out, "w") as f:
         f.write("\n".join(text) + "\n")
     _plot([_point(r) for r in rows], os.path.splitext(out)[0] + ".png")

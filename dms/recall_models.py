@@ -2,9 +2,9 @@
 small Qwen3 trained from scratch here on generated long-context recall
 (`python -m dms.training.recall_base`), and its DMS retrofit (all weights
 trained by distillation with `python -m models.qwen3.train`, extracted where
-the schedule reached 8x); bench/QUALITY.md
-has how they were made and what they score. Both are ordinary Hugging Face
-directories (bfloat16 safetensors, config, the word-level tokenizer of
+the schedule reached 8x); bench/QUALITY.md has how they were made and what
+they score. Both are ordinary Hugging Face directories (bfloat16
+safetensors, config, the word-level tokenizer of
 `dms.eval.recall.recall_tokenizer`) inside the package: nothing is
 downloaded.
 
@@ -28,6 +28,7 @@ ASSETS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets")
 
 NAMES = ("recall-dms", "recall-base")
 """The shipped models: the DMS retrofit (the default) and its base model."""
+
 
 def recall_model_path(name="recall-dms"):
     """The directory of shipped model `name` (one of NAMES)."""
@@ -53,7 +54,6 @@ def recall_model(name="recall-dms", dtype=None, **kwargs):
     if name == "recall-base" and "dms_paged_attention_block_size" not in kwargs:
         with open(os.path.join(recall_model_path(), "config.json")) as f:
             kwargs["dms_paged_attention_block_size"] = json.load(f)["dms_paged_attention_block_size"]
-
     return AutoModelForCausalLMDMS.from_pretrained(recall_model_path(name), dtype=dtype or torch.float32, **kwargs)
 
 

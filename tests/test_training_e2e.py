@@ -1,8 +1,9 @@
 """configs/tiny.yaml end to end (shrunk through overrides to stay in CI time):
 losses finite, the achieved compression follows the schedule, training lowers
-the objective, only adapter tensors change, the saved student loads with trust_remote_code in a fresh
-process and generates with compression, and a student extracted from an
-intermediate checkpoint has exactly the checkpoint's weights."""
+the objective, only adapter tensors change, the saved student loads with
+trust_remote_code in a fresh process and generates with compression, and a
+student extracted from an intermediate checkpoint has exactly the
+checkpoint's weights."""
 
 import json
 import math
