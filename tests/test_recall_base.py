@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from dms.eval.recall import make_examples, recall_tokenizer, solve
-from dms.training.recall_base import BaseConfig, batch_for_step, main, recall_accuracy, train
+from dms.training.recall_base import BaseConfig, batch_for_step, grow, main, recall_accuracy, train
 
 MICRO = dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1, head_dim=16,
              intermediate_size=64, max_position_embeddings=512, lengths=(200, 300), tokens_per_step=600,
@@ -139,3 +139,37 @@ def test_the_copy_phase_comes_first_then_the_recall_mix_from_its_start():
     assert len(set(ids.flatten().tolist())) <= 20
     ids = batch_for_step(config, tok, 3)[0]
     assert ids.shape[0] in {config.tokens_per_step // n for n in config.lengths}
+
+
+def test_a_grown_model_starts_as_its_base_and_refuses_other_widths(tmp_path):
+    from transformers import Qwen3ForCausalLM
+
+    base_config = BaseConfig(**{**MICRO, "num_hidden_layers": 2}, steps=2)
+    base = train(base_config, str(tmp_path / "base"), eval_every=2, save_every=2, show_progress=False)
+    grown_config = BaseConfig(**{**MICRO, "num_hidden_layers": 3, "grow_from": str(tmp_path / "base")}, steps=1)
+    torch.manual_seed(0)
+    grown = Qwen3ForCausalLM(grown_config.model_config(recall_tokenizer()))
+    fresh = {k: v.clone() for k, v in grown.state_dict().items()}
+    grow(grown, base)
+    ids = batch_for_step(base_config, recall_tokenizer(), 3)[0][:2]
+    with torch.no_grad():
+        torch.testing.assert_close(grown(input_ids=ids).logits, base(input_ids=ids).logits, rtol=0, atol=0)
+    # base layers 0 and 1 land at 0 and 1 * 3 // 2 = 1 ... layer 2 is new: fresh weights, outputs zeroed
+    for name, value in grown.state_dict().items():
+        if name.startswith("model.layers.2."):
+            if name.endswith(("o_proj.weight", "down_proj.weight")):
+                assert not value.any(), name
+            else:
+                assert torch.equal(value, fresh[name]), name
+    assert torch.equal(grown.model.layers[1].mlp.up_proj.weight, base.model.layers[1].mlp.up_proj.weight)
+    assert not torch.equal(grown.model.layers[2].mlp.up_proj.weight, base.model.layers[1].mlp.up_proj.weight)
+    # through train(): one step from the grown start
+    train(grown_config, str(tmp_path / "grown"), eval_every=1, save_every=1, show_progress=False)
+    assert Qwen3ForCausalLM.from_pretrained(str(tmp_path / "grown")).config.num_hidden_layers == 3
+    with pytest.raises(ValueError, match=r"^grow_from: the base has 2 layers, more than num_hidden_layers = 1$"):
+        grow(Qwen3ForCausalLM(BaseConfig(**MICRO).model_config(recall_tokenizer())), base)
+    wide = Qwen3ForCausalLM(BaseConfig(**{**MICRO, "num_hidden_layers": 3, "intermediate_size": 96})
+                            .model_config(recall_tokenizer()))
+    with pytest.raises(ValueError, match=r"^grow_from: the base's model.layers.0.mlp.gate_proj.weight \(64, 32\) "
+                                         r"does not fit this config \(\(96, 32\)\); only num_hidden_layers"):
+        grow(wide, base)

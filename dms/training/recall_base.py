@@ -8,6 +8,8 @@ that `Qwen3ForCausalLMDMS.from_pretrained` loads with fresh adapters.
 
     python -m dms.training.recall_base --output outputs/recall_base
     python -m dms.training.recall_base --output outputs/recall_base --steps 6000   # continues a run
+    python -m dms.training.recall_base --output outputs/base6 --steps 1500 --set num_hidden_layers=6 \
+        --set grow_from=outputs/recall_base --set induction_steps=0 --set ramp_steps=0   # a deeper model from it
 
 Training runs in two phases: `induction_steps` of copying random token
 sequences (which forms the content-matching attention that recall needs;
@@ -33,7 +35,7 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
-__all__ = ["BaseConfig", "batch_for_step", "main", "recall_accuracy", "train"]
+__all__ = ["BaseConfig", "batch_for_step", "grow", "main", "recall_accuracy", "train"]
 
 
 @dataclass
@@ -86,6 +88,12 @@ class BaseConfig:
     eval_lengths: tuple = (1024, 2048)
     eval_examples: int = 90  # held-out prompts per length (tasks cycled)
     eval_seed: int = 1_000_003  # held-out examples come from seeds no training step uses
+    # Start from a trained base (a folder this module wrote) instead of random weights: its layers keep
+    # their weights and the layers this config adds (num_hidden_layers above the base's) are interleaved
+    # among them with their output projections (o_proj, down_proj) zeroed, so step 0 computes what the
+    # base computed. How the 6-layer recall base grew from the 4-layer one (issue 13). Set
+    # induction_steps=0 and ramp_steps=0 with it: the base has been through both.
+    grow_from: str = None
     extra: dict = field(default_factory=dict)
 
     def model_config(self, tokenizer):
@@ -223,6 +231,35 @@ def recall_accuracy(model, tokenizer, examples, batch_size=8):
     return right / max(1, len(examples))
 
 
+@torch.no_grad()
+def grow(model, base):
+    """Copies `base` (a Qwen3ForCausalLM of the same widths and at most as
+    many layers) into `model`: base layer i becomes layer i * L // L_base
+    (L, L_base: the layer counts), every other layer keeps its fresh weights
+    with its output projections zeroed, so that `model` computes exactly what
+    `base` computes until training changes them."""
+    layers, base_layers = model.model.layers, base.model.layers
+    if len(base_layers) > len(layers):
+        raise ValueError(f"grow_from: the base has {len(base_layers)} layers, more than num_hidden_layers = "
+                         f"{len(layers)}")
+    ours = dict(model.named_parameters())
+    for name, param in base.named_parameters():
+        if name not in ours or ours[name].shape != param.shape:
+            raise ValueError(f"grow_from: the base's {name} {tuple(param.shape)} does not fit this config "
+                             f"({tuple(ours[name].shape) if name in ours else 'absent'}); only "
+                             "num_hidden_layers may differ")
+    placed = {i * len(layers) // len(base_layers): layer for i, layer in enumerate(base_layers)}
+    for name, param in base.named_parameters():
+        if not name.startswith("model.layers."):
+            ours[name].copy_(param)
+    for i, layer in enumerate(layers):
+        if i in placed:
+            layer.load_state_dict(placed[i].state_dict())
+        else:
+            layer.self_attn.o_proj.weight.zero_()
+            layer.mlp.down_proj.weight.zero_()
+
+
 def _lr_at(config, step):
     if step < config.warmup_steps:
         return config.learning_rate * (step + 1) / config.warmup_steps
@@ -275,6 +312,8 @@ def train(config, output, *, eval_every=250, save_every=100, show_progress=True)
         for name, param in model.named_parameters():
             if name.endswith(("self_attn.q_norm.weight", "self_attn.k_norm.weight")):
                 param.data.fill_(config.qk_norm_init)
+        if config.grow_from is not None:
+            grow(model, Qwen3ForCausalLM.from_pretrained(config.grow_from, dtype=torch.float32))
         state = None
     model.train()
     decay = [p for n, p in model.named_parameters() if p.ndim >= 2]
