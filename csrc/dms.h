@@ -251,12 +251,31 @@ dms_status dms_attn_train_backward(
 /* ---- paged inference cache (SPEC.md sections 4 and 5) ----------------- */
 
 /*
+ * How a paged cache stores keys and values. NATIVE pages hold them in their
+ * own dtype (float32 | float16 | bfloat16: that of q, k_new and v_new).
+ * FP8 pages are uint8 codes of OCP FP8 (E4M3 as torch.float8_e4m3fn, E5M2
+ * as torch.float8_e5m2) with one float32 scale per stored row of D
+ * elements, in k_scales / v_scales: s = amax / (448 | 57344) of the row,
+ * code = x / s rounded to nearest even and saturated, read back as
+ * fp8(code) * s (csrc/core/scalar.h); q, k_new and v_new may then have any
+ * floating dtype (one for the three). Every key and value an attention op
+ * uses goes through that rounding, the new tokens of a prefill call too,
+ * so results do not depend on how a sequence is split into calls.
+ */
+typedef enum dms_kv_format {
+    DMS_KV_NATIVE = 0,
+    DMS_KV_FP8_E4M3,
+    DMS_KV_FP8_E5M2
+} dms_kv_format;
+
+/*
  * The paged DMS cache of one layer. Every piece of state is a tensor the
  * caller owns (on the device the kernels run on), so a decode step needs no
  * host round trip. A row is one (batch element b, KV head h), r = b*H + h.
  *
- *   k_pages, v_pages : [n_pages, P, D] float32 | float16 | bfloat16, the
- *                      pool; page p holds P consecutive slots of one row
+ *   k_pages, v_pages : [n_pages, P, D] float32 | float16 | bfloat16, or
+ *                      uint8 with FP8 pages (kv_format), the pool; page p
+ *                      holds P consecutive slots of one row
  *   slot_limit       : [n_pages, P] int32; a stored key is visible to a
  *                      query at row position j iff j < slot_limit (a key
  *                      flagged for eviction at position i gets i + w + 1,
@@ -279,6 +298,10 @@ typedef struct dms_cache {
     const dms_tensor *k_pages, *v_pages, *slot_limit, *page_table;
     const dms_tensor *row_slots, *row_seen, *window, *free_pages, *free_count;
     int64_t window_size;
+    /* FP8 pages (kv_format != DMS_KV_NATIVE) only, else NULL: the scale of
+     * each stored K / V row, [n_pages, P] float32 (see dms_kv_format). */
+    const dms_tensor *k_scales, *v_scales;
+    dms_kv_format kv_format;
 } dms_cache;
 
 /*
@@ -294,7 +317,8 @@ typedef struct dms_cache {
  * the call needs: the call fails with DMS_ERR_POOL and the message says how
  * many pages are missing (grow the pool and retry).
  *
- *   k_new, v_new  : [B, H, n, D], the dtype of k_pages; last dim contiguous
+ *   k_new, v_new  : [B, H, n, D], the dtype of k_pages (any one floating
+ *                   dtype with FP8 pages); last dim contiguous
  *   decisions     : [B, H, n] bool | uint8 (0 or 1)
  *   key_padding   : [B, n] bool | uint8, nonzero = padding, or NULL
  *   token_slots   : [B, H, n] int32 output: each token's slot, -1 for
@@ -316,7 +340,7 @@ dms_status dms_cache_append(const dms_cache *cache, const dms_tensor *k_new,
  * key at position i iff i <= j, it is not padding, and (its flag is 0 or
  * j - i <= w). Padding queries give o = 0 and lse = -inf.
  *
- *   q            : [B, H*G, n, D] (dtype of the pages), last dim contiguous
+ *   q            : [B, H*G, n, D] (dtype of k_new), last dim contiguous
  *   k_new, v_new : [B, H, n, D]
  *   decisions, key_padding : as for dms_cache_append
  *   scale        : softmax scale, finite and > 0

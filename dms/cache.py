@@ -24,10 +24,24 @@ from transformers.cache_utils import Cache, CacheLayerMixin
 from dms._ext import _C
 from dms.runtime import exec_kwargs
 
-__all__ = ["CompressionTally", "DMSCache", "DMSCacheLayer", "PagedLayerCache", "compression_tally"]
+__all__ = ["KV_CACHE_DTYPES", "CompressionTally", "DMSCache", "DMSCacheLayer", "PagedLayerCache",
+           "check_kv_cache_dtype", "compression_tally"]
 
 _INT32_MAX = 2**31 - 1
 _PAGE_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+# kv_cache_dtype -> the C engine's dms_kv_format (csrc/dms.h). "auto": pages
+# in the model's dtype; FP8: uint8 pages of E4M3 / E5M2 codes, one float32
+# scale per stored (token, KV head) row of K and of V. "fp8" is E4M3, as in
+# vLLM.
+KV_CACHE_DTYPES = {"auto": 0, "fp8": 1, "fp8_e4m3": 1, "fp8_e5m2": 2}
+
+
+def check_kv_cache_dtype(value, name="kv_cache_dtype"):
+    """`value` if it names a KV page format (KV_CACHE_DTYPES), else a
+    ValueError naming `name`."""
+    if not isinstance(value, str) or value not in KV_CACHE_DTYPES:
+        raise ValueError(f"{name}: expected one of {', '.join(map(repr, KV_CACHE_DTYPES))}, got {value!r}")
+    return value
 
 
 @torch.compiler.disable
@@ -41,12 +55,14 @@ _owners = weakref.WeakValueDictionary()
 
 
 def _views_of(state, stream):
-    """`_C.CacheViews` of the nine state tensors a custom op was given: the
+    """`_C.CacheViews` of the state tensors a custom op was given (nine, and
+    the two scale tensors of FP8 pages when not None): the
     owning cache's kept views when these are its tensors (compiled graphs pass
     them as they are), else imported for this call (e.g. the copies that a
     functionalizing backend such as aot_eager makes)."""
+    state = tuple(t for t in state if t is not None)
     owner = _owners.get(id(state[0]))
-    if owner is not None and all(a is b for a, b in zip(owner._state(), state)):
+    if owner is not None and len(owner._state()) == len(state) and all(a is b for a, b in zip(owner._state(), state)):
         return owner._cache_views(stream)
     return _C.CacheViews(state, stream=stream)
 
@@ -55,19 +71,21 @@ def _views_of(state, stream):
 # traces through them (no graph break) with the cache's tensors as explicit,
 # mutated arguments. Eager calls go straight to dms._C (see PagedLayerCache).
 _STATE = ("k_pages", "v_pages", "slot_limit", "page_table", "row_slots", "row_seen", "window", "free_pages",
-          "free_count")
+          "free_count", "k_scales", "v_scales")
 
 
 @torch.library.custom_op("dms::cache_append", mutates_args=_STATE + ("token_slots",))
 def _cache_append_op(k_pages: torch.Tensor, v_pages: torch.Tensor, slot_limit: torch.Tensor,
                      page_table: torch.Tensor, row_slots: torch.Tensor, row_seen: torch.Tensor,
-                     window: torch.Tensor, free_pages: torch.Tensor, free_count: torch.Tensor, window_size: int,
-                     k_new: torch.Tensor, v_new: torch.Tensor, decisions: torch.Tensor,
+                     window: torch.Tensor, free_pages: torch.Tensor, free_count: torch.Tensor,
+                     k_scales: Optional[torch.Tensor], v_scales: Optional[torch.Tensor], window_size: int,
+                     kv_format: int, k_new: torch.Tensor, v_new: torch.Tensor, decisions: torch.Tensor,
                      key_padding: Optional[torch.Tensor], token_slots: torch.Tensor) -> None:
-    state = (k_pages, v_pages, slot_limit, page_table, row_slots, row_seen, window, free_pages, free_count)
+    state = (k_pages, v_pages, slot_limit, page_table, row_slots, row_seen, window, free_pages, free_count, k_scales,
+             v_scales)
     ex = exec_kwargs(k_new)
     _C.cache_append(_views_of(state, ex["stream"]), window_size, k_new, v_new, decisions, key_padding, token_slots,
-                    **ex)
+                    kv_format=kv_format, **ex)
 
 
 @_cache_append_op.register_fake
@@ -78,13 +96,16 @@ def _(*args):
 @torch.library.custom_op("dms::attn_prefill", mutates_args=("o", "lse"))
 def _attn_prefill_op(k_pages: torch.Tensor, v_pages: torch.Tensor, slot_limit: torch.Tensor,
                      page_table: torch.Tensor, row_slots: torch.Tensor, row_seen: torch.Tensor,
-                     window: torch.Tensor, free_pages: torch.Tensor, free_count: torch.Tensor, window_size: int,
-                     q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor, decisions: torch.Tensor,
-                     key_padding: Optional[torch.Tensor], scale: float, o: torch.Tensor, lse: torch.Tensor) -> None:
-    state = (k_pages, v_pages, slot_limit, page_table, row_slots, row_seen, window, free_pages, free_count)
+                     window: torch.Tensor, free_pages: torch.Tensor, free_count: torch.Tensor,
+                     k_scales: Optional[torch.Tensor], v_scales: Optional[torch.Tensor], window_size: int,
+                     kv_format: int, q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor,
+                     decisions: torch.Tensor, key_padding: Optional[torch.Tensor], scale: float, o: torch.Tensor,
+                     lse: torch.Tensor) -> None:
+    state = (k_pages, v_pages, slot_limit, page_table, row_slots, row_seen, window, free_pages, free_count, k_scales,
+             v_scales)
     ex = exec_kwargs(q)
     _C.attn_prefill(_views_of(state, ex["stream"]), window_size, q, k_new, v_new, decisions, key_padding, scale, o,
-                    lse, **ex)
+                    lse, kv_format=kv_format, **ex)
 
 
 @_attn_prefill_op.register_fake
@@ -95,12 +116,14 @@ def _(*args):
 @torch.library.custom_op("dms::attn_decode", mutates_args=("o", "lse", "workspace"))
 def _attn_decode_op(k_pages: torch.Tensor, v_pages: torch.Tensor, slot_limit: torch.Tensor,
                     page_table: torch.Tensor, row_slots: torch.Tensor, row_seen: torch.Tensor,
-                    window: torch.Tensor, free_pages: torch.Tensor, free_count: torch.Tensor, window_size: int,
-                    q: torch.Tensor, scale: float, o: torch.Tensor, lse: torch.Tensor,
+                    window: torch.Tensor, free_pages: torch.Tensor, free_count: torch.Tensor,
+                    k_scales: Optional[torch.Tensor], v_scales: Optional[torch.Tensor], window_size: int,
+                    kv_format: int, q: torch.Tensor, scale: float, o: torch.Tensor, lse: torch.Tensor,
                     workspace: Optional[torch.Tensor]) -> None:
-    state = (k_pages, v_pages, slot_limit, page_table, row_slots, row_seen, window, free_pages, free_count)
+    state = (k_pages, v_pages, slot_limit, page_table, row_slots, row_seen, window, free_pages, free_count, k_scales,
+             v_scales)
     ex = exec_kwargs(q)
-    _C.attn_decode(_views_of(state, ex["stream"]), window_size, q, scale, o, lse, workspace, **ex)
+    _C.attn_decode(_views_of(state, ex["stream"]), window_size, q, scale, o, lse, workspace, kv_format=kv_format, **ex)
 
 
 @_attn_decode_op.register_fake
@@ -212,7 +235,18 @@ class PagedLayerCache:
         head_dim: D.
         window_size: eviction delay w (SPEC: `dms_window_size`, default 512).
         page_size: P slots per page (default 256).
-        dtype: dtype of the stored keys/values (default bfloat16).
+        dtype: dtype of the keys/values given (default bfloat16), and of the
+            pages with kv_cache_dtype "auto".
+        kv_cache_dtype: how pages store keys and values (default "auto": in
+            `dtype`); "fp8_e4m3" (or "fp8") / "fp8_e5m2": one byte per
+            element (uint8 pages of FP8 codes: view them with
+            `.view(torch.float8_e4m3fn)` / `float8_e5m2`) plus a float32
+            scale per stored (token, KV head) row of K and of V, in
+            `k_scales` / `v_scales` [n_pages, P]: each row is scaled so its
+            largest magnitude maps to the format's largest finite value,
+            rounded to nearest even (csrc/dms.h: dms_kv_format). Every key
+            and value attention uses, the new tokens' too, goes through that
+            rounding.
         device: where the cache lives (default "cpu").
         preallocate_for_tokens: reserve pages for this many tokens per row up
             front (default None: start with one page per row and grow).
@@ -227,7 +261,7 @@ class PagedLayerCache:
 
     def __init__(self, batch_size, num_kv_heads, head_dim, window_size=512, *, page_size=256,
                  dtype=torch.bfloat16, device="cpu", preallocate_for_tokens=None, growth=2.0, allow_growth=True,
-                 max_tokens=None):
+                 max_tokens=None, kv_cache_dtype="auto"):
         for name, value, low in (("batch_size", batch_size, 1), ("num_kv_heads", num_kv_heads, 1),
                                  ("head_dim", head_dim, 1), ("window_size", window_size, 0),
                                  ("page_size", page_size, 1)):
@@ -241,6 +275,8 @@ class PagedLayerCache:
         if dtype not in _PAGE_DTYPES:
             raise ValueError(f"dtype: expected one of {', '.join(str(d) for d in _PAGE_DTYPES)} for the pages, "
                              f"got {dtype!r}")
+        self.kv_cache_dtype = check_kv_cache_dtype(kv_cache_dtype)
+        self.kv_format = KV_CACHE_DTYPES[kv_cache_dtype]
         try:
             device = torch.device(device)
         except (RuntimeError, TypeError):
@@ -272,10 +308,23 @@ class PagedLayerCache:
     def rows(self) -> int:
         return self.batch_size * self.num_kv_heads
 
+    @property
+    def page_dtype(self):
+        """dtype of k_pages / v_pages: `dtype`, or uint8 (FP8 codes)."""
+        return torch.uint8 if self.kv_format else self.dtype
+
+    def _new_pages(self, n_pages):
+        """Zeroed (k_pages, v_pages, k_scales, v_scales) for n_pages pages;
+        the scales are None with native pages."""
+        P, D, dev = self.page_size, self.head_dim, self.device
+        pages = [torch.zeros(n_pages, P, D, dtype=self.page_dtype, device=dev) for _ in range(2)]
+        scales = [torch.zeros(n_pages, P, dtype=torch.float32, device=dev) if self.kv_format else None
+                  for _ in range(2)]
+        return (*pages, *scales)
+
     def _allocate(self, n_pages, max_pages):
         P, D, R, dev = self.page_size, self.head_dim, self.rows, self.device
-        self.k_pages = torch.zeros(n_pages, P, D, dtype=self.dtype, device=dev)
-        self.v_pages = torch.zeros(n_pages, P, D, dtype=self.dtype, device=dev)
+        self.k_pages, self.v_pages, self.k_scales, self.v_scales = self._new_pages(n_pages)
         self.slot_limit = torch.full((n_pages, P), _INT32_MAX, dtype=torch.int32, device=dev)
         self.page_table = torch.full((R, max_pages), -1, dtype=torch.int32, device=dev)
         self.row_slots = torch.zeros(R, dtype=torch.int32, device=dev)
@@ -289,8 +338,18 @@ class PagedLayerCache:
         self._views = None
 
     def _state(self):
+        """The state tensors as the C ops take them: nine, and the two scale
+        tensors with FP8 pages."""
+        state = (self.k_pages, self.v_pages, self.slot_limit, self.page_table, self.row_slots, self.row_seen,
+                 self.window, self.free_pages, self.free_count)
+        return state + (self.k_scales, self.v_scales) if self.kv_format else state
+
+    def _op_state(self):
+        """The custom ops' leading arguments: eleven state tensors (the
+        scales None with native pages), the window and the page format."""
         return (self.k_pages, self.v_pages, self.slot_limit, self.page_table, self.row_slots, self.row_seen,
-                self.window, self.free_pages, self.free_count)
+                self.window, self.free_pages, self.free_count, self.k_scales, self.v_scales, self.window_size,
+                self.kv_format)
 
     def _cache_views(self, stream):
         """The state tensors imported into C once (`_C.CacheViews`), not per
@@ -329,8 +388,12 @@ class PagedLayerCache:
         old = self.k_pages.shape[0]
         new = old + extra_pages
         P, D, dev = self.page_size, self.head_dim, self.device
-        self.k_pages = torch.cat([self.k_pages, torch.zeros(extra_pages, P, D, dtype=self.dtype, device=dev)])
-        self.v_pages = torch.cat([self.v_pages, torch.zeros(extra_pages, P, D, dtype=self.dtype, device=dev)])
+        extra = self._new_pages(extra_pages)
+        self.k_pages = torch.cat([self.k_pages, extra[0]])
+        self.v_pages = torch.cat([self.v_pages, extra[1]])
+        if self.kv_format:
+            self.k_scales = torch.cat([self.k_scales, extra[2]])
+            self.v_scales = torch.cat([self.v_scales, extra[3]])
         self.slot_limit = torch.cat([self.slot_limit, torch.full((extra_pages, P), _INT32_MAX, dtype=torch.int32,
                                                                   device=dev)])
         # The stack's valid part is free_pages[:free_count]; new ids go on top.
@@ -431,20 +494,19 @@ class PagedLayerCache:
         self._ensure_page_table(self._seen_upper_bound + n)  # capacity only: no token moves
         self._reserve(n)  # no host read in steady state (see _reserve)
         if torch.compiler.is_compiling():  # the custom op: traced, no graph break (the pool has room)
-            torch.ops.dms.cache_append(*self._state(), self.window_size, k_new, v_new, decisions, key_padding,
-                                       token_slots)
+            torch.ops.dms.cache_append(*self._op_state(), k_new, v_new, decisions, key_padding, token_slots)
             self._seen_upper_bound += n
             return token_slots
         ex = exec_kwargs(k_new)
         if self.device.type == "cuda":
             _C.cache_append(self._cache_views(ex["stream"]), self.window_size, k_new, v_new, decisions, key_padding,
-                            token_slots, **ex)
+                            token_slots, kv_format=self.kv_format, **ex)
             self._seen_upper_bound += n
             return token_slots
         while True:  # CPU: the C dry run also refuses a call the pool cannot take
             try:
                 _C.cache_append(self._cache_views(ex["stream"]), self.window_size, k_new, v_new, decisions,
-                                key_padding, token_slots, **ex)
+                                key_padding, token_slots, kv_format=self.kv_format, **ex)
                 self._seen_upper_bound += n
                 return token_slots
             except _C.PoolExhaustedError as exc:
@@ -467,12 +529,11 @@ class PagedLayerCache:
         o = torch.empty(q.shape, dtype=q.dtype, device=q.device)
         lse = torch.empty(q.shape[:3], dtype=torch.float32, device=q.device)
         if torch.compiler.is_compiling():
-            torch.ops.dms.attn_prefill(*self._state(), self.window_size, q, k_new, v_new, decisions, key_padding,
-                                       scale, o, lse)
+            torch.ops.dms.attn_prefill(*self._op_state(), q, k_new, v_new, decisions, key_padding, scale, o, lse)
             return o, lse
         ex = exec_kwargs(q)
         _C.attn_prefill(self._cache_views(ex["stream"]), self.window_size, q, k_new, v_new, decisions, key_padding,
-                        scale, o, lse, **ex)
+                        scale, o, lse, kv_format=self.kv_format, **ex)
         return o, lse
 
     def decode_attention(self, q, scale=None, *, o=None, lse=None):
@@ -489,11 +550,11 @@ class PagedLayerCache:
         if lse is None:
             lse = torch.empty(q.shape[:3], dtype=torch.float32, device=q.device)
         if torch.compiler.is_compiling():
-            torch.ops.dms.attn_decode(*self._state(), self.window_size, q, scale, o, lse, self._decode_workspace(q))
+            torch.ops.dms.attn_decode(*self._op_state(), q, scale, o, lse, self._decode_workspace(q))
             return o, lse
         ex = exec_kwargs(q)
         _C.attn_decode(self._cache_views(ex["stream"]), self.window_size, q, scale, o, lse, self._decode_workspace(q),
-                       **ex)
+                       kv_format=self.kv_format, **ex)
         return o, lse
 
     def _decode_workspace(self, q):
@@ -547,13 +608,14 @@ class PagedLayerCache:
         new_ring = torch.where(ring >= 0, new_table.gather(1, column) * P + ring % P, ring)
 
         self._views = None
-        k_pages = torch.zeros(n_pages, P, self.head_dim, dtype=self.dtype, device=dev)
-        v_pages = torch.zeros_like(k_pages)
+        new = self._new_pages(n_pages)
         slot_limit = torch.full((n_pages, P), _INT32_MAX, dtype=torch.int32, device=dev)
-        k_pages[:total] = self.k_pages[old_pages]
-        v_pages[:total] = self.v_pages[old_pages]
+        for to, old in zip(new, (self.k_pages, self.v_pages, self.k_scales, self.v_scales)):
+            if to is not None:
+                to[:total] = old[old_pages]
         slot_limit[:total] = self.slot_limit[old_pages]
-        self.k_pages, self.v_pages, self.slot_limit = k_pages, v_pages, slot_limit
+        self.k_pages, self.v_pages, self.k_scales, self.v_scales = new
+        self.slot_limit = slot_limit
         self.page_table = new_table.int()
         self.window = new_ring.int()
         self.row_slots = self.row_slots[rows].clone()
@@ -617,6 +679,9 @@ class PagedLayerCache:
         for pages in (self.k_pages, self.v_pages):
             flat = pages.view(-1, D)
             flat[dst] = flat[src].clone()
+        for scales in (self.k_scales, self.v_scales) if self.kv_format else ():
+            flat = scales.view(-1)
+            flat[dst] = flat[src].clone()
         limits = self.slot_limit.view(-1)
         limits[dst] = limits[src].clone()
         ring_slot = new_slot.gather(1, position)
@@ -658,14 +723,21 @@ class PagedLayerCache:
         the memory figure."""
         return _compression_stats([self])[0][1]
 
+    def _bytes_per_slot(self):
+        """Bytes one slot takes in K and V: 2 D elements, and two float32
+        scales with FP8 pages."""
+        return 2 * (self.head_dim * self.k_pages.element_size() + (4 if self.kv_format else 0))
+
     def bytes_in_use(self) -> int:
-        """Bytes of keys and values in the pages that hold tokens."""
+        """Bytes of keys and values (and FP8 scales) in the pages that hold
+        tokens."""
         pages = int(((self.row_slots.long() + self.page_size - 1) // self.page_size).sum())
-        return 2 * pages * self.page_size * self.head_dim * self.k_pages.element_size()
+        return pages * self.page_size * self._bytes_per_slot()
 
     def bytes_reserved(self) -> int:
-        """Bytes of the whole pool (K and V), free pages included."""
-        return 2 * self.k_pages.numel() * self.k_pages.element_size()
+        """Bytes of the whole pool (K and V, FP8 scales), free pages
+        included."""
+        return self.k_pages.shape[0] * self.page_size * self._bytes_per_slot()
 
 
 def _compression_stats(caches) -> list:
@@ -698,17 +770,19 @@ class DMSCacheLayer(CacheLayerMixin):
     numbers of tokens, so there is no dense [B, H, T, D] to return).
 
     Args (all optional, see `PagedLayerCache`): window_size (512), page_size
-    (256), preallocate_for_tokens (None), allow_growth (True), max_tokens (None).
+    (256), preallocate_for_tokens (None), allow_growth (True), max_tokens (None),
+    kv_cache_dtype ("auto").
     """
 
     is_compileable = False
     is_sliding = False
 
     def __init__(self, window_size=512, page_size=256, preallocate_for_tokens=None, allow_growth=True,
-                 max_tokens=None):
+                 max_tokens=None, kv_cache_dtype="auto"):
         _check_preallocate(preallocate_for_tokens)
         _check_preallocate(max_tokens, "max_tokens")
         super().__init__()
+        self.kv_cache_dtype = check_kv_cache_dtype(kv_cache_dtype)
         self.max_tokens = max_tokens
         self.window_size, self.page_size = window_size, page_size
         self.preallocate_for_tokens, self.allow_growth = preallocate_for_tokens, allow_growth
@@ -720,7 +794,8 @@ class DMSCacheLayer(CacheLayerMixin):
         B, H, _, D = key_states.shape
         self.paged = PagedLayerCache(B, H, D, self.window_size, page_size=self.page_size, dtype=key_states.dtype,
                                      device=key_states.device, preallocate_for_tokens=self.preallocate_for_tokens,
-                                     allow_growth=self.allow_growth, max_tokens=self.max_tokens)
+                                     allow_growth=self.allow_growth, max_tokens=self.max_tokens,
+                                     kv_cache_dtype=self.kv_cache_dtype)
         self._scratch = None
         self.is_initialized = True
 
@@ -836,25 +911,32 @@ class DMSCache(Cache):
             over the group, a collective call on every rank (default None:
             this process's cache alone; a tensor-parallel model's
             `get_cache()` passes its group).
+        kv_cache_dtype: how the pages store keys and values (default
+            "auto": the model's dtype; "fp8_e4m3" / "fp8" / "fp8_e5m2", see
+            `PagedLayerCache`; `from_config` passes `dms_kv_cache_dtype`).
     """
 
     def __init__(self, num_layers, window_size=512, page_size=256, preallocate_for_tokens=None, allow_growth=True,
-                 max_tokens=None, process_group=None):
+                 max_tokens=None, process_group=None, kv_cache_dtype="auto"):
         if not isinstance(num_layers, int) or num_layers < 1:
             raise ValueError(f"num_layers: expected an int >= 1, got {num_layers!r}")
-        layers = [DMSCacheLayer(window_size, page_size, preallocate_for_tokens, allow_growth, max_tokens)
-                  for _ in range(num_layers)]
+        layers = [DMSCacheLayer(window_size, page_size, preallocate_for_tokens, allow_growth, max_tokens,
+                                kv_cache_dtype) for _ in range(num_layers)]
         super().__init__(layers=layers)
         self.process_group = process_group
 
     @classmethod
-    def from_config(cls, config, preallocate_for_tokens=None, process_group=None):
-        """The cache `config` (a DMS model config) asks for."""
+    def from_config(cls, config, preallocate_for_tokens=None, process_group=None, kv_cache_dtype=None):
+        """The cache `config` (a DMS model config) asks for; `kv_cache_dtype`
+        (default None: the config's `dms_kv_cache_dtype`) overrides its page
+        format."""
         return cls(config.num_hidden_layers, window_size=getattr(config, "dms_window_size", 512),
                    page_size=getattr(config, "dms_paged_attention_block_size", 256),
                    preallocate_for_tokens=preallocate_for_tokens
                    if preallocate_for_tokens is not None else getattr(config, "dms_preallocate_for_tokens", None),
-                   max_tokens=getattr(config, "max_position_embeddings", None), process_group=process_group)
+                   max_tokens=getattr(config, "max_position_embeddings", None), process_group=process_group,
+                   kv_cache_dtype=kv_cache_dtype if kv_cache_dtype is not None
+                   else getattr(config, "dms_kv_cache_dtype", "auto"))
 
     def _sum_over_group(self, values):
         """`values` (a list of numbers) summed over `process_group` (as they are without one)."""

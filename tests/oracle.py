@@ -275,3 +275,21 @@ def attention_hard(q, k, v, evict_flags, window, scale=None, key_padding=None):
 def attention_with_decisions(q, k, v, alpha, window, scale=None, key_padding=None):
     """attention_hard with evict_flags = eviction_flags(alpha); alpha: [B, H, T] 0/1."""
     return attention_hard(q, k, v, eviction_flags(alpha), window, scale, key_padding)
+
+
+FP8_FORMATS = {"fp8_e4m3": (torch.float8_e4m3fn, 448.0), "fp8": (torch.float8_e4m3fn, 448.0),
+               "fp8_e5m2": (torch.float8_e5m2, 57344.0)}
+
+
+def fp8_round(x, kv_cache_dtype):
+    """What FP8 cache pages store of x [..., D] (csrc/dms.h, dms_kv_format),
+    in float64: per row, s = amax(|x|) / fmax in float32 (fmax: 448 for
+    E4M3, 57344 for E5M2), codes = x / s in float32 rounded to nearest even by
+    torch's float8 cast after clamping to +-fmax (saturation), 0 where s = 0;
+    the value is code * s."""
+    fp8, fmax = FP8_FORMATS[kv_cache_dtype]
+    x32 = x.float()
+    s = x32.abs().amax(-1, keepdim=True) / fmax
+    scaled = torch.where(s == 0, torch.zeros_like(x32), x32 / s)
+    codes = scaled.clamp(-fmax, fmax).to(fp8)
+    return codes.double() * s.double()

@@ -49,9 +49,11 @@ def _reference(q, k, v, alpha, padding, window, scale):
     return o, lse
 
 
-def _case(dtype, D, G, page_size, lengths, window=8, seed=0, device="cpu"):
+def _case(dtype, D, G, page_size, lengths, window=8, seed=0, device="cpu", kv_cache_dtype="auto"):
     """A cache fed with rows of the given lengths (left padding makes them
-    differ), random decisions; returns (got o, got lse, want o, want lse)."""
+    differ), random decisions; returns (got o, got lse, want o, want lse).
+    FP8 pages: the reference sees the keys and values as the oracle rounds
+    them (oracle.fp8_round)."""
     gen = torch.Generator().manual_seed(seed)
     B, H, T = len(lengths), 2, max(lengths)
     q = torch.randn(B, H * G, D, generator=gen).to(dtype)
@@ -61,10 +63,13 @@ def _case(dtype, D, G, page_size, lengths, window=8, seed=0, device="cpu"):
     padding = torch.zeros(B, T, dtype=torch.bool)
     for b, n in enumerate(lengths):
         padding[b, : T - n] = True
-    cache = PagedLayerCache(B, H, D, window, page_size=page_size, dtype=dtype, device=device)
+    cache = PagedLayerCache(B, H, D, window, page_size=page_size, dtype=dtype, device=device,
+                            kv_cache_dtype=kv_cache_dtype)
     cache.append(*(t.to(device) for t in (k, v, alpha, padding)))
     scale = D**-0.5
     o, lse = cache.decode_attention(q[:, :, None].contiguous().to(device), scale=scale)
+    if kv_cache_dtype != "auto":
+        k, v = oracle.fp8_round(k, kv_cache_dtype), oracle.fp8_round(v, kv_cache_dtype)
     want_o, want_lse = _reference(q, k, v, alpha, padding, window, scale)
     return o[:, :, 0].double().cpu(), lse[:, :, 0].double().cpu(), want_o, want_lse
 
@@ -82,6 +87,19 @@ def test_decode_matches_float64(dtype, D, G):
     """Rows of 0, 1, 17 and 300 tokens, pages of 7 slots: partial blocks,
     page boundaries inside blocks, an empty row."""
     _check(*_case(dtype, D, G, page_size=7, lengths=[300, 17, 1, 0], seed=D * 10 + G), dtype)
+
+
+@pytest.mark.parametrize("kv_cache_dtype", ["fp8_e4m3", "fp8_e5m2"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("D", [8, 19, 64, 72, 128])
+@pytest.mark.parametrize("G", [1, 4, 5, 8])
+def test_fp8_decode_matches_float64(kv_cache_dtype, dtype, D, G):
+    """FP8 pages, widened in registers and scaled per slot: the same rows,
+    against the float64 formula on the oracle's rounding of K and V (that
+    rounding moves o by ~0.1 here, far above the tolerance)."""
+    got_o, got_lse, want_o, want_lse = _case(dtype, D, G, page_size=7, lengths=[300, 17, 1, 0],
+                                             seed=D * 10 + G, kv_cache_dtype=kv_cache_dtype)
+    _check(got_o, got_lse, want_o, want_lse, dtype)
 
 
 @pytest.mark.cuda
@@ -108,11 +126,13 @@ def test_decode_page_sizes(page_size):
     _check(*_case(torch.bfloat16, 128, 4, page_size, lengths=[700, 33], seed=page_size), torch.bfloat16)
 
 
-def test_decode_long_row_split_over_threads():
+@pytest.mark.parametrize("kv_cache_dtype", ["auto", "fp8_e4m3"])
+def test_decode_long_row_split_over_threads(kv_cache_dtype):
     """A row long enough to be split into key ranges merged by log-sum-exp."""
     try:
         dms.set_num_threads(2)
-        _check(*_case(torch.float32, 64, 4, 64, lengths=[5000], window=16, seed=5), torch.float32)
+        _check(*_case(torch.float32, 64, 4, 64, lengths=[5000], window=16, seed=5, kv_cache_dtype=kv_cache_dtype),
+               torch.float32)
     finally:
         dms.set_num_threads(0)
 

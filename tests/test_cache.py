@@ -137,11 +137,13 @@ def _unchanged(before, cache):
     return True
 
 
-def _run_sequence(q, k, v, alpha, padding, window, page_size, chunks, dtype=torch.float32, device="cpu"):
+def _run_sequence(q, k, v, alpha, padding, window, page_size, chunks, dtype=torch.float32, device="cpu",
+                  kv_cache_dtype="auto"):
     """Feeds the sequence through the cache: a chunk of size c > 0 is a prefill
     (attention, then append), 0 a decode step (append, then attention)."""
     B, H, T, D = k.shape
-    cache = PagedLayerCache(B, H, D, window, page_size=page_size, dtype=dtype, device=device)
+    cache = PagedLayerCache(B, H, D, window, page_size=page_size, dtype=dtype, device=device,
+                            kv_cache_dtype=kv_cache_dtype)
     outs, t0 = [], 0
     for c in chunks:
         n = max(c, 1)

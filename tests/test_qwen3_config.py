@@ -57,6 +57,8 @@ def test_reference_config_json_loads(tmp_path):
     (dict(dms_separate_alpha="yes"), "dms_separate_alpha"),
     (dict(dms_cr=0.5), "dms_cr"),
     (dict(dms_compile_limit=0), "dms_compile_limit"),
+    (dict(dms_kv_cache_dtype="fp8_e4m3fn"), "dms_kv_cache_dtype"),
+    (dict(dms_kv_cache_dtype=None), "dms_kv_cache_dtype"),
 ])
 def test_invalid_values_name_the_field(override, field):
     with pytest.raises(ValueError, match=f"^{field}: expected"):
@@ -70,6 +72,8 @@ def test_invalid_values_name_the_field(override, field):
     (dict(dms_chunked_prefill=-1), r"^dms_chunked_prefill: expected None or an int >= 1, got -1"),
     (dict(dms_windowsize=64), r"^dms_windowsize: not a DMS field; did you mean dms_window_size\?"),
     (dict(dms_tau="0.1"), r"^dms_tau: expected a finite temperature > 0"),
+    (dict(dms_kv_cache_dtype="int8"), r"^dms_kv_cache_dtype: expected one of 'auto', 'fp8', 'fp8_e4m3', 'fp8_e5m2', "
+                                      r"got 'int8'"),
 ])
 def test_overrides_given_to_from_pretrained_are_validated(tmp_path, overrides, message):
     """The path of lm-eval's --model_args and ARCHITECTURE.md's

@@ -39,9 +39,18 @@ static dms_status check_cache(const dms_cache *cache, dms_cache_view *v)
     if (cache == NULL)
         return dms_fail(DMS_ERR_VALUE, "cache: required, got none");
     const dms_tensor *kp = cache->k_pages;
-    DMS_TRY(dms_check_tensor(kp, "cache.k_pages", DMS_FLOATING, 3, 1));
+    const dms_kv_format fmt = cache->kv_format;
+    if (fmt != DMS_KV_NATIVE && fmt != DMS_KV_FP8_E4M3 &&
+        fmt != DMS_KV_FP8_E5M2)
+        return dms_fail(DMS_ERR_VALUE, "cache.kv_format: expected %d "
+                        "(native), %d (fp8_e4m3) or %d (fp8_e5m2), got %d",
+                        DMS_KV_NATIVE, DMS_KV_FP8_E4M3, DMS_KV_FP8_E5M2,
+                        (int)fmt);
+    const unsigned page_dtypes =
+        fmt == DMS_KV_NATIVE ? DMS_FLOATING : DMS_DTYPE_BIT(DMS_UINT8);
+    DMS_TRY(dms_check_tensor(kp, "cache.k_pages", page_dtypes, 3, 1));
     DMS_TRY(dms_check_contiguous(kp, "cache.k_pages"));
-    DMS_TRY(check_state(cache->v_pages, "cache.v_pages", DMS_FLOATING, 3, kp));
+    DMS_TRY(check_state(cache->v_pages, "cache.v_pages", page_dtypes, 3, kp));
     DMS_TRY(dms_check_same_shape(cache->v_pages, "cache.v_pages", kp,
                                  "cache.k_pages"));
     if (cache->v_pages->dtype != kp->dtype)
@@ -83,9 +92,32 @@ static dms_status check_cache(const dms_cache *cache, dms_cache_view *v)
     DMS_TRY(check_state(cache->free_count, "cache.free_count", DMS_INT32, 1,
                         kp));
     DMS_TRY(dim_is(cache->free_count, "cache.free_count", 0, 1, "a count"));
+    const dms_tensor *scales[2] = {cache->k_scales, cache->v_scales};
+    const char *scale_names[2] = {"cache.k_scales", "cache.v_scales"};
+    for (int i = 0; i < 2; ++i) {
+        if (fmt == DMS_KV_NATIVE) {
+            if (scales[i] != NULL)
+                return dms_fail(DMS_ERR_VALUE, "%s: expected none (pages of "
+                                "dtype %s have no scales), got a tensor",
+                                scale_names[i], dms_dtype_name(kp->dtype));
+            continue;
+        }
+        if (scales[i] == NULL)
+            return dms_fail(DMS_ERR_VALUE, "%s: required with FP8 pages "
+                            "([n_pages, P] float32), got none",
+                            scale_names[i]);
+        DMS_TRY(check_state(scales[i], scale_names[i],
+                            DMS_DTYPE_BIT(DMS_FLOAT32), 2, kp));
+        DMS_TRY(dim_is(scales[i], scale_names[i], 0, n_pages, "pages"));
+        DMS_TRY(dim_is(scales[i], scale_names[i], 1, P, "page size"));
+    }
     v->k_pages = kp->data;
     v->v_pages = cache->v_pages->data;
-    v->dtype = kp->dtype;
+    v->fmt = fmt;
+    v->k_scales = fmt == DMS_KV_NATIVE ? NULL : (float *)cache->k_scales->data;
+    v->v_scales = fmt == DMS_KV_NATIVE ? NULL : (float *)cache->v_scales->data;
+    /* FP8: the first token tensor of the call (k_new, else q) sets it. */
+    v->dtype = fmt == DMS_KV_NATIVE ? kp->dtype : DMS_NUM_DTYPES;
     v->slot_limit = (int32_t *)cache->slot_limit->data;
     v->page_table = (int32_t *)cache->page_table->data;
     v->row_slots = (int32_t *)cache->row_slots->data;
@@ -102,15 +134,19 @@ static dms_status check_cache(const dms_cache *cache, dms_cache_view *v)
     return DMS_OK;
 }
 
-/* A [B, heads, n, D] tensor of the call, in the pages' dtype. */
+/* A [B, heads, n, D] tensor of the call, in the pages' dtype (with FP8
+ * pages: in the dtype of the call's first token tensor, which sets it). */
 static dms_status check_tokens(const dms_tensor *t, const char *name,
-                               const dms_cache_view *c, const dms_tensor *kp,
+                               dms_cache_view *c, const dms_tensor *kp,
                                int64_t B, int64_t heads, int64_t n,
                                int is_output)
 {
-    DMS_TRY(dms_check_tensor(t, name, is_output ? DMS_FLOATING
-                                                : DMS_DTYPE_BIT(c->dtype),
-                             4, is_output));
+    const unsigned dtypes = is_output || c->dtype == DMS_NUM_DTYPES
+                                ? DMS_FLOATING
+                                : DMS_DTYPE_BIT(c->dtype);
+    DMS_TRY(dms_check_tensor(t, name, dtypes, 4, is_output));
+    if (!is_output && c->dtype == DMS_NUM_DTYPES)
+        c->dtype = t->dtype;
     DMS_TRY(dms_check_same_device(t, name, kp, "cache.k_pages"));
     return dms_check_heads(t, name, B, heads, n, c->D);
 }

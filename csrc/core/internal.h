@@ -117,7 +117,10 @@ void dms_attn_train_backward_cpu(const dms_attn_train_args *args,
  */
 typedef struct dms_cache_view {
     void *k_pages, *v_pages;      /* [n_pages, P, D]                       */
-    dms_dtype dtype;              /* of the pages and of k_new / v_new / q */
+    dms_dtype dtype;              /* of k_new / v_new / q (and of native
+                                     pages)                                */
+    dms_kv_format fmt;            /* native pages, or FP8 with ...         */
+    float *k_scales, *v_scales;   /* ... [n_pages, P] scales, else NULL    */
     int32_t *slot_limit;          /* [n_pages, P]                          */
     int32_t *page_table;          /* [R, max_pages]                        */
     int32_t *row_slots, *row_seen; /* [R]                                  */

@@ -4,6 +4,8 @@
  * and draw random numbers bit for bit the same way.
  *
  *  - float16 / bfloat16 <-> float32 conversion (round to nearest even),
+ *  - FP8 (E4M3, E5M2) <-> float32 conversion (round to nearest even,
+ *    saturating) and the per-row scaling of FP8 cache pages,
  *  - load/store of one element of any dms_dtype as float,
  *  - a numerically stable sigmoid,
  *  - the Philox4x32-10 counter-based generator (Salmon et al., SC'11).
@@ -92,6 +94,90 @@ DMS_HD uint16_t dms_f32_to_f16(float f)
     /* Re-bias the exponent (127 -> 15) and round to nearest even. */
     ax += 0xc8000fffu + ((ax >> 13) & 1u);
     return (uint16_t)(sign | (ax >> 13));
+}
+
+/* ---- FP8 (OCP 8-bit floats, as torch.float8_e4m3fn / float8_e5m2) ----- */
+
+/* The largest finite value: 448 (E4M3: no infinities, one NaN code per
+ * sign) or 57344 (E5M2: IEEE-like, with infinities). */
+DMS_HD float dms_fp8_max(int e5m2)
+{
+    return e5m2 ? 57344.0f : 448.0f;
+}
+
+/*
+ * The FP8 code of f, rounded to nearest even; magnitudes past the largest
+ * finite value, infinity included, saturate to it (torch's cast gives NaN
+ * or infinity there); NaN stays NaN (code 0x7f with f's sign). Integer
+ * arithmetic only, so the C compiler and nvcc agree bit for bit.
+ */
+DMS_HD uint8_t dms_f32_to_fp8(float f, int e5m2)
+{
+    const uint32_t x = dms_float_bits(f);
+    const uint8_t sign = (uint8_t)((x >> 24) & 0x80u);
+    const uint32_t ax = x & 0x7fffffffu;
+    const int M = e5m2 ? 2 : 3, bias = e5m2 ? 15 : 7;
+    const uint32_t top = e5m2 ? 0x7bu : 0x7eu; /* the largest finite code */
+    if (ax > 0x7f800000u)
+        return (uint8_t)(sign | 0x7fu);
+    const int e = ax >> 23 ? (int)(ax >> 23) - 127 : -126; /* f's exponent */
+    uint32_t code;
+    if (e >= 1 - bias) {
+        /* A normal FP8 number: keep M mantissa bits (nearest even; a carry
+         * moves into the exponent), then re-bias the exponent. */
+        const int shift = 23 - M;
+        const uint32_t rounded =
+            (ax + (1u << (shift - 1)) - 1u + ((ax >> shift) & 1u)) >> shift;
+        code = rounded - ((uint32_t)(127 - bias) << M);
+    } else {
+        /* Subnormal: |f| in units of 2^(1 - bias - M), rounded to an
+         * integer (2^M, the smallest normal, when it rounds up to it). */
+        const uint32_t m = ax >> 23 ? (ax & 0x7fffffu) | 0x800000u
+                                    : ax & 0x7fffffu;
+        const int s = 24 - bias - M - e; /* >= 21: m has 24 bits */
+        if (s >= 32) {
+            code = 0;
+        } else {
+            const uint32_t half = 1u << (s - 1), rest = m & ((half << 1) - 1u);
+            code = m >> s;
+            code += rest > half || (rest == half && (code & 1u));
+        }
+    }
+    return (uint8_t)(sign | (code > top ? top : code));
+}
+
+/* The value of an FP8 code (exact in float32). */
+DMS_HD float dms_fp8_to_f32(uint8_t c, int e5m2)
+{
+    if (e5m2) /* E5M2 is the top byte of a float16 */
+        return dms_f16_to_f32((uint16_t)((uint16_t)c << 8));
+    const uint32_t sign = (uint32_t)(c & 0x80u) << 24, mag = c & 0x7fu;
+    if (mag == 0x7fu)
+        return dms_bits_float(sign | 0x7fc00000u);
+    if (mag < 8u) { /* subnormal: mag * 2^-9 */
+        const float v = (float)mag * 0.001953125f;
+        return sign ? -v : v;
+    }
+    return dms_bits_float(sign | ((mag << 20) + (120u << 23)));
+}
+
+/*
+ * FP8 cache pages store each (token, KV head) row of D keys or values as D
+ * codes and one float32 scale, s = amax / dms_fp8_max (amax: the row's
+ * largest magnitude), so the row's largest element maps to the format's
+ * largest finite value: code_i = dms_f32_to_fp8(x_i / s) (0 when s = 0,
+ * e.g. an all-zero row) and the stored value is dms_fp8_to_f32(code_i) *
+ * s, both in float32 (IEEE division and product: the CPU, the GPU and the
+ * oracle round them alike).
+ */
+DMS_HD float dms_fp8_row_scale(float amax, int e5m2)
+{
+    return amax / dms_fp8_max(e5m2);
+}
+
+DMS_HD uint8_t dms_fp8_quantize(float x, float scale, int e5m2)
+{
+    return scale == 0.0f ? (uint8_t)0 : dms_f32_to_fp8(x / scale, e5m2);
 }
 
 /* Element `i` (already offset by strides) of a tensor of type `dtype`. */

@@ -85,6 +85,38 @@ static inline int32_t limit_for(int flagged, int64_t position, int64_t w)
     return flagged && until < INT32_MAX ? (int32_t)until : INT32_MAX;
 }
 
+/* ---- FP8 rows (dms.h: dms_kv_format) ------------------------------------ */
+
+/* The D elements of a row (element offset `at` of `data`, of `dtype`) as
+ * FP8 codes at `codes`; returns the row's scale. */
+static float fp8_store_row(const void *data, int64_t at, dms_dtype dtype,
+                           int64_t D, int e5m2, uint8_t *codes)
+{
+    float amax = 0.0f;
+    for (int64_t d = 0; d < D; ++d) {
+        const float a = fabsf(dms_load(data, dtype, at + d));
+        amax = a > amax || a != a ? a : amax; /* NaN wins, as torch.amax */
+    }
+    const float scale = dms_fp8_row_scale(amax, e5m2);
+    for (int64_t d = 0; d < D; ++d)
+        codes[d] = dms_fp8_quantize(dms_load(data, dtype, at + d), scale, e5m2);
+    return scale;
+}
+
+/* A float32 row of D elements replaced by what FP8 pages store of it. */
+static void fp8_round_row(float *row, int64_t D, int e5m2)
+{
+    float amax = 0.0f;
+    for (int64_t d = 0; d < D; ++d) {
+        const float a = fabsf(row[d]);
+        amax = a > amax || a != a ? a : amax;
+    }
+    const float scale = dms_fp8_row_scale(amax, e5m2);
+    for (int64_t d = 0; d < D; ++d)
+        row[d] = dms_fp8_to_f32(dms_fp8_quantize(row[d], scale, e5m2), e5m2) *
+                 scale;
+}
+
 /* ---- append ------------------------------------------------------------ */
 
 static inline int64_t slot_of(const dms_cache_view *c, int64_t r, int64_t i)
@@ -196,7 +228,8 @@ dms_status dms_cache_append_cpu(const dms_cache_call *x)
     free(idx);
     free(flag);
 
-    /* Copy the surviving tokens' keys and values into their slots. */
+    /* Copy the surviving tokens' keys and values into their slots (FP8
+     * pages: quantised, with their scales). */
     const int64_t D = c->D, esize = (int64_t)dms_dtype_size(c->dtype);
     const int64_t rows = c->R * n;
 #ifdef _OPENMP
@@ -209,6 +242,18 @@ dms_status dms_cache_append_cpu(const dms_cache_call *x)
         if (s < 0)
             continue;
         const dms_tensor *k = x->k_new, *v = x->v_new;
+        if (c->fmt != DMS_KV_NATIVE) {
+            const int e5m2 = c->fmt == DMS_KV_FP8_E5M2;
+            c->k_scales[s] = fp8_store_row(
+                k->data, b * k->strides[0] + h * k->strides[1] +
+                             t * k->strides[2], c->dtype, D, e5m2,
+                (uint8_t *)c->k_pages + (int64_t)s * D);
+            c->v_scales[s] = fp8_store_row(
+                v->data, b * v->strides[0] + h * v->strides[1] +
+                             t * v->strides[2], c->dtype, D, e5m2,
+                (uint8_t *)c->v_pages + (int64_t)s * D);
+            continue;
+        }
         memcpy((char *)c->k_pages + (int64_t)s * D * esize,
                (const char *)k->data + (b * k->strides[0] + h * k->strides[1] +
                                         t * k->strides[2]) * esize,
@@ -224,12 +269,15 @@ dms_status dms_cache_append_cpu(const dms_cache_call *x)
 /* ---- prefill attention -------------------------------------------------- */
 
 /* Rows `slot[0..kn)` of a pool as float32 rows of length ld (zero past D and
- * past kn), converted in vector code. */
+ * past kn), converted in vector code; FP8 pools (c->fmt) are scaled by
+ * `scales`. */
 DMS_SIMD_CLONES
-static void gather_tile(const void *pool, dms_dtype dtype,
-                        const int64_t *restrict slot, int64_t kn, int64_t D,
-                        int64_t ld, float *restrict out)
+static void gather_tile(const void *pool, const dms_cache_view *c,
+                        const float *scales, const int64_t *restrict slot,
+                        int64_t kn, int64_t D, int64_t ld,
+                        float *restrict out)
 {
+    const dms_dtype dtype = c->dtype;
     for (int64_t i = 0; i < BK; ++i) {
         float *o = out + i * ld;
         if (i >= kn) {
@@ -237,7 +285,13 @@ static void gather_tile(const void *pool, dms_dtype dtype,
                 o[d] = 0.0f;
             continue;
         }
-        if (dtype == DMS_FLOAT32) {
+        if (c->fmt != DMS_KV_NATIVE) {
+            const uint8_t *src = (const uint8_t *)pool + slot[i] * D;
+            const int e5m2 = c->fmt == DMS_KV_FP8_E5M2;
+            const float scale = scales[slot[i]];
+            for (int64_t d = 0; d < D; ++d)
+                o[d] = dms_fp8_to_f32(src[d], e5m2) * scale;
+        } else if (dtype == DMS_FLOAT32) {
             const float *src = (const float *)pool + slot[i] * D;
             for (int64_t d = 0; d < D; ++d)
                 o[d] = src[d];
@@ -380,8 +434,8 @@ static void prefill_tile(const dms_cache_call *x, int64_t b, int64_t h,
                            ? limit_for(first, seen - 1, c->w)
                            : c->slot_limit[slot[i]];
         }
-        gather_tile(c->k_pages, c->dtype, slot, kn, D, ld, w->k);
-        gather_tile(c->v_pages, c->dtype, slot, kn, D, ld, w->v);
+        gather_tile(c->k_pages, c, c->k_scales, slot, kn, D, ld, w->k);
+        gather_tile(c->v_pages, c, c->v_scales, slot, kn, D, ld, w->v);
         prefill_key_tile(x, w, qpos, limit, kpos);
     }
 
@@ -390,6 +444,10 @@ static void prefill_tile(const dms_cache_call *x, int64_t b, int64_t h,
         const int64_t kn = x->n - k0 < BK ? x->n - k0 : BK;
         load_rows(x->k_new, b, h, k0, kn, BK, D, ld, 1.0f, w->k);
         load_rows(x->v_new, b, h, k0, kn, BK, D, ld, 1.0f, w->v);
+        for (int64_t i = 0; i < kn && c->fmt != DMS_KV_NATIVE; ++i) {
+            fp8_round_row(w->k + i * ld, D, c->fmt == DMS_KV_FP8_E5M2);
+            fp8_round_row(w->v + i * ld, D, c->fmt == DMS_KV_FP8_E5M2);
+        }
         /* A key at position p is visible to positions [p, limit). */
         for (int64_t i = 0; i < BK; ++i) {
             kpos[i] = -1;
@@ -431,11 +489,14 @@ void dms_attn_prefill_cpu(const dms_cache_call *x, int num_threads)
         w.kp = NULL;
         w.vp = NULL;
         w.split = NULL;
-        if (x->c.dtype == DMS_BFLOAT16 && dms_cpu_bf16dot()) {
+        /* Tiles of FP8 pages (fp8 * scale) are not bfloat16: float32. */
+        const int bf16_tiles =
+            x->c.dtype == DMS_BFLOAT16 && x->c.fmt == DMS_KV_NATIVE;
+        if (bf16_tiles && dms_cpu_bf16dot()) {
             w.q16 = (uint16_t *)alloc_floats((size_t)(G * BQ * ld / 2));
             w.kp = (uint32_t *)alloc_floats((size_t)(ld / 2 * BK));
         }
-        if (x->c.dtype == DMS_BFLOAT16 && dms_cpu_amx()) {
+        if (bf16_tiles && dms_cpu_amx()) {
             w.vp = (uint32_t *)alloc_floats((size_t)(BK / 2 * ld));
             w.split = (uint16_t *)alloc_floats(BQ * BK);
         }
@@ -474,7 +535,8 @@ void dms_attn_prefill_cpu(const dms_cache_call *x, int num_threads)
     typedef float dk_vf_##W __attribute__((vector_size(4 * W)));          \
     typedef int32_t dk_vi_##W __attribute__((vector_size(4 * W)));        \
     typedef uint32_t dk_vu_##W __attribute__((vector_size(4 * W)));       \
-    typedef uint16_t dk_vh_##W __attribute__((vector_size(2 * W)));
+    typedef uint16_t dk_vh_##W __attribute__((vector_size(2 * W)));      \
+    typedef uint8_t dk_vb_##W __attribute__((vector_size(W)));
 DK_VECTORS(16)
 DK_VECTORS(8)
 DK_VECTORS(4)

@@ -37,6 +37,11 @@
  * bfloat16 query and keys instead: products of two bfloat16 are exact in
  * float32, so this loses nothing against converting first.
  *
+ * FP8 pages (dms_kv_format) are widened in integer vector code (exact for
+ * all 256 codes, subnormals by a float subtraction as for float16 below)
+ * and their scales applied to the block's score and probability vectors,
+ * once per slot: a score is s_k (q . fp8(k)) and a value weight p s_v.
+ *
  * Vectors are GCC/clang vector extensions of W floats (16 for AVX-512, 8
  * for AVX2, 4 = SSE2/NEON for the baseline); only the float16 conversion
  * and vdpbf16ps use intrinsics.
@@ -96,6 +101,40 @@ DK_INLINE VF DK(select)(VI mask, VF a, VF b)
     return (VF)(((VI)a & mask) | ((VI)b & ~mask));
 }
 
+/* What a page element is: a dms_dtype (float32, float16, bfloat16) or one
+ * of the FP8 formats. */
+#ifndef DK_FP8_E4M3
+#define DK_FP8_E4M3 (DMS_NUM_DTYPES + 1)
+#define DK_FP8_E5M2 (DMS_NUM_DTYPES + 2)
+#define DK_IS_FP8(kind) ((kind) >= DK_FP8_E4M3)
+#define DK_ESIZE(kind)                                                    \
+    ((kind) == DMS_FLOAT32 ? 4 : DK_IS_FP8(kind) ? 1 : 2)
+#endif
+
+/* W FP8 codes at src as float32 (dms_fp8_to_f32, lane by lane). */
+DK_INLINE VF DK(load_fp8)(const char *src, const int kind)
+{
+    const int e5m2 = kind == DK_FP8_E5M2, M = e5m2 ? 2 : 3;
+    const uint32_t rebias = e5m2 ? 112u : 120u; /* 127 - the format's bias */
+    DK_CAT(dk_vb, DK_W) bytes;
+    memcpy(&bytes, src, sizeof bytes);
+    const VU u = __builtin_convertvector(bytes, VU);
+    const VU sign = (u & 0x80u) << 24, mag = u & 0x7fu;
+    const VU field = mag << (23 - M);
+    VU bits = field + (rebias << 23);
+    if (e5m2) /* exponent 31 (infinity, NaN) -> 255 */
+        bits += (VU)(mag >= 0x7cu) & ((128u - 16u) << 23);
+    else /* 0x7f is NaN */
+        bits = (VU)DK(select)((VI)(mag == 0x7fu), (VF)((VU){0} + 0x7fc00000u),
+                              (VF)bits);
+    /* Exponent field 0: mag * 2^(1 - bias - M), as (2^(1 - bias) with
+     * mag's mantissa) - 2^(1 - bias), exact. */
+    const VU least = (VU){0} + ((rebias + 1u) << 23);
+    const VF sub = (VF)(field + least) - (VF)least;
+    const VF f = DK(select)((VI)(mag < (1u << M)), sub, (VF)bits);
+    return (VF)((VU)f | sign);
+}
+
 /* W float16 at src as float32. */
 DK_INLINE VF DK(load_f16)(const char *src)
 {
@@ -124,10 +163,13 @@ DK_INLINE VF DK(load_f16)(const char *src)
 
 /* The pair of 2W elements at src as float32: columns [0, W) and [W, 2W),
  * or for bfloat16 the even and the odd columns. */
-DK_INLINE void DK(load_pair)(const char *src, dms_dtype dtype, VF *lo,
+DK_INLINE void DK(load_pair)(const char *src, const int dtype, VF *lo,
                              VF *hi)
 {
-    if (dtype == DMS_FLOAT32) {
+    if (DK_IS_FP8(dtype)) {
+        *lo = DK(load_fp8)(src, dtype);
+        *hi = DK(load_fp8)(src + DK_W, dtype);
+    } else if (dtype == DMS_FLOAT32) {
         memcpy(lo, src, sizeof *lo);
         memcpy(hi, src + sizeof *lo, sizeof *hi);
     } else if (dtype == DMS_BFLOAT16) {
@@ -148,11 +190,11 @@ DK_INLINE void DK(load_pair)(const char *src, dms_dtype dtype, VF *lo,
 
 /* The same for the last, partial pair of a row: n < 2W elements, zeros
  * after (a head dim that is not a multiple of 2W). */
-DK_INLINE void DK(load_pair_tail)(const char *src, dms_dtype dtype,
+DK_INLINE void DK(load_pair_tail)(const char *src, const int dtype,
                                   int64_t n, VF *lo, VF *hi)
 {
     _Alignas(64) char buf[8 * DK_W] = {0};
-    memcpy(buf, src, (size_t)n * (dtype == DMS_FLOAT32 ? 4u : 2u));
+    memcpy(buf, src, (size_t)(n * DK_ESIZE(dtype)));
     DK(load_pair)(buf, dtype, lo, hi);
 }
 
@@ -295,10 +337,10 @@ DK_INLINE VF DK(exp_nonpositive)(VF x)
  */
 DK_INLINE void DK(dot_pair)(const float *q, int64_t ld,
                             const char *const *krow, int64_t d,
-                            int64_t tail, dms_dtype dtype, const int HG,
+                            int64_t tail, const int dtype, const int HG,
                             VF acc[4 * DK_SLOTS])
 {
-    const int64_t esize = dtype == DMS_FLOAT32 ? 4 : 2;
+    const int64_t esize = DK_ESIZE(dtype);
     VF klo[DK_SLOTS], khi[DK_SLOTS];
     for (int s = 0; s < DK_SLOTS; ++s) {
         if (tail)
@@ -324,7 +366,7 @@ DK_INLINE void DK(dot_pair)(const float *q, int64_t ld,
  */
 DK_INLINE VF DK(dot_tile)(const float *q, int64_t ld,
                           const char *const *krow, int64_t D,
-                          dms_dtype dtype, const int HG)
+                          const int dtype, const int HG)
 {
     VF acc[4 * DK_SLOTS];
     for (int i = 0; i < 4 * DK_SLOTS; ++i)
@@ -381,12 +423,12 @@ DK_INLINE VF DK(dot_tile_bf16)(const uint16_t *q16, int64_t ld,
  * (c < nnext) of the next block on the way.
  */
 DK_INLINE void DK(pv_tile)(const float *p, const char *const *vrow,
-                           int64_t kn, int64_t d0, dms_dtype dtype,
+                           int64_t kn, int64_t d0, const int dtype,
                            const int HG, const int NP, int64_t tail,
                            float *acc, int64_t ld, const char *const *vnext,
                            int64_t nnext, int64_t row_bytes)
 {
-    const int64_t esize = dtype == DMS_FLOAT32 ? 4 : 2;
+    const int64_t esize = DK_ESIZE(dtype);
     VF a[4][2 * DK_PAIRS];
     for (int h = 0; h < HG; ++h)
         for (int j = 0; j < 2 * NP; ++j)
@@ -417,11 +459,11 @@ DK_INLINE void DK(pv_tile)(const float *p, const char *const *vrow,
 /* P.V of one block for HG heads (p as for pv_tile, acc: HG x ld); the
  * first pass over the block prefetches the next block's nnext value rows. */
 DK_INLINE void DK(pv_block)(const float *p, const char *const *vrow,
-                            int64_t kn, int64_t D, dms_dtype dtype,
+                            int64_t kn, int64_t D, const int dtype,
                             const int HG, float *acc, int64_t ld,
                             const char *const *vnext, int64_t nnext)
 {
-    const int64_t row_bytes = D * (dtype == DMS_FLOAT32 ? 4 : 2);
+    const int64_t row_bytes = D * DK_ESIZE(dtype);
     int64_t d0 = 0;
     for (; d0 + 2 * DK_W * DK_PAIRS <= D; d0 += 2 * DK_W * DK_PAIRS) {
         DK(pv_tile)(p, vrow, kn, d0, dtype, HG, DK_PAIRS, 0, acc, ld, vnext,
@@ -466,16 +508,17 @@ DK_INLINE void DK(to_column_order)(float *x, int64_t ld)
 /*
  * The K and V rows of the next n (<= DK_BLOCK) slots of a row, from the
  * cursor (page: index into the row's page table, off: slot in that page),
- * which moves past them; entries n .. DK_BLOCK - 1 repeat row 0 (they fill
- * the last score tile and are masked).
+ * which moves past them, and their slot ids; entries n .. DK_BLOCK - 1
+ * repeat row 0 (they fill the last score tile and are masked).
  */
 DK_INLINE void DK(walk_rows)(const int32_t *pages, int64_t P, int64_t *page,
                              int64_t *off, const char *kp, const char *vp,
                              int64_t row_bytes, int64_t n, const char **krow,
-                             const char **vrow)
+                             const char **vrow, int64_t *slot)
 {
     for (int64_t i = 0; i < n; ++i) {
-        const int64_t at = ((int64_t)pages[*page] * P + *off) * row_bytes;
+        slot[i] = (int64_t)pages[*page] * P + *off;
+        const int64_t at = slot[i] * row_bytes;
         krow[i] = kp + at;
         vrow[i] = vp + at;
         if (++*off == P) {
@@ -486,7 +529,21 @@ DK_INLINE void DK(walk_rows)(const int32_t *pages, int64_t P, int64_t *page,
     for (int64_t i = n; i < DK_BLOCK && n > 0; ++i) {
         krow[i] = krow[0];
         vrow[i] = vrow[0];
+        slot[i] = slot[0];
     }
+}
+
+/* Tile t's score or probability vector times the scales of its slots
+ * (lane h * DK_SLOTS + s: slot t * DK_SLOTS + s of the block). */
+DK_INLINE void DK(scale_tile)(float *vec, const float *scales,
+                              const int64_t *slot, int64_t t)
+{
+    VF v, f;
+    memcpy(&v, vec, sizeof v);
+    for (int e = 0; e < DK_W; ++e)
+        f[e] = scales[slot[t * DK_SLOTS + e % DK_SLOTS]];
+    v *= f;
+    memcpy(vec, &v, sizeof v);
 }
 
 DK_INLINE void DK(decode_range_impl)(const dms_cache_view *c, int64_t r,
@@ -494,12 +551,12 @@ DK_INLINE void DK(decode_range_impl)(const dms_cache_view *c, int64_t r,
                                      float scale, const void *q_data,
                                      int64_t q_off, int64_t q_stride,
                                      float *scratch, float *acc, float *m,
-                                     float *l, const dms_dtype dtype,
+                                     float *l, const int dtype,
                                      const int bf16_dots)
 {
     const int64_t D = c->D, ld = padded_dim(D), P = c->P;
     const int64_t groups = (G + 3) / 4;
-    const int64_t row_bytes = D * (dtype == DMS_FLOAT32 ? 4 : 2);
+    const int64_t row_bytes = D * DK_ESIZE(dtype);
     const int32_t *pages = c->page_table + r * c->max_pages;
     const char *kp = (const char *)c->k_pages, *vp = (const char *)c->v_pages;
     /* Scratch (decode_scratch_floats): the queries, then per head group
@@ -522,7 +579,7 @@ DK_INLINE void DK(decode_range_impl)(const dms_cache_view *c, int64_t r,
             continue;
         }
         for (int64_t d = 0; d < ld; ++d)
-            q[g * ld + d] = d < D ? dms_load(q_data, dtype, off + d) : 0.0f;
+            q[g * ld + d] = d < D ? dms_load(q_data, c->dtype, off + d) : 0.0f;
         if (dtype == DMS_BFLOAT16)
             DK(to_pair_order)(q + g * ld, ld);
     }
@@ -545,11 +602,12 @@ DK_INLINE void DK(decode_range_impl)(const dms_cache_view *c, int64_t r,
     enum { RING = DK_PF_BLOCKS + 1 };
     int64_t page = i0 / P, off = i0 % P;
     const char *rows[RING][2][DK_BLOCK]; /* [block % RING][K, V][slot] */
+    int64_t slots[RING][DK_BLOCK];
     for (int64_t j = 0; j < DK_PF_BLOCKS; ++j) {
         const int64_t n0 = i1 - i0 - j * DK_BLOCK;
         const int64_t n = n0 < DK_BLOCK ? n0 : DK_BLOCK;
         DK(walk_rows)(pages, P, &page, &off, kp, vp, row_bytes, n,
-                      rows[j][0], rows[j][1]);
+                      rows[j][0], rows[j][1], slots[j]);
         for (int64_t i = 0; i < n; ++i) {
             DK(prefetch_row)(rows[j][0][i], row_bytes);
             DK(prefetch_row)(rows[j][1][i], row_bytes);
@@ -562,7 +620,7 @@ DK_INLINE void DK(decode_range_impl)(const dms_cache_view *c, int64_t r,
         const int64_t left = i1 - k0 - DK_PF_BLOCKS * DK_BLOCK;
         const int64_t nnext = left < 0 ? 0 : left < DK_BLOCK ? left : DK_BLOCK;
         DK(walk_rows)(pages, P, &page, &off, kp, vp, row_bytes, nnext,
-                      rows[ahead][0], rows[ahead][1]);
+                      rows[ahead][0], rows[ahead][1], slots[ahead]);
         const char *const *krow = rows[cur][0], *const *vrow = rows[cur][1];
         const char *const *knext = rows[ahead][0];
         const char *const *vnext = rows[ahead][1];
@@ -597,6 +655,9 @@ DK_INLINE void DK(decode_range_impl)(const dms_cache_view *c, int64_t r,
                 default: sv = DK(dot_tile)(qg, ld, kt, D, dtype, 4); break;
                 }
                 memcpy(prob + (gr * DK_TILES + t) * DK_W, &sv, sizeof sv);
+                if (DK_IS_FP8(dtype))
+                    DK(scale_tile)(prob + (gr * DK_TILES + t) * DK_W,
+                                   c->k_scales, slots[cur], t);
             }
         }
 
@@ -632,6 +693,8 @@ DK_INLINE void DK(decode_range_impl)(const dms_cache_view *c, int64_t r,
             const VF corr = DK(exp_nonpositive)(m_run[gr] - m_sub);
             l_run[gr] = l_run[gr] * corr + DK(head_sum)(sum);
             m_run[gr] = m_new;
+            for (int64_t t = 0; t < tiles && DK_IS_FP8(dtype); ++t)
+                DK(scale_tile)(pg + t * DK_W, c->v_scales, slots[cur], t);
             for (int h = 0; h < hg; ++h) {
                 const float ch = corr[h * DK_SLOTS];
                 if (ch == 1.0f)
@@ -678,6 +741,19 @@ DK_TARGET static void DK(decode_range)(const dms_cache_view *c, int64_t r,
                                        float *scratch, float *acc, float *m,
                                        float *l)
 {
+    if (c->fmt != DMS_KV_NATIVE) {
+        const int kind =
+            c->fmt == DMS_KV_FP8_E5M2 ? DK_FP8_E5M2 : DK_FP8_E4M3;
+        if (kind == DK_FP8_E5M2)
+            DK(decode_range_impl)(c, r, i0, i1, G, scale, q_data, q_off,
+                                  q_stride, scratch, acc, m, l, DK_FP8_E5M2,
+                                  0);
+        else
+            DK(decode_range_impl)(c, r, i0, i1, G, scale, q_data, q_off,
+                                  q_stride, scratch, acc, m, l, DK_FP8_E4M3,
+                                  0);
+        return;
+    }
     switch (c->dtype) {
     case DMS_FLOAT32:
         DK(decode_range_impl)(c, r, i0, i1, G, scale, q_data, q_off,

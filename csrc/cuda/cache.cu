@@ -436,7 +436,43 @@ struct CopyParams {
     int64_t ts0, ts1, ts2;
     int64_t H, n, tokens, row_bytes, esize;
     int vb; /* vector bytes: 16, 8, 4 or 2 */
+    /* FP8 pages (fmt != DMS_KV_NATIVE): rows of src_dtype quantised into
+     * D codes and a scale each. */
+    dms_kv_format fmt;
+    dms_dtype src_dtype;
+    int64_t D;
+    float *k_scales, *v_scales;
 };
+
+/* The largest |x| of the warp's lanes (NaN wins, as on the CPU: the result
+ * does not depend on the order). */
+__device__ __forceinline__ float warp_amax(float a)
+{
+    for (int m = 16; m > 0; m >>= 1) {
+        const float o = __shfl_xor_sync(0xffffffffu, a, m);
+        a = o > a || o != o ? o : a;
+    }
+    return a;
+}
+
+/* One warp: row `src` (element offset `at`) of a token as FP8 codes at dst;
+ * returns the row's scale (dms_fp8_quantize, csrc/core/scalar.h). */
+__device__ __forceinline__ float fp8_store_row(const CopyParams &p,
+                                               const char *src, int64_t at,
+                                               uint8_t *dst, int lane)
+{
+    const int e5m2 = p.fmt == DMS_KV_FP8_E5M2;
+    float amax = 0.0f;
+    for (int64_t d = lane; d < p.D; d += 32) {
+        const float a = fabsf(dms_load(src, p.src_dtype, at + d));
+        amax = a > amax || a != a ? a : amax;
+    }
+    const float scale = dms_fp8_row_scale(warp_amax(amax), e5m2);
+    for (int64_t d = lane; d < p.D; d += 32)
+        dst[d] = dms_fp8_quantize(dms_load(src, p.src_dtype, at + d), scale,
+                                  e5m2);
+    return scale;
+}
 
 template <int VB>
 struct VecOf;
@@ -455,6 +491,10 @@ struct VecOf<4> {
 template <>
 struct VecOf<2> {
     typedef uint16_t type;
+};
+template <>
+struct VecOf<1> {
+    typedef uint8_t type;
 };
 
 template <int VB>
@@ -497,6 +537,19 @@ __global__ void __launch_bounds__(256) append_copy_kernel(CopyParams p)
         const int32_t s = p.token_slots[b * p.ts0 + h * p.ts1 + t * p.ts2];
         if (s < 0)
             continue;
+        if (p.fmt != DMS_KV_NATIVE) {
+            const float ks = fp8_store_row(
+                p, p.k_src, b * p.ks0 + h * p.ks1 + t * p.ks2,
+                (uint8_t *)p.k_dst + (int64_t)s * p.D, lane);
+            const float vs = fp8_store_row(
+                p, p.v_src, b * p.vs0 + h * p.vs1 + t * p.vs2,
+                (uint8_t *)p.v_dst + (int64_t)s * p.D, lane);
+            if (lane == 0) {
+                p.k_scales[s] = ks;
+                p.v_scales[s] = vs;
+            }
+            continue;
+        }
         const int64_t dst = (int64_t)s * p.row_bytes;
         copy_row_any(p.k_dst + dst,
                      p.k_src + (b * p.ks0 + h * p.ks1 + t * p.ks2) * p.esize,
@@ -517,12 +570,31 @@ struct PrefillParams {
     FlagViews f;
     const void *k_pages, *v_pages;
     dms_dtype dtype;
+    dms_kv_format fmt;                /* FP8 pages: codes and ...        */
+    const float *k_scales, *v_scales; /* ... a scale per slot            */
     const int32_t *slot_limit, *page_table, *row_slots, *row_seen, *window;
     int64_t H, G, n, P, w, max_pages;
     int64_t n_tiles;
     int D, ld; /* head dim, shared-memory row stride (odd, >= D) */
     float scale;
 };
+
+/* One warp: a float32 row (lane d holds d, d + 32, ...) replaced by what
+ * FP8 pages store of it (__syncwarp: each lane reads only its own). */
+__device__ __forceinline__ void fp8_round_row(float *row, int D,
+                                              dms_kv_format fmt, int lane)
+{
+    const int e5m2 = fmt == DMS_KV_FP8_E5M2;
+    float amax = 0.0f;
+    for (int d = lane; d < D; d += 32) {
+        const float a = fabsf(row[d]);
+        amax = a > amax || a != a ? a : amax;
+    }
+    const float scale = dms_fp8_row_scale(warp_amax(amax), e5m2);
+    for (int d = lane; d < D; d += 32)
+        row[d] = dms_fp8_to_f32(dms_fp8_quantize(row[d], scale, e5m2), e5m2) *
+                 scale;
+}
 
 /* What warp 0 needs to describe a key tile (see prefill_meta). */
 struct MetaCtx {
@@ -741,7 +813,16 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks)
         for (int rr = warp; rr < BK; rr += kWarps) {
             const int64_t src = ksrc[rr];
             float *krow = Ks + rr * ld, *vrow = Vs + rr * ld;
-            if (src >= 0 && cached) {
+            if (src >= 0 && cached && p.fmt != DMS_KV_NATIVE) {
+                const uint8_t *kc = (const uint8_t *)p.k_pages + src * D;
+                const uint8_t *vc = (const uint8_t *)p.v_pages + src * D;
+                const float ks = p.k_scales[src], vs = p.v_scales[src];
+                const int e5m2 = p.fmt == DMS_KV_FP8_E5M2;
+                for (int d = lane; d < D; d += 32) {
+                    krow[d] = dms_fp8_to_f32(kc[d], e5m2) * ks;
+                    vrow[d] = dms_fp8_to_f32(vc[d], e5m2) * vs;
+                }
+            } else if (src >= 0 && cached) {
                 const int64_t off = src * D;
                 for (int d = lane; d < D; d += 32) {
                     krow[d] = dms_load(p.k_pages, p.dtype, off + d);
@@ -753,6 +834,10 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks)
                 for (int d = lane; d < D; d += 32) {
                     krow[d] = dms_load(p.k.data, p.k.dtype, koff + d);
                     vrow[d] = dms_load(p.v.data, p.v.dtype, voff + d);
+                }
+                if (p.fmt != DMS_KV_NATIVE) { /* as append will store them */
+                    fp8_round_row(krow, D, p.fmt, lane);
+                    fp8_round_row(vrow, D, p.fmt, lane);
                 }
             } else { /* padding or past the end: zeros, never NaN */
                 for (int d = lane; d < D; d += 32) {
@@ -838,6 +923,8 @@ constexpr int kDecodeWarps = kDecodeThreads / 32;
 struct DecodeParams {
     DmsView3 q, o, lse; /* [B, H*G, 1, (D)]: strides of dims 0-2 */
     const void *k_pages, *v_pages;
+    const float *k_scales, *v_scales; /* FP8 pages (else nullptr)       */
+    int e5m2;                         /* FP8: E5M2 (else E4M3) codes    */
     const int32_t *page_table, *row_slots;
     float *ws; /* [B*H*G, S, D + 2], or nullptr: write o / lse directly */
     int64_t H, G, P, max_pages, S;
@@ -945,11 +1032,49 @@ __device__ __forceinline__ void decode_gather(const DecodeParams &p,
     }
 }
 
+/* FP8 pages: VB codes per load, widened and scaled by their slot's scale
+ * (the kernel instance of DT = DMS_UINT8). */
+template <int VB>
+__device__ __forceinline__ void decode_gather_fp8(const DecodeParams &p,
+                                                  const int64_t *sslot,
+                                                  int kc, float *Ks, float *Vs)
+{
+    typedef typename VecOf<VB>::type V;
+    union Unpack {
+        V v;
+        uint8_t e[VB];
+    };
+    const int D = p.D, ldk = p.ldk, upr = D / VB, total = kc * upr;
+    const char *kb = (const char *)p.k_pages, *vb = (const char *)p.v_pages;
+    for (int idx = threadIdx.x; idx < total; idx += kDecodeThreads) {
+        const int k = idx / upr, e = (idx - k * upr) * VB;
+        const int64_t off = sslot[k] * D + e;
+        Unpack ku, vu;
+        ku.v = *(const V *)(kb + off);
+        vu.v = *(const V *)(vb + off);
+        const float ks = p.k_scales[sslot[k]], vs = p.v_scales[sslot[k]];
+#pragma unroll
+        for (int i = 0; i < VB; ++i) {
+            Ks[k * ldk + e + i] = dms_fp8_to_f32(ku.e[i], p.e5m2) * ks;
+            Vs[k * D + e + i] = dms_fp8_to_f32(vu.e[i], p.e5m2) * vs;
+        }
+    }
+}
+
 template <dms_dtype DT>
 __device__ __forceinline__ void decode_gather_any(const DecodeParams &p,
                                                   const int64_t *sslot,
                                                   int kc, float *Ks, float *Vs)
 {
+    if constexpr (DT == DMS_UINT8) {
+        switch (p.vb) {
+        case 16: decode_gather_fp8<16>(p, sslot, kc, Ks, Vs); return;
+        case 8: decode_gather_fp8<8>(p, sslot, kc, Ks, Vs); return;
+        case 4: decode_gather_fp8<4>(p, sslot, kc, Ks, Vs); return;
+        case 2: decode_gather_fp8<2>(p, sslot, kc, Ks, Vs); return;
+        default: decode_gather_fp8<1>(p, sslot, kc, Ks, Vs); return;
+        }
+    } else {
     /* p.vb is never narrower than an element (widest_vector) */
     constexpr int kNarrowest = (int)sizeof(typename Elem<DT>::raw);
     switch (p.vb) {
@@ -965,6 +1090,7 @@ __device__ __forceinline__ void decode_gather_any(const DecodeParams &p,
         else
             decode_gather<DT, kNarrowest>(p, sslot, kc, Ks, Vs);
         break;
+    }
     }
 }
 
@@ -1297,6 +1423,11 @@ extern "C" dms_status dms_cache_append_cuda(const dms_cache_call *x,
         cp.vs1 * esize,     cp.vs2 * esize};
     cp.vb = widest_vector(align, (int)(sizeof align / sizeof align[0]),
                           esize);
+    cp.fmt = c->fmt;
+    cp.src_dtype = c->dtype;
+    cp.D = c->D;
+    cp.k_scales = c->k_scales;
+    cp.v_scales = c->v_scales;
     const int copy_threads = 256;
     append_copy_kernel<<<dms_grid_for(cp.tokens * 32, copy_threads),
                          copy_threads, 0, s>>>(cp);
@@ -1323,6 +1454,9 @@ extern "C" dms_status dms_attn_prefill_cuda(const dms_cache_call *x,
     p.k_pages = c->k_pages;
     p.v_pages = c->v_pages;
     p.dtype = c->dtype;
+    p.fmt = c->fmt;
+    p.k_scales = c->k_scales;
+    p.v_scales = c->v_scales;
     p.slot_limit = c->slot_limit;
     p.page_table = c->page_table;
     p.row_slots = c->row_slots;
@@ -1369,6 +1503,9 @@ extern "C" dms_status dms_attn_decode_cuda(const dms_cache_call *x,
     p.lse = view3(x->lse);
     p.k_pages = c->k_pages;
     p.v_pages = c->v_pages;
+    p.k_scales = c->k_scales;
+    p.v_scales = c->v_scales;
+    p.e5m2 = c->fmt == DMS_KV_FP8_E5M2;
     p.page_table = c->page_table;
     p.row_slots = c->row_slots;
     p.H = x->H;
@@ -1382,7 +1519,8 @@ extern "C" dms_status dms_attn_decode_cuda(const dms_cache_call *x,
     p.GP = (int)((x->G + 3) / 4 * 4);
     p.ldk = odd_ld(c->D);
     p.scale = x->scale;
-    const int64_t esize = (int64_t)dms_dtype_size(c->dtype);
+    const int64_t esize =
+        c->fmt != DMS_KV_NATIVE ? 1 : (int64_t)dms_dtype_size(c->dtype);
     const int64_t align[] = {ptr_bits(c->k_pages), ptr_bits(c->v_pages),
                              c->D * esize};
     p.vb = widest_vector(align, 3, esize);
@@ -1404,7 +1542,10 @@ extern "C" dms_status dms_attn_decode_cuda(const dms_cache_call *x,
     const int64_t blocks = c->R * p.S;
     DMS_TRY(grid_check(blocks, "decode attention"));
     void (*kernel)(DecodeParams);
-    switch (c->dtype) {
+    switch (c->fmt != DMS_KV_NATIVE ? DMS_UINT8 : c->dtype) {
+    case DMS_UINT8:
+        kernel = decode_kernel<DMS_UINT8>;
+        break;
     case DMS_FLOAT32:
         kernel = decode_kernel<DMS_FLOAT32>;
         break;

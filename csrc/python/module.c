@@ -464,7 +464,7 @@ typedef struct {
     int optional; /* None allowed (the view is then NULL) */
 } tensor_spec;
 
-#define MAX_TENSOR_ARGS 16
+#define MAX_TENSOR_ARGS 20
 
 /* The tensors of one call, imported from Python objects by import_all. */
 typedef struct {
@@ -690,17 +690,22 @@ static PyObject *py_logistic_noise(PyObject *module, PyObject *args,
 
 /* ---- paged cache ------------------------------------------------------ */
 
-/* The cache tensors, in the order Python passes them (dms/cache.py). */
+/* The cache tensors, in the order Python passes them (dms/cache.py): nine,
+ * then the two scale tensors of FP8 pages. An op's own tensors follow them
+ * at index CACHE_TENSORS of its views (the scales' views NULL without). */
 static const tensor_spec cache_specs[] = {
     {"cache.k_pages", 1, 0},    {"cache.v_pages", 1, 0},
     {"cache.slot_limit", 1, 0}, {"cache.page_table", 1, 0},
     {"cache.row_slots", 1, 0},  {"cache.row_seen", 1, 0},
     {"cache.window", 1, 0},     {"cache.free_pages", 1, 0},
-    {"cache.free_count", 1, 0}};
-#define CACHE_TENSORS 9
+    {"cache.free_count", 1, 0}, {"cache.k_scales", 1, 0},
+    {"cache.v_scales", 1, 0}};
+#define CACHE_TENSORS 11
+#define CACHE_TENSORS_NATIVE 9
 
 /*
- * _C.CacheViews(cache, *, stream=0): the nine cache tensors imported once.
+ * _C.CacheViews(cache, *, stream=0): the nine cache tensors (eleven with
+ * FP8 pages) imported once.
  *
  * Every op of a decode step hands over the same pool, page table and
  * counters. Importing them anew per call cost nine DLPack exports, about
@@ -717,8 +722,9 @@ static const tensor_spec cache_specs[] = {
 typedef struct {
     PyObject_HEAD
     PyObject *objects[CACHE_TENSORS]; /* the tensors imported, owned       */
+    int n_objects;                   /* 9, or 11 with FP8 pages           */
     unsigned long long stream;       /* the stream they were exported for */
-    tensor_args imported;            /* args[0..8]: their exports         */
+    tensor_args imported;            /* args[0..n_objects): their exports */
 } cache_views_object;
 
 static int cache_views_clear(PyObject *self)
@@ -749,14 +755,20 @@ static void cache_views_dealloc(PyObject *self)
     Py_DECREF(type);
 }
 
+/* The number of tensors of a cache tuple (9 or 11), or -1 with an
+ * exception set. */
 static int check_cache_tuple(PyObject *state)
 {
-    if (PyTuple_Check(state) && PyTuple_GET_SIZE(state) == CACHE_TENSORS)
-        return 0;
+    if (PyTuple_Check(state) &&
+        (PyTuple_GET_SIZE(state) == CACHE_TENSORS_NATIVE ||
+         PyTuple_GET_SIZE(state) == CACHE_TENSORS))
+        return (int)PyTuple_GET_SIZE(state);
     PyErr_Format(PyExc_TypeError, "cache: expected a tuple of %d tensors "
                  "(k_pages, v_pages, slot_limit, page_table, row_slots, "
-                 "row_seen, window, free_pages, free_count) or a CacheViews "
-                 "of one, got %.100s", CACHE_TENSORS, Py_TYPE(state)->tp_name);
+                 "row_seen, window, free_pages, free_count), %d with FP8 "
+                 "pages (then k_scales, v_scales), or a CacheViews of one, "
+                 "got %.100s", CACHE_TENSORS_NATIVE, CACHE_TENSORS,
+                 Py_TYPE(state)->tp_name);
     return -1;
 }
 
@@ -769,21 +781,23 @@ static PyObject *cache_views_new(PyTypeObject *type, PyObject *args,
     if (!PyArg_ParseTupleAndKeywords(args, kwargs, "O|$K:CacheViews",
                                      keywords, &state, &stream))
         return NULL;
-    if (check_cache_tuple(state) < 0)
+    const int n = check_cache_tuple(state);
+    if (n < 0)
         return NULL;
     cache_views_object *cv = (cache_views_object *)type->tp_alloc(type, 0);
     if (cv == NULL)
         return NULL;
     cv->stream = stream;
-    cv->imported.count = CACHE_TENSORS;
+    cv->n_objects = n;
+    cv->imported.count = n;
     PyObject *objs[CACHE_TENSORS];
-    for (int i = 0; i < CACHE_TENSORS; ++i) {
+    for (int i = 0; i < n; ++i) {
         objs[i] = PyTuple_GET_ITEM(state, i);
         cv->objects[i] = Py_NewRef(objs[i]);
     }
     const module_state *st = get_state(PyType_GetModule(type));
-    if (import_range(st, cache_specs, objs, CACHE_TENSORS, stream, 0,
-                     &cv->imported, 0) < 0) {
+    if (import_range(st, cache_specs, objs, n, stream, 0, &cv->imported,
+                     0) < 0) {
         Py_DECREF(cv);
         return NULL;
     }
@@ -805,9 +819,9 @@ static PyObject *cache_views_holds(PyObject *self, PyObject *const *args,
     }
     PyObject *state = args[0];
     if (stream != cv->stream || !PyTuple_Check(state) ||
-        PyTuple_GET_SIZE(state) != CACHE_TENSORS)
+        PyTuple_GET_SIZE(state) != cv->n_objects)
         Py_RETURN_FALSE;
-    for (int i = 0; i < CACHE_TENSORS; ++i)
+    for (int i = 0; i < cv->n_objects; ++i)
         if (PyTuple_GET_ITEM(state, i) != cv->objects[i])
             Py_RETURN_FALSE;
     Py_RETURN_TRUE;
@@ -829,9 +843,9 @@ static PyType_Slot cache_views_slots[] = {
     {Py_tp_doc,
      "CacheViews(cache, *, stream=0)\nThe nine cache tensors (k_pages, "
      "v_pages, slot_limit, page_table,\nrow_slots, row_seen, window, "
-     "free_pages, free_count) imported once\nthrough DLPack; the cache ops "
-     "take it in place of the tuple and skip\nthe nine exports per call. "
-     "Keeps the tensors alive."},
+     "free_pages, free_count; then k_scales, v_scales\nwith FP8 pages) "
+     "imported once through DLPack; the cache ops take it\nin place of the "
+     "tuple and skip the exports per call. Keeps the tensors\nalive."},
     {0, NULL}};
 
 static PyType_Spec cache_views_spec = {
@@ -841,12 +855,14 @@ static PyType_Spec cache_views_spec = {
     .slots = cache_views_slots,
 };
 
-/* Fills t->views[0..8] from `state` (a CacheViews, or a tuple imported
- * here), then imports the op's other tensors after them; fills `cache`.
+/* Fills t->views[0..10] from `state` (a CacheViews, or a tuple imported
+ * here; views 9 and 10 stay NULL without scales), then imports the op's
+ * other tensors after them; fills `cache` (kv_format: dms_kv_format).
  * Once the cache's device is known to be the CPU, the other tensors skip
  * the device query (export_capsule). */
 static int import_cache_call(PyObject *module, PyObject *state,
-                             long long window_size, const tensor_spec *specs,
+                             long long window_size, int kv_format,
+                             const tensor_spec *specs,
                              PyObject *const *objs, int n,
                              unsigned long long stream, tensor_args *t,
                              dms_cache *cache)
@@ -864,19 +880,20 @@ static int import_cache_call(PyObject *module, PyObject *state,
                          cv->stream, stream);
             return -1;
         }
-        /* Borrowed: t->args[0..8] stay empty, so release_all skips them. */
-        for (int i = 0; i < CACHE_TENSORS; ++i)
+        /* Borrowed: t->args[0..10] stay empty, so release_all skips
+         * them. */
+        for (int i = 0; i < cv->n_objects; ++i)
             t->views[i] = cv->imported.views[i];
     } else {
-        if (check_cache_tuple(state) < 0)
+        const int n_state = check_cache_tuple(state);
+        if (n_state < 0)
             return -1;
         PyObject *cache_objs[CACHE_TENSORS];
-        for (int i = 0; i < CACHE_TENSORS; ++i)
+        for (int i = 0; i < n_state; ++i)
             cache_objs[i] = PyTuple_GET_ITEM(state, i);
         if (import_range(st, cache_specs, cache_objs, 1, stream, 0, t, 0) < 0)
             return -1;
-        if (import_range(st, cache_specs + 1, cache_objs + 1,
-                         CACHE_TENSORS - 1,
+        if (import_range(st, cache_specs + 1, cache_objs + 1, n_state - 1,
                          stream, t->views[0]->device_type == DMS_CPU, t,
                          1) < 0)
             return -1;
@@ -895,7 +912,10 @@ static int import_cache_call(PyObject *module, PyObject *state,
     cache->window = v[6];
     cache->free_pages = v[7];
     cache->free_count = v[8];
+    cache->k_scales = v[9];
+    cache->v_scales = v[10];
     cache->window_size = (int64_t)window_size;
+    cache->kv_format = (dms_kv_format)kv_format;
     return 0;
 }
 
@@ -904,30 +924,32 @@ static PyObject *py_cache_append(PyObject *module, PyObject *args,
 {
     static char *keywords[] = {"cache", "window_size", "k_new", "v_new",
                                "decisions", "key_padding", "token_slots",
-                               EXEC_KEYWORDS, NULL};
+                               "kv_format", EXEC_KEYWORDS, NULL};
     static const tensor_spec specs[] = {{"k_new", 0, 0}, {"v_new", 0, 0},
                                         {"decisions", 0, 0},
                                         {"key_padding", 0, 1},
                                         {"token_slots", 1, 0}};
     PyObject *state, *o[5];
     long long window_size;
-    int num_threads = 0;
+    int kv_format = 0, num_threads = 0;
     unsigned long long stream = 0;
-    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "OLOOOOO|$iK:cache_append",
-                                     keywords, &state, &window_size, &o[0],
-                                     &o[1], &o[2], &o[3], &o[4], &num_threads,
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs,
+                                     "OLOOOOO|$iiK:cache_append", keywords,
+                                     &state, &window_size, &o[0], &o[1], &o[2],
+                                     &o[3], &o[4], &kv_format, &num_threads,
                                      &stream))
         return NULL;
     tensor_args t;
     dms_cache cache;
-    if (import_cache_call(module, state, window_size, specs, o, 5, stream, &t,
-                          &cache) < 0) {
+    if (import_cache_call(module, state, window_size, kv_format, specs, o, 5,
+                          stream, &t, &cache) < 0) {
         release_all(&t);
         return NULL;
     }
     dms_exec exec = {num_threads, (void *)(uintptr_t)stream};
     RUN_OP(module, t,
-           dms_cache_append(&cache, v[9], v[10], v[11], v[12], v[13], &exec));
+           dms_cache_append(&cache, v[11], v[12], v[13], v[14], v[15],
+                            &exec));
 }
 
 static PyObject *py_attn_prefill(PyObject *module, PyObject *args,
@@ -935,7 +957,7 @@ static PyObject *py_attn_prefill(PyObject *module, PyObject *args,
 {
     static char *keywords[] = {"cache", "window_size", "q", "k_new", "v_new",
                                "decisions", "key_padding", "scale", "o",
-                               "lse", EXEC_KEYWORDS, NULL};
+                               "lse", "kv_format", EXEC_KEYWORDS, NULL};
     static const tensor_spec specs[] = {
         {"q", 0, 0},         {"k_new", 0, 0},       {"v_new", 0, 0},
         {"decisions", 0, 0}, {"key_padding", 0, 1}, {"o", 1, 0},
@@ -943,53 +965,55 @@ static PyObject *py_attn_prefill(PyObject *module, PyObject *args,
     PyObject *state, *o[7];
     long long window_size;
     double scale;
-    int num_threads = 0;
+    int kv_format = 0, num_threads = 0;
     unsigned long long stream = 0;
     if (!PyArg_ParseTupleAndKeywords(
-            args, kwargs, "OLOOOOOdOO|$iK:attn_prefill", keywords, &state,
+            args, kwargs, "OLOOOOOdOO|$iiK:attn_prefill", keywords, &state,
             &window_size, &o[0], &o[1], &o[2], &o[3], &o[4], &scale, &o[5],
-            &o[6], &num_threads, &stream))
+            &o[6], &kv_format, &num_threads, &stream))
         return NULL;
     tensor_args t;
     dms_cache cache;
-    if (import_cache_call(module, state, window_size, specs, o, 7, stream, &t,
-                          &cache) < 0) {
+    if (import_cache_call(module, state, window_size, kv_format, specs, o, 7,
+                          stream, &t, &cache) < 0) {
         release_all(&t);
         return NULL;
     }
     dms_exec exec = {num_threads, (void *)(uintptr_t)stream};
     RUN_OP(module, t,
-           dms_attn_prefill(&cache, v[9], v[10], v[11], v[12], v[13],
-                            (float)scale, v[14], v[15], &exec));
+           dms_attn_prefill(&cache, v[11], v[12], v[13], v[14], v[15],
+                            (float)scale, v[16], v[17], &exec));
 }
 
 static PyObject *py_attn_decode(PyObject *module, PyObject *args,
                                 PyObject *kwargs)
 {
     static char *keywords[] = {"cache", "window_size", "q", "scale", "o",
-                               "lse", "workspace", EXEC_KEYWORDS, NULL};
+                               "lse", "workspace", "kv_format", EXEC_KEYWORDS,
+                               NULL};
     static const tensor_spec specs[] = {{"q", 0, 0}, {"o", 1, 0},
                                         {"lse", 1, 0}, {"workspace", 1, 1}};
     PyObject *state, *o[4];
     long long window_size;
     double scale;
-    int num_threads = 0;
+    int kv_format = 0, num_threads = 0;
     unsigned long long stream = 0;
-    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "OLOdOOO|$iK:attn_decode",
-                                     keywords, &state, &window_size, &o[0],
-                                     &scale, &o[1], &o[2], &o[3], &num_threads,
-                                     &stream))
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs,
+                                     "OLOdOOO|$iiK:attn_decode", keywords,
+                                     &state, &window_size, &o[0], &scale,
+                                     &o[1], &o[2], &o[3], &kv_format,
+                                     &num_threads, &stream))
         return NULL;
     tensor_args t;
     dms_cache cache;
-    if (import_cache_call(module, state, window_size, specs, o, 4, stream, &t,
-                          &cache) < 0) {
+    if (import_cache_call(module, state, window_size, kv_format, specs, o, 4,
+                          stream, &t, &cache) < 0) {
         release_all(&t);
         return NULL;
     }
     dms_exec exec = {num_threads, (void *)(uintptr_t)stream};
     RUN_OP(module, t,
-           dms_attn_decode(&cache, v[9], (float)scale, v[10], v[11], v[12],
+           dms_attn_decode(&cache, v[11], (float)scale, v[12], v[13], v[14],
                            &exec));
 }
 

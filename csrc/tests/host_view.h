@@ -65,7 +65,8 @@ static inline void host_cache_init(host_cache *c, void *k, void *v,
     const dms_cache cache = {&c->k_pages,    &c->v_pages,  &c->slot_limit,
                              &c->page_table, &c->row_slots, &c->row_seen,
                              &c->window,     &c->free_pages, &c->free_count,
-                             w};
+                             w,              NULL,         NULL,
+                             DMS_KV_NATIVE};
     c->cache = cache;
 }
 

@@ -299,6 +299,45 @@ static void test_f16_bf16(void)
     CHECK(dms_f32_to_f16(65520.0f) == 0x7c00 && dms_f32_to_f16(65519.0f) == 0x7bff);
 }
 
+/* FP8: every code decodes to its value by the formula of the format and
+ * encodes back to itself; hand-checked values, ties, subnormals and
+ * saturation. (tests/test_fp8_cache.py compares with torch's float8.) */
+static void test_fp8(void)
+{
+    for (int e5m2 = 0; e5m2 < 2; ++e5m2) {
+        const int M = e5m2 ? 2 : 3, bias = e5m2 ? 15 : 7;
+        int ok = 1;
+        for (int c = 0; c < 256; ++c) {
+            const int exponent = (c & 0x7f) >> M, mantissa = c & ((1 << M) - 1);
+            const int special = e5m2 ? exponent == 31 : (c & 0x7f) == 0x7f;
+            const float f = dms_fp8_to_f32((uint8_t)c, e5m2);
+            if (special) {
+                ok &= e5m2 && mantissa == 0 ? isinf(f) : isnan(f);
+                continue;
+            }
+            const double want =
+                (c & 0x80 ? -1.0 : 1.0) *
+                (exponent ? ldexp(1.0 + mantissa / (double)(1 << M),
+                                  exponent - bias)
+                          : ldexp(mantissa / (double)(1 << M), 1 - bias));
+            ok &= (double)f == want && dms_f32_to_fp8(f, e5m2) == c;
+        }
+        CHECK(ok);
+    }
+    CHECK(dms_f32_to_fp8(448.0f, 0) == 0x7e && dms_f32_to_fp8(-448.0f, 0) == 0xfe);
+    CHECK(dms_f32_to_fp8(464.0f, 0) == 0x7e); /* rounds to 480 = NaN: saturates */
+    CHECK(dms_f32_to_fp8(INFINITY, 0) == 0x7e && dms_f32_to_fp8(-INFINITY, 1) == 0xfb);
+    CHECK(dms_f32_to_fp8(1e30f, 1) == 0x7b && dms_f32_to_fp8(61440.0f, 1) == 0x7b);
+    CHECK((dms_f32_to_fp8(NAN, 0) & 0x7f) == 0x7f && isnan(dms_fp8_to_f32(dms_f32_to_fp8(NAN, 1), 1)));
+    CHECK(dms_f32_to_fp8(1.0625f, 0) == 0x38); /* tie between 1 and 1.125: even */
+    CHECK(dms_f32_to_fp8(1.1875f, 0) == 0x3a); /* tie between 1.125 and 1.25: even */
+    CHECK(dms_f32_to_fp8(0.0009765625f, 0) == 0x00); /* 2^-10: half the least, tie to 0 */
+    CHECK(dms_f32_to_fp8(0.0009765626f, 0) == 0x01);
+    CHECK(dms_f32_to_fp8(0.0029296875f, 0) == 0x02); /* 1.5 x 2^-9: tie to 2 x 2^-9 */
+    CHECK(dms_f32_to_fp8(1e-40f, 0) == 0x00 && dms_f32_to_fp8(-0.0f, 1) == 0x80);
+    CHECK(dms_fp8_quantize(5.0f, 0.0f, 0) == 0 && dms_fp8_row_scale(448.0f, 0) == 1.0f);
+}
+
 static void test_philox_and_noise(void)
 {
     /* Known-answer vectors of Philox4x32-10 (Random123 kat_vectors). */
@@ -385,8 +424,10 @@ static void store_as(void *base, dms_dtype dtype, int64_t i, float x)
  * guard bytes. The pool is exactly as large as the stored rows need, so a
  * kernel reading past a row's last key or value trips the sanitizer.
  */
-static int decode_case(dms_dtype dtype, int64_t D, int64_t G, int64_t P,
-                       double tol)
+/* Decode over pages of `dtype` (fmt DMS_KV_NATIVE) or of FP8 codes with a
+ * scale per slot (queries in `dtype`), against a double-precision sum. */
+static int decode_case(dms_dtype dtype, dms_kv_format fmt, int64_t D,
+                       int64_t G, int64_t P, double tol)
 {
     enum { H = 3 };
     const int64_t lengths[H] = {301, 16, 0}, max_pages = 301 / P + 1;
@@ -394,9 +435,12 @@ static int decode_case(dms_dtype dtype, int64_t D, int64_t G, int64_t P,
     for (int h = 0; h < H; ++h)
         n_pages += (lengths[h] + P - 1) / P;
     const size_t esize = dms_dtype_size(dtype);
-    const size_t pool = (size_t)(n_pages * P * D) * esize;
+    const size_t pool =
+        (size_t)(n_pages * P * D) * (fmt == DMS_KV_NATIVE ? esize : 1);
     /* Exactly the pool's size: ASan catches a read past its end. */
     void *k_pages = malloc(pool), *v_pages = malloc(pool);
+    float *k_scales = malloc(sizeof(float) * (size_t)(n_pages * P));
+    float *v_scales = malloc(sizeof(float) * (size_t)(n_pages * P));
     float *kf = malloc(sizeof(float) * (size_t)(n_pages * P * D));
     float *vf = malloc(sizeof(float) * (size_t)(n_pages * P * D));
     int32_t *slot_limit = malloc(sizeof(int32_t) * (size_t)(n_pages * P));
@@ -404,7 +448,28 @@ static int decode_case(dms_dtype dtype, int64_t D, int64_t G, int64_t P,
     int32_t row_slots[H], row_seen[H], window[H * 2] = {0}, free_count = 0;
     int32_t *free_pages = calloc((size_t)n_pages, sizeof(int32_t));
     uint32_t state = 7u * (uint32_t)(D + G + P);
-    for (int64_t i = 0; i < n_pages * P * D; ++i) {
+    for (int64_t i = 0; i < n_pages * P && fmt != DMS_KV_NATIVE; ++i) {
+        state = state * 1664525u + 1013904223u;
+        k_scales[i] = (float)(1 + (state >> 24)) / 8192.0f; /* up to 1/32 */
+        state = state * 1664525u + 1013904223u;
+        v_scales[i] = (float)(1 + (state >> 24)) / 8192.0f;
+    }
+    for (int64_t i = 0; i < n_pages * P * D && fmt != DMS_KV_NATIVE; ++i) {
+        const int e5m2 = fmt == DMS_KV_FP8_E5M2;
+        uint8_t codes[2];
+        for (int j = 0; j < 2; ++j) { /* any finite code */
+            do {
+                state = state * 1664525u + 1013904223u;
+                codes[j] = (uint8_t)(state >> 24);
+            } while (!isfinite(dms_fp8_to_f32(codes[j], e5m2)) ||
+                     fabsf(dms_fp8_to_f32(codes[j], e5m2)) > 448.0f);
+        }
+        ((uint8_t *)k_pages)[i] = codes[0];
+        ((uint8_t *)v_pages)[i] = codes[1];
+        kf[i] = dms_fp8_to_f32(codes[0], e5m2) * k_scales[i / D];
+        vf[i] = dms_fp8_to_f32(codes[1], e5m2) * v_scales[i / D];
+    }
+    for (int64_t i = 0; i < n_pages * P * D && fmt == DMS_KV_NATIVE; ++i) {
         state = state * 1664525u + 1013904223u;
         kf[i] = round_to(dtype, (float)(state >> 8) / 8388608.0f - 1.0f);
         state = state * 1664525u + 1013904223u;
@@ -441,10 +506,19 @@ static int decode_case(dms_dtype dtype, int64_t D, int64_t G, int64_t P,
     float *lse = guarded_alloc(sizeof(float) * (size_t)HG);
 
     host_cache hc;
-    host_cache_init(&hc, k_pages, v_pages, dtype, n_pages, P, D, H, max_pages,
-                    1, slot_limit, page_table, row_slots, row_seen, window,
-                    free_pages, &free_count);
-    const dms_cache cache = hc.cache;
+    host_cache_init(&hc, k_pages, v_pages,
+                    fmt == DMS_KV_NATIVE ? dtype : DMS_UINT8, n_pages, P, D,
+                    H, max_pages, 1, slot_limit, page_table, row_slots,
+                    row_seen, window, free_pages, &free_count);
+    dms_cache cache = hc.cache;
+    const int64_t s_scales[2] = {n_pages, P};
+    dms_tensor tks = host_view(k_scales, DMS_FLOAT32, 2, s_scales);
+    dms_tensor tvs = host_view(v_scales, DMS_FLOAT32, 2, s_scales);
+    if (fmt != DMS_KV_NATIVE) {
+        cache.k_scales = &tks;
+        cache.v_scales = &tvs;
+        cache.kv_format = fmt;
+    }
     const int64_t s_q[4] = {1, HG, 1, D}, s_lse[3] = {1, HG, 1};
     dms_tensor tq = host_view(q_data, dtype, 4, s_q);
     dms_tensor to = host_view(o, DMS_FLOAT32, 4, s_q);
@@ -495,12 +569,14 @@ static int decode_case(dms_dtype dtype, int64_t D, int64_t G, int64_t P,
     ok &= guard_intact(o, sizeof(float) * (size_t)(HG * D));
     ok &= guard_intact(lse, sizeof(float) * (size_t)HG);
     if (!ok)
-        fprintf(stderr, "  decode %s %s D=%lld G=%lld P=%lld: error %.3g\n",
-                dms_attn_decode_cpu_kernel(), dms_dtype_name(dtype),
-                (long long)D, (long long)G, (long long)P, worst);
+        fprintf(stderr, "  decode %s %s fmt=%d D=%lld G=%lld P=%lld: error "
+                "%.3g\n", dms_attn_decode_cpu_kernel(), dms_dtype_name(dtype),
+                (int)fmt, (long long)D, (long long)G, (long long)P, worst);
     free(s);
     free(k_pages);
     free(v_pages);
+    free(k_scales);
+    free(v_scales);
     free(kf);
     free(vf);
     free(slot_limit);
@@ -535,8 +611,17 @@ static void test_decode_variants(void)
             for (size_t d = 0; d < sizeof dims / sizeof *dims; ++d)
                 for (size_t g = 0; g < sizeof groups / sizeof *groups; ++g)
                     for (size_t p = 0; p < 3; ++p)
-                        ok &= decode_case(dtypes[t], dims[d], groups[g],
-                                          page_sizes[p], tols[t]);
+                        ok &= decode_case(dtypes[t], DMS_KV_NATIVE, dims[d],
+                                          groups[g], page_sizes[p], tols[t]);
+        CHECK(ok);
+        /* FP8 pages (both formats), float32 and bfloat16 queries. */
+        ok = 1;
+        for (int f = DMS_KV_FP8_E4M3; f <= DMS_KV_FP8_E5M2; ++f)
+            for (size_t t = 0; t < 2; ++t)
+                for (size_t d = 0; d < sizeof dims / sizeof *dims; ++d)
+                    for (size_t p = 0; p < 3; ++p)
+                        ok &= decode_case(dtypes[t], (dms_kv_format)f,
+                                          dims[d], 5, page_sizes[p], 1e-5);
         CHECK(ok);
     }
     CHECK(!dms_attn_decode_cpu_use("avx9000"));
@@ -550,6 +635,7 @@ int main(void)
     test_gate_strided();
     test_argument_checks();
     test_f16_bf16();
+    test_fp8();
     test_philox_and_noise();
     test_decode_variants();
     printf("%d passed, %d failed\n", passed, failed);

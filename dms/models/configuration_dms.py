@@ -32,7 +32,7 @@ def _is_number(value):
 DMS_FIELDS = ("dms_alpha_scale", "dms_initial_alpha_offset", "dms_window_size", "dms_paged_attention_block_size",
               "dms_cr", "dms_disable_eviction", "dms_separate_alpha", "dms_alpha_per", "dms_tau",
               "dms_compile_limit", "dms_manual_inference_mode", "dms_chunked_prefill", "dms_preallocate_for_tokens",
-              "dms_decision_target", "dms_zero_borrowed_after_rope")
+              "dms_decision_target", "dms_zero_borrowed_after_rope", "dms_kv_cache_dtype")
 """Every DMS field of a DMS config (SPEC §7 names, then the two switches for
 the FastDMS checkpoint layout, see `DMSConfigMixin`)."""
 
@@ -69,6 +69,10 @@ def validate_dms_fields(f):
              f["dms_decision_target"])
     _require(isinstance(f["dms_zero_borrowed_after_rope"], bool), "dms_zero_borrowed_after_rope", "a bool",
              f["dms_zero_borrowed_after_rope"])
+    from dms.cache import KV_CACHE_DTYPES
+
+    _require(f["dms_kv_cache_dtype"] in KV_CACHE_DTYPES, "dms_kv_cache_dtype",
+             f"one of {', '.join(map(repr, KV_CACHE_DTYPES))}", f["dms_kv_cache_dtype"])
 
 
 def fastdms_metadata_fields(metadata):
@@ -168,6 +172,14 @@ class DMSConfigMixin:
             borrowed component in the rotated query too (default True, SPEC
             §1 and the published NVIDIA checkpoints); False zeroes it before
             RoPE only, as FastDMS does.
+        dms_kv_cache_dtype: how the inference cache's pages store keys and
+            values (default "auto": the model's dtype); "fp8_e4m3" (or
+            "fp8", vLLM's name) / "fp8_e5m2": one byte per element plus a
+            float32 scale per (token, KV head) row of K and of V (see
+            `dms.PagedLayerCache`): with DMS's 8x, ~16x less KV memory than
+            a dense bfloat16 cache. Set it at load time
+            (`from_pretrained(..., dms_kv_cache_dtype="fp8_e4m3")`, lm-eval
+            `--model_args ...,dms_kv_cache_dtype=fp8_e4m3`).
         **kwargs: the fields of the family's transformers config.
 
     Each family's config has its own `model_type` (``"<family>_dms"``), so a
@@ -193,7 +205,7 @@ class DMSConfigMixin:
                  dms_paged_attention_block_size=256, dms_cr=8, dms_disable_eviction=False, dms_separate_alpha=False,
                  dms_alpha_per="head", dms_tau=0.1, dms_compile_limit=72, dms_manual_inference_mode=False,
                  dms_chunked_prefill=None, dms_preallocate_for_tokens=4096, dms_decision_target="previous",
-                 dms_zero_borrowed_after_rope=True, **kwargs):
+                 dms_zero_borrowed_after_rope=True, dms_kv_cache_dtype="auto", **kwargs):
         validate_dms_fields(dict(
             dms_alpha_scale=dms_alpha_scale, dms_initial_alpha_offset=dms_initial_alpha_offset,
             dms_window_size=dms_window_size, dms_paged_attention_block_size=dms_paged_attention_block_size,
@@ -201,7 +213,7 @@ class DMSConfigMixin:
             dms_alpha_per=dms_alpha_per, dms_tau=dms_tau, dms_compile_limit=dms_compile_limit,
             dms_manual_inference_mode=dms_manual_inference_mode, dms_chunked_prefill=dms_chunked_prefill,
             dms_preallocate_for_tokens=dms_preallocate_for_tokens, dms_decision_target=dms_decision_target,
-            dms_zero_borrowed_after_rope=dms_zero_borrowed_after_rope))
+            dms_zero_borrowed_after_rope=dms_zero_borrowed_after_rope, dms_kv_cache_dtype=dms_kv_cache_dtype))
         self.dms_alpha_scale = float(dms_alpha_scale)
         self.dms_initial_alpha_offset = float(dms_initial_alpha_offset)
         self.dms_window_size = dms_window_size
@@ -217,6 +229,7 @@ class DMSConfigMixin:
         self.dms_preallocate_for_tokens = dms_preallocate_for_tokens
         self.dms_decision_target = dms_decision_target
         self.dms_zero_borrowed_after_rope = dms_zero_borrowed_after_rope
+        self.dms_kv_cache_dtype = dms_kv_cache_dtype
         super().__init__(**kwargs)
 
     @classmethod

@@ -327,7 +327,8 @@ class DMSAttention:
                               "torch.no_grad() for inference.", stacklevel=2)
             q, k, v = q.detach(), k.detach(), v.detach()
             if cache_layer is None:  # no cache asked for: a private one, dropped after the call
-                cache_layer = DMSCacheLayer(self.config.dms_window_size, self.config.dms_paged_attention_block_size)
+                cache_layer = DMSCacheLayer(self.config.dms_window_size, self.config.dms_paged_attention_block_size,
+                                            kv_cache_dtype=self.config.dms_kv_cache_dtype)
             flags = decisions
             if self.decision_policy is not None:  # a training-free baseline (dms.eval.baselines)
                 decisions = flags = self.decision_policy(self.layer_idx, z, cache_layer.tokens_fed)
@@ -629,11 +630,13 @@ class DMSForCausalLM:
             with open(os.path.join(save_directory, name), "w") as f:
                 f.write(text)
 
-    def get_cache(self, preallocate_for_tokens=None):
+    def get_cache(self, preallocate_for_tokens=None, kv_cache_dtype=None):
         """An empty `DMSCache` for this model (under tensor parallelism, for
-        this rank's KV heads, reporting figures summed over the ranks)."""
+        this rank's KV heads, reporting figures summed over the ranks), its
+        pages in `kv_cache_dtype` (default None: `config.dms_kv_cache_dtype`;
+        "auto", "fp8_e4m3", "fp8", "fp8_e5m2")."""
         return DMSCache.from_config(self.config, preallocate_for_tokens,
-                                    process_group=self.model.tensor_parallel_group())
+                                    process_group=self.model.tensor_parallel_group(), kv_cache_dtype=kv_cache_dtype)
 
     def _prepare_cache_for_generation(self, generation_config, model_kwargs, generation_mode, *args, **kwargs):
         """generate's cache: the user's DMSCache, or a new one; other caches

@@ -17,13 +17,15 @@ import random
 import torch
 
 from tests.cuda_emu.harness import DTYPES as DT, Tensor, strided, view
+from tests.oracle import FP8_FORMATS
 
 INT32_MAX = 2**31 - 1
 INF = math.inf
 
 
 class View(ctypes.Structure):
-    _fields_ = [("k_pages", ctypes.c_void_p), ("v_pages", ctypes.c_void_p), ("dtype", ctypes.c_int)] + \
+    _fields_ = [("k_pages", ctypes.c_void_p), ("v_pages", ctypes.c_void_p), ("dtype", ctypes.c_int),
+                ("fmt", ctypes.c_int), ("k_scales", ctypes.c_void_p), ("v_scales", ctypes.c_void_p)] + \
         [(n, ctypes.c_void_p) for n in ["slot_limit", "page_table", "row_slots", "row_seen", "window",
                                          "free_pages", "free_count"]] + \
         [(n, ctypes.c_int64) for n in ["n_pages", "P", "D", "R", "max_pages", "w"]]
@@ -45,15 +47,39 @@ def tv(t):
 _keep = []  # the dms_tensor structs of the current call (ctypes holds no reference)
 
 
+def fp8_rows(x, kv):
+    """(codes uint8 [..., D], scales float32 [...]) of rows x as FP8 pages
+    store them (csrc/dms.h: dms_kv_format)."""
+    fp8, fmax = FP8_FORMATS[kv]
+    x32 = x.float()
+    s = x32.abs().amax(-1) / fmax
+    scaled = torch.where(s[..., None] == 0, torch.zeros_like(x32), x32 / s[..., None])
+    return scaled.clamp(-fmax, fmax).to(fp8).view(torch.uint8), s
+
+
+def fp8_value(codes, scales, kv):
+    """float64 values of codes [..., D] with scales [...]."""
+    return codes.view(FP8_FORMATS[kv][0]).double() * scales.double()[..., None]
+
+
+KV_FORMAT = {None: 0, "fp8_e4m3": 1, "fp8_e5m2": 2}
+
+
 class Cache:
-    def __init__(self, B, H, D, P, w, n_pages, max_pages, dtype, seed=0, perm=True):
+    def __init__(self, B, H, D, P, w, n_pages, max_pages, dtype, seed=0, perm=True, kv=None):
         R = B * H
         self.B, self.H, self.D, self.P, self.w, self.R = B, H, D, P, w, R
-        self.n_pages, self.max_pages, self.dtype = n_pages, max_pages, dtype
+        self.n_pages, self.max_pages, self.dtype, self.kv = n_pages, max_pages, dtype, kv
         g = torch.Generator().manual_seed(seed + 99)
         # garbage in unused pages: tests that nothing reads them
-        self.k_pages = torch.randn(n_pages, P, D, generator=g).to(dtype) * 1e3
-        self.v_pages = torch.randn(n_pages, P, D, generator=g).to(dtype) * 1e3
+        if kv is None:
+            self.k_pages = torch.randn(n_pages, P, D, generator=g).to(dtype) * 1e3
+            self.v_pages = torch.randn(n_pages, P, D, generator=g).to(dtype) * 1e3
+        else:  # FP8: codes and scales
+            self.k_pages = torch.randint(0, 256, (n_pages, P, D), generator=g, dtype=torch.uint8)
+            self.v_pages = torch.randint(0, 256, (n_pages, P, D), generator=g, dtype=torch.uint8)
+            self.k_scales = torch.rand(n_pages, P, generator=g) * 1e3
+            self.v_scales = torch.rand(n_pages, P, generator=g) * 1e3
         self.slot_limit = torch.full((n_pages, P), -7, dtype=torch.int32)
         self.page_table = torch.full((R, max_pages), -3, dtype=torch.int32)
         self.row_slots = torch.zeros(R, dtype=torch.int32)
@@ -67,7 +93,14 @@ class Cache:
 
     def names(self):
         return ["k_pages", "v_pages", "slot_limit", "page_table", "row_slots", "row_seen", "window",
-                "free_pages", "free_count"]
+                "free_pages", "free_count"] + (["k_scales", "v_scales"] if self.kv else [])
+
+    def values(self):
+        """(K, V) of every slot, [n_pages * P, D] float64."""
+        if self.kv is None:
+            return self.k_pages.view(-1, self.D).double(), self.v_pages.view(-1, self.D).double()
+        return tuple(fp8_value(p.view(-1, self.D), s.view(-1), self.kv)
+                     for p, s in ((self.k_pages, self.k_scales), (self.v_pages, self.v_scales)))
 
     def clone(self):
         c = Cache.__new__(Cache)
@@ -81,6 +114,9 @@ class Cache:
         v.k_pages = self.k_pages.data_ptr()
         v.v_pages = self.v_pages.data_ptr()
         v.dtype = DT[self.dtype]
+        v.fmt = KV_FORMAT[self.kv]
+        if self.kv:
+            v.k_scales, v.v_scales = self.k_scales.data_ptr(), self.v_scales.data_ptr()
         for n in ["slot_limit", "page_table", "row_slots", "row_seen", "window", "free_pages", "free_count"]:
             setattr(v, n, getattr(self, n).data_ptr())
         v.n_pages, v.P, v.D, v.R, v.max_pages, v.w = self.n_pages, self.P, self.D, self.R, self.max_pages, self.w
@@ -143,9 +179,12 @@ def ref_append(c, k_new, v_new, dec, pad, token_slots):
         for h in range(H):
             for t in range(n):
                 s = int(token_slots[b, h, t])
-                if s >= 0:
+                if s >= 0 and c.kv is None:
                     kp[s] = k_new[b, h, t]
                     vp[s] = v_new[b, h, t]
+                elif s >= 0:
+                    kp[s], c.k_scales.view(-1)[s] = fp8_rows(k_new[b, h, t], c.kv)
+                    vp[s], c.v_scales.view(-1)[s] = fp8_rows(v_new[b, h, t], c.kv)
 
 
 def make_call(c, B, H, G, n):
@@ -230,16 +269,21 @@ def pad_pattern(kind, B, n, rng, step):
 
 def run_sequence(lib, B=1, H=1, G=1, D=8, P=2, w=3, dtype=torch.float32, odtype=None, steps=(("prefill", 7),),
                  n_pages=64, max_pages=None, layout="c", pad=None, pdec=0.5, seed=0, S_list=(None, 1, 2, 5),
-                 dec_layout="c", nan_query=False, verbose=False):
+                 dec_layout="c", nan_query=False, verbose=False, kv=None):
     """nan_query: one element of one query per call is NaN (row 0, query
     head G - 1 of KV head 0, the call's middle token): its output and lse
-    must be NaN (unless it is padding or its row is empty), the rest as ever."""
+    must be NaN (unless it is padding or its row is empty), the rest as ever.
+    kv: FP8 pages ("fp8_e4m3" | "fp8_e5m2"): the references see every key
+    and value as the pages store it."""
     rng = random.Random(seed)
     gen = torch.Generator().manual_seed(seed)
     odtype = odtype or torch.float32
     HG = H * G
     max_pages = max_pages or n_pages
-    c = Cache(B, H, D, P, w, n_pages, max_pages, dtype, seed=seed)
+    c = Cache(B, H, D, P, w, n_pages, max_pages, dtype, seed=seed, kv=kv)
+
+    def stored(x):  # [D] of a key or value as attention sees it: the pages' rounding
+        return x.double() if kv is None else fp8_value(*fp8_rows(x, kv), kv)
     R = B * H
     hist_k = [[] for _ in range(R)]
     hist_v = [[] for _ in range(R)]
@@ -281,8 +325,8 @@ def run_sequence(lib, B=1, H=1, G=1, D=8, P=2, w=3, dtype=torch.float32, odtype=
                             if kp is not None and bool(kp[b, t]):
                                 continue
                             qpos[t] = len(K)
-                            K.append(k_new[b, h, t].double())
-                            V.append(v_new[b, h, t].double())
+                            K.append(stored(k_new[b, h, t]))
+                            V.append(stored(v_new[b, h, t]))
                             Dd.append(int(dec[b, h, t]))
                         for t, pj in qpos.items():
                             vis = [i for i in range(pj + 1)
@@ -313,8 +357,8 @@ def run_sequence(lib, B=1, H=1, G=1, D=8, P=2, w=3, dtype=torch.float32, odtype=
                     for t in range(ncall):
                         if kp is not None and bool(kp[b, t]):
                             continue
-                        hist_k[r].append(k_new[b, h, t].double())
-                        hist_v[r].append(v_new[b, h, t].double())
+                        hist_k[r].append(stored(k_new[b, h, t]))
+                        hist_v[r].append(stored(v_new[b, h, t]))
                         hist_d[r].append(int(dec[b, h, t]))
                     assert int(c.row_seen[r]) == len(hist_k[r])
 
@@ -326,8 +370,7 @@ def run_sequence(lib, B=1, H=1, G=1, D=8, P=2, w=3, dtype=torch.float32, odtype=
                     run_decode(lib, c, G, q, scale, o, lse, ws)
                     ro = torch.zeros(B, HG, 1, D, dtype=torch.float64)
                     rl = torch.full((B, HG, 1), -INF, dtype=torch.float64)
-                    kpg = c.k_pages.view(-1, D).double()
-                    vpg = c.v_pages.view(-1, D).double()
+                    kpg, vpg = c.values()
                     for b in range(B):
                         for h in range(H):
                             r = b * H + h
@@ -396,6 +439,13 @@ CASES = [
     dict(B=1, H=1, G=1, D=8, P=4, w=3, steps=[("prefill", 140), ("decode", 2)], pdec=1.0),
     # chunked prefill of one-token chunks == decode path via prefill
     dict(B=2, H=1, G=2, D=6, P=2, w=3, steps=[("prefill", 1)] * 9 + [("decode", 2)], pad="bool"),
+    # FP8 pages: odd head dims (byte loads), 16-byte loads, bf16 queries, both formats
+    dict(B=2, H=2, G=2, D=19, P=3, w=4, steps=[("prefill", 23), ("decode", 3), ("prefill", 9), ("decode", 2)],
+         pad="bool", kv="fp8_e4m3"),
+    dict(B=1, H=1, G=3, D=64, P=4, w=6, steps=[("prefill", 40), ("decode", 3)], dtype=torch.bfloat16,
+         kv="fp8_e5m2"),
+    dict(B=1, H=2, G=5, D=128, P=8, w=10, steps=[("prefill", 70), ("decode", 2), ("prefill", 30), ("decode", 2)],
+         pdec=0.6, layout="t", kv="fp8_e4m3"),
 ]
 
 
@@ -422,4 +472,6 @@ def fuzz_case(s):
     case["steps"] = steps
     tot = sum(n for _, n in steps)
     case["n_pages"] = case["B"] * case["H"] * (tot // case["P"] + 2)
-    return rng.choice([232448, 166912, 101376]), case
+    limit = rng.choice([232448, 166912, 101376])
+    case["kv"] = rng.choice([None, None, "fp8_e4m3", "fp8_e5m2"])  # drawn last: earlier draws as before
+    return limit, case

@@ -120,4 +120,13 @@ CACHE = [
     ('M9_combine_weight', "cache.cu",
      'acc += l * expf(cell[s * (D + 2) + D] - mx) *',
      'acc += expf(cell[s * (D + 2) + D] - mx) *'),
+    ('M10_fp8_new_keys_unrounded', "cache.cu",
+     '                    fp8_round_row(krow, D, p.fmt, lane);\n',
+     ''),
+    ('M11_fp8_lane_amax', "cache.cu",
+     'const float scale = dms_fp8_row_scale(warp_amax(amax), e5m2);\n    for (int64_t d',
+     'const float scale = dms_fp8_row_scale(amax, e5m2);\n    for (int64_t d'),
+    ('M12_fp8_value_scale', "cache.cu",
+     'Vs[k * D + e + i] = dms_fp8_to_f32(vu.e[i], p.e5m2) * vs;',
+     'Vs[k * D + e + i] = dms_fp8_to_f32(vu.e[i], p.e5m2) * ks;'),
 ]
