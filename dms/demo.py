@@ -16,9 +16,13 @@ the same run with eviction off. `--model tiny` is the built-in tiny
 Qwen3-DMS (deterministic random weights, adapters set so that a real fraction
 of tokens is evicted) for that run.
 
+--kv-dtype fp8_e4m3 (or fp8_e5m2) stores the DMS run's cache in FP8 pages
+(`dms.PagedLayerCache`); the run with eviction off keeps pages in --dtype,
+so its KV bytes are those of a plain dense cache.
+
     python -m dms.demo [--model PATH|tiny] [--questions N] [--prompt-tokens N]
                        [--new-tokens 64] [--chunk 256] [--device cpu|cuda]
-                       [--dtype float32]
+                       [--dtype float32] [--kv-dtype auto]
 """
 
 import argparse
@@ -33,9 +37,9 @@ from dms.models.qwen3.modeling_qwen3_dms import cache_kwargs
 from dms.tiny import tiny_model
 
 
-def run(model, prompt, new_tokens, disable_eviction, pad_token_id=0):
+def run(model, prompt, new_tokens, disable_eviction, pad_token_id=0, kv_cache_dtype="auto"):
     model.config.dms_disable_eviction = disable_eviction
-    cache = model.get_cache()
+    cache = model.get_cache(kv_cache_dtype=kv_cache_dtype)
     start = time.perf_counter()
     with torch.no_grad():
         out = model.generate(prompt, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
@@ -58,7 +62,7 @@ def ask(model, name, args):
         raise SystemExit(f"--questions: {args.model} has no tokenizer to write questions with "
                          f"({str(e).splitlines()[0]})") from None
     examples = make_examples(args.questions, args.prompt_tokens, seed=args.seed, tokenizer=tokenizer)
-    print(f"dms {dms.__version__} demo: {name}, {args.device}, {args.dtype}")
+    print(f"dms {dms.__version__} demo: {name}, {args.device}, {args.dtype}, DMS pages {args.kv_dtype}")
     print(f"{args.questions} recall questions, prompts of up to {args.prompt_tokens} tokens (seed {args.seed})\n")
     print(f"{'task':<6}{'answer':>8}{'DMS':>8}{'off':>8}{'compression':>13}{'KV bytes DMS':>15}{'off':>12}")
     right = {"DMS": 0, "off": 0}
@@ -67,7 +71,8 @@ def ask(model, name, args):
         answers, caches = {}, {}
         for label, disabled in (("DMS", False), ("off", True)):
             out, cache, _ = run(model, ids, len(tokenizer(ex.completion, add_special_tokens=False)["input_ids"]) + 1,
-                                disabled, pad_token_id=tokenizer.pad_token_id)
+                                disabled, pad_token_id=tokenizer.pad_token_id,
+                                kv_cache_dtype="auto" if disabled else args.kv_dtype)
             text = tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
             answers[label] = (text.strip().split(" ")[0].rstrip(".") or "-")[:7]
             right[label] += score(ex, text)
@@ -108,6 +113,8 @@ def main(argv=None) -> int:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                         help="cpu or cuda[:N] (default: cuda when available)")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    parser.add_argument("--kv-dtype", default="auto", choices=["auto", "fp8_e4m3", "fp8", "fp8_e5m2"],
+                        help="pages of the DMS run's cache: auto (--dtype) or FP8 (default auto)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the prompt and the tiny model (default 0)")
     parser.add_argument("--questions", type=_count(0, "a number of questions"), default=None,
                         help="ask this many recall questions (a model with a tokenizer; default 3 on the "
@@ -156,12 +163,13 @@ def main(argv=None) -> int:
     g = torch.Generator().manual_seed(args.seed)
     prompt = torch.randint(1, model.config.vocab_size, (1, args.prompt_tokens), generator=g).to(device)
 
-    print(f"dms {dms.__version__} demo: {name}, {args.device}, {args.dtype}")
+    print(f"dms {dms.__version__} demo: {name}, {args.device}, {args.dtype}, DMS pages {args.kv_dtype}")
     chunking = f"chunks of {args.chunk}" if args.chunk else "one prefill"
     print(f"prompt {args.prompt_tokens} tokens ({chunking}), generating {args.new_tokens}\n")
     rows = []
     for label, disabled in (("DMS", False), ("eviction off", True)):
-        out, cache, seconds = run(model, prompt, args.new_tokens, disabled)
+        out, cache, seconds = run(model, prompt, args.new_tokens, disabled,
+                                  kv_cache_dtype="auto" if disabled else args.kv_dtype)
         rows.append((label, out, cache, seconds))
     dense_bytes = rows[1][2].bytes_in_use()
     print(f"{'run':<14}{'tokens/s':>10}{'KV bytes in use':>18}{'vs dense':>10}{'compression':>13}")

@@ -11,7 +11,7 @@ Runs lm-eval-harness (through `python -m dms.eval`, which adds the compression
 report) on a DMS model directory or hub name:
 
   accelerate launch -m dms.eval --model hf \
-      --model_args pretrained=MODEL_PATH,dtype=bfloat16,trust_remote_code=true,dms_chunked_prefill=4096 \
+      --model_args pretrained=MODEL_PATH,dtype=bfloat16,trust_remote_code=true,dms_chunked_prefill=4096,dms_kv_cache_dtype=auto \
       --tasks TASKS --metadata '{"max_seq_lengths":[32768]}' --batch_size 2 --device cuda \
       --include_path <dms/eval/tasks> --output_path MODEL_PATH/eval_results --log_samples [extra...]
 
@@ -26,6 +26,8 @@ Environment (defaults in brackets):
   BATCH_SIZE        [2]
   DTYPE             [bfloat16 on a GPU, float32 on the CPU]
   CHUNKED_PREFILL   dms_chunked_prefill, tokens per prefill chunk [4096]
+  KV_CACHE_DTYPE    dms_kv_cache_dtype: auto (the model's dtype), fp8_e4m3
+                    or fp8_e5m2 (FP8 cache pages) [auto]
   OUTPUT_DIR        [MODEL_PATH/eval_results]
   DEVICE            [cuda when torch sees a GPU, else cpu (with a warning)]
   ACCELERATE_ARGS   extra `accelerate launch` options, e.g. "--num_processes 8" []
@@ -88,7 +90,7 @@ LENGTHS="${MAX_SEQ_LENGTHS:-32768}"
 set -x
 "${LAUNCH[@]}" \
     --model hf \
-    --model_args "pretrained=${MODEL_PATH},dtype=${DTYPE},trust_remote_code=true,dms_chunked_prefill=${CHUNKED_PREFILL:-4096}" \
+    --model_args "pretrained=${MODEL_PATH},dtype=${DTYPE},trust_remote_code=true,dms_chunked_prefill=${CHUNKED_PREFILL:-4096},dms_kv_cache_dtype=${KV_CACHE_DTYPE:-auto}" \
     --tasks "$TASKS" \
     --metadata "{\"max_seq_lengths\":[${LENGTHS}]}" \
     --batch_size "${BATCH_SIZE:-2}" \

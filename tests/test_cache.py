@@ -593,3 +593,25 @@ def test_an_append_without_a_read_always_fits(seed):
         cache.append(k, k, torch.rand(B, H, n, generator=rng) < rate, pad)
     assert not unread_refusals and grown[0] > 0
     assert 0 < reads[0] < 300
+
+
+@pytest.mark.parametrize("corrupt, field", [
+    (lambda c: c.window.fill_(-1), "window"),
+    (lambda c: c.page_table.fill_(-1), "page_table"),
+    (lambda c: c.page_table.fill_(10**6), "page_table"),
+    (lambda c: c.row_slots.fill_(10**6), "row_slots"),
+])
+def test_state_changed_by_hand_is_refused_not_followed(corrupt, field):
+    """The kernels index the pool with the state's ids; a state edited
+    outside dms (here: each row's counters or tables) is named, never read
+    past the pool."""
+    cache = PagedLayerCache(1, 2, 8, 4, page_size=4, dtype=torch.float32)
+    k = torch.randn(1, 2, 10, 8)
+    cache.append(k, k, torch.zeros(1, 2, 10, dtype=torch.bool))
+    corrupt(cache)
+    q = torch.randn(1, 4, 1, 8)
+    one = torch.zeros(1, 2, 1, dtype=torch.bool)
+    for call in (lambda: cache.append(k[:, :, :1], k[:, :, :1], one), lambda: cache.decode_attention(q),
+                 lambda: cache.prefill_attention(q, k[:, :, :1], k[:, :, :1], one)):
+        with pytest.raises(ValueError, match=rf"^cache.{field}: row 0 holds .* reset the cache"):
+            call()

@@ -48,3 +48,21 @@ def test_questions_mode_answers_recall_prompts_with_dms_on_and_off(tmp_path, cap
     with pytest.raises(SystemExit) as exit_info:
         demo.main(["--model", "tiny", "--questions", "2"])
     assert exit_info.value.code == 2 and "--questions: needs a trained model" in capsys.readouterr().err
+
+
+def test_fp8_pages_shrink_the_dms_run_s_kv_bytes(capsys):
+    """--kv-dtype: the DMS run's pages hold one byte per element (and a scale
+    per row); the eviction-off run stays a plain cache in --dtype."""
+    argv = ["--model", "tiny", "--prompt-tokens", "200", "--new-tokens", "4", "--chunk", "64"]
+    used = {}
+    for kv in ("auto", "fp8_e4m3"):
+        assert demo.main(argv + ["--kv-dtype", kv]) == 0
+        out = capsys.readouterr().out
+        assert f"DMS pages {kv}" in out
+        lines = {line.split()[0]: line.split() for line in out.splitlines() if line.startswith(("DMS ", "eviction"))}
+        used[kv] = (int(lines["DMS"][2].replace(",", "")), int(lines["eviction"][3].replace(",", "")))
+    assert used["auto"][1] == used["fp8_e4m3"][1]  # the dense float32 reference is the same
+    assert used["fp8_e4m3"][0] * 3 < used["auto"][0]  # float32 -> 1 byte + a 4-byte scale per 32 elements
+    with pytest.raises(SystemExit):
+        demo.main(argv + ["--kv-dtype", "int4"])
+    assert "--kv-dtype: invalid choice: 'int4'" in capsys.readouterr().err

@@ -118,7 +118,8 @@ def test_passkey_metric():
 def test_evaluate_sh_runs_lm_eval_on_a_tiny_dms_model(tmp_path):
     model_dir = save_tiny(str(tmp_path / "tiny"))
     env = dict(os.environ, MAX_SEQ_LENGTHS="256,512", BATCH_SIZE="2", CUDA_VISIBLE_DEVICES="",
-               PYTHON=sys.executable, HF_DATASETS_OFFLINE="1", HF_HUB_OFFLINE="1")
+               PYTHON=sys.executable, HF_DATASETS_OFFLINE="1", HF_HUB_OFFLINE="1",
+               KV_CACHE_DTYPE="fp8_e4m3")  # lm-eval's --model_args reach the config: FP8 pages end to end
     env.pop("DEVICE", None)
     run = subprocess.run(["bash", os.path.join(ROOT, "scripts", "evaluate.sh"), model_dir, "dms_passkey",
                           "--limit", "3", "--seed", "0"],
@@ -171,6 +172,7 @@ def test_evaluate_sh_takes_extra_arguments_with_or_without_tasks(tmp_path, args,
     assert proc.returncode == 0, proc.stderr
     argv = proc.stdout.splitlines()
     assert argv[argv.index("--tasks") + 1] == tasks
+    assert argv[argv.index("--model_args") + 1].endswith(",dms_kv_cache_dtype=auto")
     assert argv[len(argv) - len(extra):] == extra if extra else argv[-1] == "--log_samples"
 
 

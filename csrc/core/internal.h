@@ -143,6 +143,9 @@ typedef struct dms_cache_call {
     float scale;
 } dms_cache_call;
 
+/* DMS_ERR_VALUE unless every row's counters, pages in use and window
+ * record point inside the pool (the kernels index with them unchecked). */
+dms_status dms_cache_check_rows_cpu(const dms_cache_view *c);
 dms_status dms_cache_append_cpu(const dms_cache_call *call);
 void dms_attn_prefill_cpu(const dms_cache_call *call, int num_threads);
 /* Fails (DMS_ERR_VALUE) only when DMS_DECODE_KERNEL names a variant this

@@ -117,6 +117,42 @@ static void fp8_round_row(float *row, int64_t D, int e5m2)
                  scale;
 }
 
+/* ---- state check ------------------------------------------------------- */
+
+dms_status dms_cache_check_rows_cpu(const dms_cache_view *c)
+{
+    const int64_t w = c->w, P = c->P, slots_in_pool = c->n_pages * P;
+    for (int64_t r = 0; r < c->R; ++r) {
+        const int64_t slots = c->row_slots[r], seen = c->row_seen[r];
+        const char *bad = NULL;
+        int64_t value = 0;
+        if (slots < 0 || slots > seen || slots > c->max_pages * P) {
+            bad = "row_slots";
+            value = slots;
+        }
+        for (int64_t i = 0; bad == NULL && i < (slots + P - 1) / P; ++i) {
+            value = c->page_table[r * c->max_pages + i];
+            if (value < 0 || value >= c->n_pages)
+                bad = "page_table";
+        }
+        const int64_t held = seen < w + 1 ? seen : w + 1;
+        for (int64_t k = 0; bad == NULL && k < held; ++k) {
+            value = c->window[r * (w + 1) + (seen - 1 - k) % (w + 1)];
+            if (value < 0 || value >= slots_in_pool)
+                bad = "window";
+        }
+        if (bad != NULL)
+            return dms_fail(DMS_ERR_VALUE, "cache.%s: row %lld holds %lld, "
+                            "which its other state does not allow (%lld "
+                            "tokens seen, %lld slots, %lld pages); the cache "
+                            "tensors were changed outside dms: reset the "
+                            "cache", bad, (long long)r, (long long)value,
+                            (long long)seen, (long long)slots,
+                            (long long)c->n_pages);
+    }
+    return DMS_OK;
+}
+
 /* ---- append ------------------------------------------------------------ */
 
 static inline int64_t slot_of(const dms_cache_view *c, int64_t r, int64_t i)
@@ -548,6 +584,18 @@ DK_VECTORS(4)
 static int64_t decode_scratch_floats(int64_t G, int64_t ld)
 {
     return G * ld + (G + 3) / 4 * (64 * 4 + 2 * 16);
+}
+
+/* bfloat16 of each FP8 magnitude code ([0]: E4M3, [1]: E5M2), for the
+ * AVX-512 kernels' in-register widening (decode_kernel.h: fp8_bf16). */
+static uint16_t dk_fp8_bf16[2][128];
+
+__attribute__((constructor)) static void fill_fp8_tables(void)
+{
+    for (int e5m2 = 0; e5m2 < 2; ++e5m2)
+        for (int c = 0; c < 128; ++c)
+            dk_fp8_bf16[e5m2][c] =
+                dms_f32_to_bf16(dms_fp8_to_f32((uint8_t)c, e5m2));
 }
 
 #define DK_ISA DK_BASELINE

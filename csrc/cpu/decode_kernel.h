@@ -37,10 +37,10 @@
  * bfloat16 query and keys instead: products of two bfloat16 are exact in
  * float32, so this loses nothing against converting first.
  *
- * FP8 pages (dms_kv_format) are widened in integer vector code (exact for
- * all 256 codes, subnormals by a float subtraction as for float16 below)
- * and their scales applied to the block's score and probability vectors,
- * once per slot: a score is s_k (q . fp8(k)) and a value weight p s_v.
+ * FP8 pages (dms_kv_format) are widened through float16 (load_fp8: a few
+ * integer operations, then the float16 conversion) and their scales
+ * applied to the block's score and probability vectors, once per slot: a
+ * score is s_k (q . fp8(k)) and a value weight p s_v.
  *
  * Vectors are GCC/clang vector extensions of W floats (16 for AVX-512, 8
  * for AVX2, 4 = SSE2/NEON for the baseline); only the float16 conversion
@@ -111,43 +111,21 @@ DK_INLINE VF DK(select)(VI mask, VF a, VF b)
     ((kind) == DMS_FLOAT32 ? 4 : DK_IS_FP8(kind) ? 1 : 2)
 #endif
 
-/* W FP8 codes at src as float32 (dms_fp8_to_f32, lane by lane). */
-DK_INLINE VF DK(load_fp8)(const char *src, const int kind)
-{
-    const int e5m2 = kind == DK_FP8_E5M2, M = e5m2 ? 2 : 3;
-    const uint32_t rebias = e5m2 ? 112u : 120u; /* 127 - the format's bias */
-    DK_CAT(dk_vb, DK_W) bytes;
-    memcpy(&bytes, src, sizeof bytes);
-    const VU u = __builtin_convertvector(bytes, VU);
-    const VU sign = (u & 0x80u) << 24, mag = u & 0x7fu;
-    const VU field = mag << (23 - M);
-    VU bits = field + (rebias << 23);
-    if (e5m2) /* exponent 31 (infinity, NaN) -> 255 */
-        bits += (VU)(mag >= 0x7cu) & ((128u - 16u) << 23);
-    else /* 0x7f is NaN */
-        bits = (VU)DK(select)((VI)(mag == 0x7fu), (VF)((VU){0} + 0x7fc00000u),
-                              (VF)bits);
-    /* Exponent field 0: mag * 2^(1 - bias - M), as (2^(1 - bias) with
-     * mag's mantissa) - 2^(1 - bias), exact. */
-    const VU least = (VU){0} + ((rebias + 1u) << 23);
-    const VF sub = (VF)(field + least) - (VF)least;
-    const VF f = DK(select)((VI)(mag < (1u << M)), sub, (VF)bits);
-    return (VF)((VU)f | sign);
-}
-
-/* W float16 at src as float32. */
-DK_INLINE VF DK(load_f16)(const char *src)
+/* W float16 bit patterns as float32. */
+DK_INLINE VF DK(f16_bits_to_f32)(DK_CAT(dk_vh, DK_W) bits)
 {
 #if DK_W == 16
-    return (VF)_mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)src));
+    __m256i b;
+    memcpy(&b, &bits, sizeof b);
+    return (VF)_mm512_cvtph_ps(b);
 #elif DK_W == 8
-    return (VF)_mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)src));
+    __m128i b;
+    memcpy(&b, &bits, sizeof b);
+    return (VF)_mm256_cvtph_ps(b);
 #else
     /* No F16C: the bits moved into place and rebiased in integer vector
      * code (exact for all 65536 patterns; subnormals by a float
      * subtraction, infinity and NaN by a second rebias). */
-    DK_CAT(dk_vh, DK_W) bits;
-    memcpy(&bits, src, sizeof bits);
     const VU h = __builtin_convertvector(bits, VU);
     const VU sign = (h & 0x8000u) << 16;
     VU mag = (h & 0x7fffu) << 13;
@@ -161,20 +139,94 @@ DK_INLINE VF DK(load_f16)(const char *src)
 #endif
 }
 
+/* W float16 at src as float32. */
+DK_INLINE VF DK(load_f16)(const char *src)
+{
+    DK_CAT(dk_vh, DK_W) bits;
+    memcpy(&bits, src, sizeof bits);
+    return DK(f16_bits_to_f32)(bits);
+}
+
+/*
+ * W FP8 codes at src as float32, through float16: an E5M2 code is the top
+ * byte of the float16 of its value; an E4M3 code's sign and 7 other bits
+ * moved to float16's places give its value / 256 (float16's exponent bias
+ * is 8 more; subnormals included), and DK_FP8_FACTOR puts the 256 back
+ * into the slot's scale (exact: a power of two). So a code costs what a
+ * float16 element does plus a few integer operations per W. Code 0x7f
+ * (E4M3's NaN) reads as 480 / 256: it only comes from a NaN row, whose
+ * scale is NaN.
+ */
+DK_INLINE float DK(fp8_factor)(const int kind)
+{
+#if DK_W == 16
+    (void)kind; /* fp8_bf16 below: exact values */
+    return 1.0f;
+#else
+    return kind == DK_FP8_E4M3 ? 256.0f : 1.0f;
+#endif
+}
+
+/* Whether the kernel keeps queries and accumulators in pair order (see
+ * the top of this file) for pages of `kind`: bfloat16, and FP8 with
+ * AVX-512, which widens codes to bfloat16 pairs (fp8_bf16). */
+#define DK_PAIRED(kind)                                                   \
+    ((kind) == DMS_BFLOAT16 || (DK_W == 16 && DK_IS_FP8(kind)))
+
+#if DK_W == 16
+/*
+ * 32 FP8 codes at src as 32 bfloat16 (16 lanes of pairs, as bfloat16 pages
+ * hold them), exact: every E4M3 and E5M2 value is a normal bfloat16. A
+ * code's magnitude looks its bfloat16 up in dk_fp8_bf16 (128 entries: two
+ * vpermi2w of 64 and a blend on bit 6); its sign moves to bit 15.
+ */
+DK_INLINE VU DK(fp8_bf16)(const char *src, const int kind)
+{
+    const uint16_t *t = dk_fp8_bf16[kind == DK_FP8_E5M2];
+    const __m512i w = _mm512_cvtepu8_epi16(_mm256_loadu_si256((const __m256i *)src));
+    const __m512i low = _mm512_permutex2var_epi16(_mm512_loadu_si512(t), w, _mm512_loadu_si512(t + 32));
+    const __m512i high = _mm512_permutex2var_epi16(_mm512_loadu_si512(t + 64), w, _mm512_loadu_si512(t + 96));
+    const __mmask32 upper = _mm512_test_epi16_mask(w, _mm512_set1_epi16(0x40));
+    const __m512i sign = _mm512_and_si512(_mm512_slli_epi16(w, 8), _mm512_set1_epi16((short)0x8000));
+    const __m512i v = _mm512_or_si512(_mm512_mask_blend_epi16(upper, low, high), sign);
+    VU out;
+    memcpy(&out, &v, sizeof out);
+    return out;
+}
+#endif
+
+DK_INLINE VF DK(load_fp8)(const char *src, const int kind)
+{
+    typedef DK_CAT(dk_vh, DK_W) VH;
+    DK_CAT(dk_vb, DK_W) bytes;
+    memcpy(&bytes, src, sizeof bytes);
+    VH h = __builtin_convertvector(bytes, VH);
+    if (kind == DK_FP8_E5M2)
+        h <<= 8;
+    else
+        h = ((h & 0x80) << 8) | ((h & 0x7f) << 7);
+    return DK(f16_bits_to_f32)(h);
+}
+
 /* The pair of 2W elements at src as float32: columns [0, W) and [W, 2W),
- * or for bfloat16 the even and the odd columns. */
+ * or (DK_PAIRED) the even and the odd columns. */
 DK_INLINE void DK(load_pair)(const char *src, const int dtype, VF *lo,
                              VF *hi)
 {
-    if (DK_IS_FP8(dtype)) {
+    if (DK_IS_FP8(dtype) && !DK_PAIRED(dtype)) {
         *lo = DK(load_fp8)(src, dtype);
         *hi = DK(load_fp8)(src + DK_W, dtype);
     } else if (dtype == DMS_FLOAT32) {
         memcpy(lo, src, sizeof *lo);
         memcpy(hi, src + sizeof *lo, sizeof *hi);
-    } else if (dtype == DMS_BFLOAT16) {
+    } else if (DK_PAIRED(dtype)) {
         VU w;
-        memcpy(&w, src, sizeof w);
+#if DK_W == 16
+        if (DK_IS_FP8(dtype))
+            w = DK(fp8_bf16)(src, dtype);
+        else
+#endif
+            memcpy(&w, src, sizeof w);
 #if defined(__BYTE_ORDER__) && __BYTE_ORDER__ == __ORDER_BIG_ENDIAN__
         *lo = (VF)(w & 0xffff0000u); /* the even element is the high half */
         *hi = (VF)(w << 16);
@@ -386,20 +438,26 @@ DK_INLINE VF DK(dot_tile)(const float *q, int64_t ld,
  */
 DK_INLINE VF DK(dot_tile_bf16)(const uint16_t *q16, int64_t ld,
                                const char *const *krow, int64_t D,
-                               const int HG)
+                               const int kind, const int HG)
 {
     VF acc[4 * DK_SLOTS];
     for (int i = 0; i < 4 * DK_SLOTS; ++i)
         acc[i] = (VF){0};
+    const int64_t esize = DK_ESIZE(kind);
     for (int64_t d = 0; d < D; d += 32) {
         __m512bh k[DK_SLOTS];
         for (int s = 0; s < DK_SLOTS; ++s) {
-            if (d + 32 <= D) {
-                memcpy(&k[s], krow[s] + d * 2, sizeof k[s]);
+            _Alignas(64) uint16_t buf[32] = {0};
+            const char *src = krow[s] + d * esize;
+            if (d + 32 > D) { /* the row's tail, zeros after */
+                memcpy(buf, src, (size_t)((D - d) * esize));
+                src = (const char *)buf;
+            }
+            if (DK_IS_FP8(kind)) {
+                const VU w = DK(fp8_bf16)(src, kind);
+                memcpy(&k[s], &w, sizeof k[s]);
             } else {
-                _Alignas(64) uint16_t buf[32] = {0};
-                memcpy(buf, krow[s] + d * 2, (size_t)(D - d) * 2);
-                memcpy(&k[s], buf, sizeof k[s]);
+                memcpy(&k[s], src, sizeof k[s]);
             }
         }
         for (int h = 0; h < HG; ++h) {
@@ -534,14 +592,17 @@ DK_INLINE void DK(walk_rows)(const int32_t *pages, int64_t P, int64_t *page,
 }
 
 /* Tile t's score or probability vector times the scales of its slots
- * (lane h * DK_SLOTS + s: slot t * DK_SLOTS + s of the block). */
+ * times `factor` (lane h * DK_SLOTS + s: slot t * DK_SLOTS + s of the
+ * block). */
 DK_INLINE void DK(scale_tile)(float *vec, const float *scales,
-                              const int64_t *slot, int64_t t)
+                              const int64_t *slot, int64_t t, float factor)
 {
     VF v, f;
     memcpy(&v, vec, sizeof v);
-    for (int e = 0; e < DK_W; ++e)
-        f[e] = scales[slot[t * DK_SLOTS + e % DK_SLOTS]];
+    for (int e = 0; e < DK_SLOTS; ++e)
+        f[e] = scales[slot[t * DK_SLOTS + e]] * factor;
+    for (int e = DK_SLOTS; e < DK_W; ++e)
+        f[e] = f[e % DK_SLOTS];
     v *= f;
     memcpy(vec, &v, sizeof v);
 }
@@ -580,7 +641,7 @@ DK_INLINE void DK(decode_range_impl)(const dms_cache_view *c, int64_t r,
         }
         for (int64_t d = 0; d < ld; ++d)
             q[g * ld + d] = d < D ? dms_load(q_data, c->dtype, off + d) : 0.0f;
-        if (dtype == DMS_BFLOAT16)
+        if (DK_PAIRED(dtype))
             DK(to_pair_order)(q + g * ld, ld);
     }
     for (int64_t gr = 0; gr < groups; ++gr) {
@@ -638,12 +699,15 @@ DK_INLINE void DK(decode_range_impl)(const dms_cache_view *c, int64_t r,
                 if (bf16_dots) {
                     const uint16_t *q16 = (const uint16_t *)q + 4 * gr * ld;
                     switch (hg) {
-                    case 1: sv = DK(dot_tile_bf16)(q16, ld, kt, D, 1); break;
-                    case 2: sv = DK(dot_tile_bf16)(q16, ld, kt, D, 2); break;
-                    case 3: sv = DK(dot_tile_bf16)(q16, ld, kt, D, 3); break;
-                    default: sv = DK(dot_tile_bf16)(q16, ld, kt, D, 4); break;
+                    case 1: sv = DK(dot_tile_bf16)(q16, ld, kt, D, dtype, 1); break;
+                    case 2: sv = DK(dot_tile_bf16)(q16, ld, kt, D, dtype, 2); break;
+                    case 3: sv = DK(dot_tile_bf16)(q16, ld, kt, D, dtype, 3); break;
+                    default: sv = DK(dot_tile_bf16)(q16, ld, kt, D, dtype, 4); break;
                     }
                     memcpy(prob + (gr * DK_TILES + t) * DK_W, &sv, sizeof sv);
+                    if (DK_IS_FP8(dtype))
+                        DK(scale_tile)(prob + (gr * DK_TILES + t) * DK_W,
+                                       c->k_scales, slots[cur], t, 1.0f);
                     continue;
                 }
 #endif
@@ -657,7 +721,8 @@ DK_INLINE void DK(decode_range_impl)(const dms_cache_view *c, int64_t r,
                 memcpy(prob + (gr * DK_TILES + t) * DK_W, &sv, sizeof sv);
                 if (DK_IS_FP8(dtype))
                     DK(scale_tile)(prob + (gr * DK_TILES + t) * DK_W,
-                                   c->k_scales, slots[cur], t);
+                                   c->k_scales, slots[cur], t,
+                                   DK(fp8_factor)(dtype));
             }
         }
 
@@ -694,7 +759,8 @@ DK_INLINE void DK(decode_range_impl)(const dms_cache_view *c, int64_t r,
             l_run[gr] = l_run[gr] * corr + DK(head_sum)(sum);
             m_run[gr] = m_new;
             for (int64_t t = 0; t < tiles && DK_IS_FP8(dtype); ++t)
-                DK(scale_tile)(pg + t * DK_W, c->v_scales, slots[cur], t);
+                DK(scale_tile)(pg + t * DK_W, c->v_scales, slots[cur], t,
+                               DK(fp8_factor)(dtype));
             for (int h = 0; h < hg; ++h) {
                 const float ch = corr[h * DK_SLOTS];
                 if (ch == 1.0f)
@@ -723,7 +789,7 @@ DK_INLINE void DK(decode_range_impl)(const dms_cache_view *c, int64_t r,
         m[g] = m_run[g / 4][g % 4 * DK_SLOTS];
         l[g] = l_run[g / 4][g % 4 * DK_SLOTS];
     }
-    if (dtype == DMS_BFLOAT16)
+    if (DK_PAIRED(dtype))
         for (int64_t g = 0; g < G; ++g)
             DK(to_column_order)(acc + g * ld, ld);
 }
@@ -742,16 +808,17 @@ DK_TARGET static void DK(decode_range)(const dms_cache_view *c, int64_t r,
                                        float *l)
 {
     if (c->fmt != DMS_KV_NATIVE) {
-        const int kind =
-            c->fmt == DMS_KV_FP8_E5M2 ? DK_FP8_E5M2 : DK_FP8_E4M3;
-        if (kind == DK_FP8_E5M2)
+        /* bfloat16 queries multiply the codes' bfloat16 with vdpbf16ps
+         * (exact products, as for bfloat16 pages); others convert. */
+        const int dots = DK_ISA == DK_AVX512BF16 && c->dtype == DMS_BFLOAT16;
+        if (c->fmt == DMS_KV_FP8_E5M2)
             DK(decode_range_impl)(c, r, i0, i1, G, scale, q_data, q_off,
                                   q_stride, scratch, acc, m, l, DK_FP8_E5M2,
-                                  0);
+                                  dots);
         else
             DK(decode_range_impl)(c, r, i0, i1, G, scale, q_data, q_off,
                                   q_stride, scratch, acc, m, l, DK_FP8_E4M3,
-                                  0);
+                                  dots);
         return;
     }
     switch (c->dtype) {
