@@ -115,7 +115,8 @@ unsigned dms_cpu_features(void);
  * "avx2", "avx512"), chosen at load time from the CPU's features; NULL for
  * an unknown op name. Ops: "gate", "logistic_noise", "attn_train",
  * "attn_prefill", "attn_decode". attn_decode can also be "avx512bf16" (bfloat16 caches use
- * the AVX512-BF16 dot product) and follows the DMS_DECODE_KERNEL variable
+ * the AVX512-BF16 dot product, FP8 caches widen codes with AVX512-VBMI byte
+ * permutes; CPUs with both) and follows the DMS_DECODE_KERNEL variable
  * (auto | baseline | avx2 | avx512 | avx512bf16, read when the library
  * loads; a variant this CPU lacks makes decode fail, and is reported here
  * as "invalid DMS_DECODE_KERNEL"). attn_train and attn_prefill are

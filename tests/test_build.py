@@ -31,7 +31,10 @@ def test_build_info_fields():
         best = "baseline"
     # Decode picks its variant by cpuid itself (also under the sanitizers);
     # DMS_DECODE_KERNEL can override it (tests/test_attn_decode.py).
-    decode = ("avx512bf16" if "avx512bf16" in feats else "avx512" if "avx512f" in feats
+    # Its avx512bf16 variant also needs AVX512-VBMI (FP8 pages), which dms does not report: /proc/cpuinfo.
+    with open("/proc/cpuinfo") as f:
+        vbmi = " avx512vbmi " in f.read().replace("\n", " ")
+    decode = ("avx512bf16" if "avx512bf16" in feats and vbmi else "avx512" if "avx512f" in feats
               else "avx2" if {"avx2", "fma", "f16c"} <= set(feats) else "baseline")
     if os.environ.get("DMS_DECODE_KERNEL", "auto") not in ("", "auto"):
         decode = os.environ["DMS_DECODE_KERNEL"]

@@ -152,7 +152,8 @@ void dms_attn_prefill_cpu(const dms_cache_call *call, int num_threads);
  * CPU cannot run. */
 dms_status dms_attn_decode_cpu(const dms_cache_call *call, int num_threads);
 /* The variant dms_attn_decode_cpu runs: "baseline", "avx2", "avx512" or
- * "avx512bf16" (bfloat16 caches multiply with vdpbf16ps), chosen when the
+ * "avx512bf16" (bfloat16 caches multiply with vdpbf16ps, FP8 caches widen
+ * with AVX512-VBMI: a CPU with both), chosen when the
  * library loads from the CPU and the DMS_DECODE_KERNEL variable. */
 const char *dms_attn_decode_cpu_kernel(void);
 /* Tests: switch to variant `name`; 0 if this CPU cannot run it. Not

@@ -586,16 +586,27 @@ static int64_t decode_scratch_floats(int64_t G, int64_t ld)
     return G * ld + (G + 3) / 4 * (64 * 4 + 2 * 16);
 }
 
-/* bfloat16 of each FP8 magnitude code ([0]: E4M3, [1]: E5M2), for the
- * AVX-512 kernels' in-register widening (decode_kernel.h: fp8_bf16). */
+/* bfloat16 of each FP8 magnitude code ([0]: E4M3, [1]: E5M2), and its low
+ * and high bytes, for the AVX-512 kernels' in-register widening
+ * (decode_kernel.h: fp8_bf16); byte indices that interleave two byte
+ * vectors into words (a0 b0 a1 b1 ...: vpermi2b's index 64 + j is b's j). */
 static uint16_t dk_fp8_bf16[2][128];
+static uint8_t dk_fp8_bf16_bytes[2][2][128];
+static uint8_t dk_interleave_bytes[64];
 
 __attribute__((constructor)) static void fill_fp8_tables(void)
 {
     for (int e5m2 = 0; e5m2 < 2; ++e5m2)
-        for (int c = 0; c < 128; ++c)
-            dk_fp8_bf16[e5m2][c] =
-                dms_f32_to_bf16(dms_fp8_to_f32((uint8_t)c, e5m2));
+        for (int c = 0; c < 128; ++c) {
+            const uint16_t b = dms_f32_to_bf16(dms_fp8_to_f32((uint8_t)c, e5m2));
+            dk_fp8_bf16[e5m2][c] = b;
+            dk_fp8_bf16_bytes[e5m2][0][c] = (uint8_t)(b & 0xff);
+            dk_fp8_bf16_bytes[e5m2][1][c] = (uint8_t)(b >> 8);
+        }
+    for (int j = 0; j < 32; ++j) {
+        dk_interleave_bytes[2 * j] = (uint8_t)j;
+        dk_interleave_bytes[2 * j + 1] = (uint8_t)(64 + j);
+    }
 }
 
 #define DK_ISA DK_BASELINE
@@ -665,7 +676,10 @@ static int decode_kernel_supported(int isa)
     case DK_AVX2: return avx2;
     case DK_AVX512: return avx512;
 #if DK_X86_BF16
-    case DK_AVX512BF16: return avx512 && __builtin_cpu_supports("avx512bf16");
+    /* VBMI too (its byte permutes widen FP8 pages): Sapphire Rapids and
+     * later, Zen 4; Cooper Lake (BF16 without VBMI) runs avx512. */
+    case DK_AVX512BF16: return avx512 && __builtin_cpu_supports("avx512bf16") &&
+                               __builtin_cpu_supports("avx512vbmi");
 #endif
     default: return 0;
     }

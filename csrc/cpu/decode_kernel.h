@@ -54,7 +54,7 @@
 #if DK_ISA == DK_AVX512BF16
 #define DK_TARGET                                                         \
     __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,"           \
-                          "avx512bf16,avx2,fma,f16c")))
+                          "avx512bf16,avx512vbmi,avx2,fma,f16c")))
 #elif DK_ISA == DK_AVX512
 #define DK_TARGET                                                         \
     __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,"  \
@@ -182,6 +182,21 @@ DK_INLINE float DK(fp8_factor)(const int kind)
  */
 DK_INLINE VU DK(fp8_bf16)(const char *src, const int kind)
 {
+#if DK_ISA == DK_AVX512BF16
+    /* With AVX512-VBMI: the low and the high bytes of the bfloat16 looked
+     * up with one vpermi2b each (128-byte tables), then interleaved into
+     * words by a third: 4 instructions per 32 codes. */
+    const uint8_t *lo = dk_fp8_bf16_bytes[kind == DK_FP8_E5M2][0];
+    const uint8_t *hi = dk_fp8_bf16_bytes[kind == DK_FP8_E5M2][1];
+    const __m512i c = _mm512_castsi256_si512(_mm256_loadu_si256((const __m256i *)src));
+    const __m512i l = _mm512_permutex2var_epi8(_mm512_loadu_si512(lo), c, _mm512_loadu_si512(lo + 64));
+    __m512i h = _mm512_permutex2var_epi8(_mm512_loadu_si512(hi), c, _mm512_loadu_si512(hi + 64));
+    h = _mm512_ternarylogic_epi32(h, c, _mm512_set1_epi8((char)0x80), 0xf8); /* h | (c & 0x80) */
+    const __m512i v = _mm512_permutex2var_epi8(l, _mm512_loadu_si512(dk_interleave_bytes), h);
+    VU out;
+    memcpy(&out, &v, sizeof out);
+    return out;
+#else
     const uint16_t *t = dk_fp8_bf16[kind == DK_FP8_E5M2];
     const __m512i w = _mm512_cvtepu8_epi16(_mm256_loadu_si256((const __m256i *)src));
     const __m512i low = _mm512_permutex2var_epi16(_mm512_loadu_si512(t), w, _mm512_loadu_si512(t + 32));
@@ -192,6 +207,7 @@ DK_INLINE VU DK(fp8_bf16)(const char *src, const int kind)
     VU out;
     memcpy(&out, &v, sizeof out);
     return out;
+#endif
 }
 #endif
 
