@@ -115,6 +115,16 @@ def test_cuda_decode_at_real_shapes(dtype, D, G, page_size, lengths):
 
 
 @pytest.mark.cuda
+@pytest.mark.parametrize("kv_cache_dtype", ["fp8_e4m3", "fp8_e5m2"])
+@pytest.mark.parametrize("D,G,page_size,lengths", [(128, 4, 7, [300, 17, 1, 0]), (128, 8, 256, [2000, 65]),
+                                                   (72, 5, 16, [129, 64, 63])], ids=["D128-G4-P7", "D128-G8-P256",
+                                                                                     "D72-G5-P16"])
+def test_cuda_fp8_decode_at_real_shapes(kv_cache_dtype, D, G, page_size, lengths):
+    _check(*_case(torch.bfloat16, D, G, page_size, lengths, seed=D + G, device="cuda",
+                  kv_cache_dtype=kv_cache_dtype), torch.bfloat16)
+
+
+@pytest.mark.cuda
 def test_cuda_decode_split_over_32k():
     """A 32K-token row: the flash-decoding split over multiprocessors and
     its log-sum-exp merge (the workspace path)."""

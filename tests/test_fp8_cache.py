@@ -12,6 +12,7 @@ import torch
 
 from dms.cache import PagedLayerCache
 from tests import oracle
+from tests.conftest import DEVICES
 from tests.test_cache import _oracle, _run_sequence, _sequence
 
 FORMATS = {"fp8_e4m3": (torch.float8_e4m3fn, 448.0, 0x7E), "fp8_e5m2": (torch.float8_e5m2, 57344.0, 0x7B)}
@@ -110,12 +111,14 @@ def test_stored_rows_equal_the_oracle_rounding(kv_cache_dtype, dtype):
     torch.testing.assert_close(got, oracle.fp8_round(k, kv_cache_dtype), rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("kv_cache_dtype", FORMATS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("window,page_size,D", [(0, 1, 8), (3, 2, 19), (8, 4, 64), (40, 16, 16)])
 @pytest.mark.parametrize("chunks", [[37], [5, 0, 0, 7, 0, 11, 0, 0, 0, 10], [1] * 37,
                                     [3, 0, 0, 0, 0, 0, 9, 0, 20]])
-def test_fp8_attention_matches_oracle_for_any_turn_pattern(kv_cache_dtype, dtype, window, page_size, D, chunks):
+def test_fp8_attention_matches_oracle_for_any_turn_pattern(kv_cache_dtype, dtype, window, page_size, D, chunks,
+                                                           device):
     """Prefill (the new tokens rounded as they will be stored), chunked
     prefill over FP8 pages, decode and new turns: the oracle's attention on
     the rounded keys and values of the whole sequence, whatever the split."""
@@ -123,7 +126,7 @@ def test_fp8_attention_matches_oracle_for_any_turn_pattern(kv_cache_dtype, dtype
     T = sum(max(c, 1) for c in chunks)
     q, k, v, alpha, padding = _sequence(B, H, G, T, D, seed=len(chunks) + window)
     k = k * 3  # sharper attention: the rounding shows more
-    got, cache = _run_sequence(q, k, v, alpha, padding, window, page_size, chunks, dtype=dtype,
+    got, cache = _run_sequence(q, k, v, alpha, padding, window, page_size, chunks, dtype=dtype, device=device,
                                kv_cache_dtype=kv_cache_dtype)
     rounded = [oracle.fp8_round(x.to(dtype), kv_cache_dtype) for x in (k, v)]
     want = _oracle(q.to(dtype).double(), *rounded, alpha, padding, window)
