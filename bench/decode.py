@@ -24,16 +24,19 @@ from dms.cache import PagedLayerCache  # noqa: E402
 
 
 def filled_cache(B, H, D, context, ratio, dtype, device, page_size=256, window=512, kv_cache_dtype="auto"):
-    """A cache that saw `context` tokens per row and stores context / ratio."""
-    stored = max(1, context // ratio)
+    """A cache that saw `context` tokens per row through append and stores
+    context / ratio of them: the first context / ratio - (w + 1) and the
+    window's last w + 1 (the decisions flag every other token)."""
+    stored = max(window + 1, context // ratio)
+    kept = stored - (window + 1)
     cache = PagedLayerCache(B, H, D, window, page_size=page_size, dtype=dtype, device=device,
                             preallocate_for_tokens=stored, kv_cache_dtype=kv_cache_dtype)
     chunk = 4096
-    for t0 in range(0, stored, chunk):
-        n = min(chunk, stored - t0)
+    for t0 in range(0, context, chunk):
+        n = min(chunk, context - t0)
         k = torch.randn(B, H, n, D, device=device, dtype=dtype)
-        cache.append(k, k, torch.zeros(B, H, n, dtype=torch.bool, device=device))
-    cache.row_seen.fill_(context)  # the evicted tokens were seen, not stored
+        flags = (torch.arange(t0, t0 + n, device=device) > kept).expand(B, H, n)  # decision t flags token t - 1
+        cache.append(k, k, flags.contiguous() if ratio > 1 else torch.zeros_like(flags))
     return cache
 
 
