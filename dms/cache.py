@@ -347,9 +347,7 @@ class PagedLayerCache:
     def _op_state(self):
         """The custom ops' leading arguments: eleven state tensors (the
         scales None with native pages), the window and the page format."""
-        return (self.k_pages, self.v_pages, self.slot_limit, self.page_table, self.row_slots, self.row_seen,
-                self.window, self.free_pages, self.free_count, self.k_scales, self.v_scales, self.window_size,
-                self.kv_format)
+        return self._state()[:9] + (self.k_scales, self.v_scales, self.window_size, self.kv_format)
 
     def _cache_views(self, stream):
         """The state tensors imported into C once (`_C.CacheViews`), not per

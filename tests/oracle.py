@@ -281,15 +281,21 @@ FP8_FORMATS = {"fp8_e4m3": (torch.float8_e4m3fn, 448.0), "fp8": (torch.float8_e4
                "fp8_e5m2": (torch.float8_e5m2, 57344.0)}
 
 
-def fp8_round(x, kv_cache_dtype):
-    """What FP8 cache pages store of x [..., D] (csrc/dms.h, dms_kv_format),
-    in float64: per row, s = amax(|x|) / fmax in float32 (fmax: 448 for
-    E4M3, 57344 for E5M2), codes = x / s in float32 rounded to nearest even by
-    torch's float8 cast after clamping to +-fmax (saturation), 0 where s = 0;
-    the value is code * s."""
+def fp8_codes(x, kv_cache_dtype):
+    """(codes [..., D] uint8, scales [...] float32) of rows x as FP8 cache
+    pages store them (csrc/dms.h, dms_kv_format): per row, s = amax(|x|) /
+    fmax in float32 (fmax: 448 for E4M3, 57344 for E5M2), codes = x / s in
+    float32 rounded to nearest even by torch's float8 cast after clamping to
+    +-fmax (saturation), 0 where s = 0."""
     fp8, fmax = FP8_FORMATS[kv_cache_dtype]
     x32 = x.float()
     s = x32.abs().amax(-1, keepdim=True) / fmax
     scaled = torch.where(s == 0, torch.zeros_like(x32), x32 / s)
-    codes = scaled.clamp(-fmax, fmax).to(fp8)
-    return codes.double() * s.double()
+    return scaled.clamp(-fmax, fmax).to(fp8).view(torch.uint8), s[..., 0]
+
+
+def fp8_round(x, kv_cache_dtype):
+    """What FP8 cache pages store of x [..., D], in float64: code * s (see
+    fp8_codes)."""
+    codes, s = fp8_codes(x, kv_cache_dtype)
+    return codes.view(FP8_FORMATS[kv_cache_dtype][0]).double() * s.double()[..., None]

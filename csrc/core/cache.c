@@ -241,7 +241,7 @@ dms_status dms_cache_append(const dms_cache *cache, const dms_tensor *k_new,
         return dms_fail(DMS_ERR_NO_CUDA, "cache.k_pages: " DMS_NO_CUDA_MESSAGE);
 #endif
     }
-    DMS_TRY(dms_cache_check_rows_cpu(&x.c));
+    DMS_TRY(dms_cache_check_rows_cpu(&x.c, x.c.w + 1));
     return dms_cache_append_cpu(&x);
 }
 
@@ -297,7 +297,7 @@ dms_status dms_attn_prefill(const dms_cache *cache, const dms_tensor *q,
         return dms_fail(DMS_ERR_NO_CUDA, "cache.k_pages: " DMS_NO_CUDA_MESSAGE);
 #endif
     }
-    DMS_TRY(dms_cache_check_rows_cpu(&x.c));
+    DMS_TRY(dms_cache_check_rows_cpu(&x.c, 1));
     dms_attn_prefill_cpu(&x, dms_resolve_threads(exec));
     return DMS_OK;
 }
@@ -326,6 +326,6 @@ dms_status dms_attn_decode(const dms_cache *cache, const dms_tensor *q,
         return dms_fail(DMS_ERR_NO_CUDA, "cache.k_pages: " DMS_NO_CUDA_MESSAGE);
 #endif
     }
-    DMS_TRY(dms_cache_check_rows_cpu(&x.c));
+    DMS_TRY(dms_cache_check_rows_cpu(&x.c, 0));
     return dms_attn_decode_cpu(&x, dms_resolve_threads(exec));
 }

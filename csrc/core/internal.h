@@ -143,9 +143,11 @@ typedef struct dms_cache_call {
     float scale;
 } dms_cache_call;
 
-/* DMS_ERR_VALUE unless every row's counters, pages in use and window
- * record point inside the pool (the kernels index with them unchecked). */
-dms_status dms_cache_check_rows_cpu(const dms_cache_view *c);
+/* DMS_ERR_VALUE unless every row's counters, pages in use and the last
+ * `ring` entries of its window record (as many as the op reads: all w + 1
+ * for append, 1 for prefill, 0 for decode) point inside the pool (the
+ * kernels index with them unchecked). */
+dms_status dms_cache_check_rows_cpu(const dms_cache_view *c, int64_t ring);
 dms_status dms_cache_append_cpu(const dms_cache_call *call);
 void dms_attn_prefill_cpu(const dms_cache_call *call, int num_threads);
 /* Fails (DMS_ERR_VALUE) only when DMS_DECODE_KERNEL names a variant this

@@ -119,7 +119,7 @@ static void fp8_round_row(float *row, int64_t D, int e5m2)
 
 /* ---- state check ------------------------------------------------------- */
 
-dms_status dms_cache_check_rows_cpu(const dms_cache_view *c)
+dms_status dms_cache_check_rows_cpu(const dms_cache_view *c, int64_t ring)
 {
     const int64_t w = c->w, P = c->P, slots_in_pool = c->n_pages * P;
     for (int64_t r = 0; r < c->R; ++r) {
@@ -135,7 +135,7 @@ dms_status dms_cache_check_rows_cpu(const dms_cache_view *c)
             if (value < 0 || value >= c->n_pages)
                 bad = "page_table";
         }
-        const int64_t held = seen < w + 1 ? seen : w + 1;
+        const int64_t held = seen < ring ? seen : ring;
         for (int64_t k = 0; bad == NULL && k < held; ++k) {
             value = c->window[r * (w + 1) + (seen - 1 - k) % (w + 1)];
             if (value < 0 || value >= slots_in_pool)

@@ -17,7 +17,7 @@ import random
 import torch
 
 from tests.cuda_emu.harness import DTYPES as DT, Tensor, strided, view
-from tests.oracle import FP8_FORMATS
+from tests.oracle import FP8_FORMATS, fp8_codes as fp8_rows
 
 INT32_MAX = 2**31 - 1
 INF = math.inf
@@ -45,16 +45,6 @@ def tv(t):
 
 
 _keep = []  # the dms_tensor structs of the current call (ctypes holds no reference)
-
-
-def fp8_rows(x, kv):
-    """(codes uint8 [..., D], scales float32 [...]) of rows x as FP8 pages
-    store them (csrc/dms.h: dms_kv_format)."""
-    fp8, fmax = FP8_FORMATS[kv]
-    x32 = x.float()
-    s = x32.abs().amax(-1) / fmax
-    scaled = torch.where(s[..., None] == 0, torch.zeros_like(x32), x32 / s[..., None])
-    return scaled.clamp(-fmax, fmax).to(fp8).view(torch.uint8), s
 
 
 def fp8_value(codes, scales, kv):
