@@ -41,6 +41,20 @@ def test_batches_are_a_function_of_the_step_and_mark_the_answers():
         assert torch.equal(labels[r][real], ids[r][real]) and int(ids[r][real][-1]) == tok.eos_token_id
 
 
+def test_task_mix_weighs_the_prompts_tasks():
+    tok = recall_tokenizer()
+    counts = {}
+    for mix in (("vt",), ("niah", "mqar", "mqar")):
+        config = BaseConfig(**{**MICRO, "text_fraction": 0.0, "task_mix": mix, "tokens_per_step": 3000})
+        text = "".join(tok.decode(row) for row in batch_for_step(config, tok, 7)[0])
+        counts[mix] = {task: text.count(mark) for task, mark in
+                       (("niah", "Q: The code of"), ("vt", "Q: The value of"), ("mqar", "recall "))}
+    assert counts[("vt",)]["vt"] > 0 and counts[("vt",)]["niah"] == counts[("vt",)]["mqar"] == 0
+    assert counts[("niah", "mqar", "mqar")]["vt"] == 0 and counts[("niah", "mqar", "mqar")]["mqar"] > 0
+    with pytest.raises(ValueError, match="tasks: expected names from"):
+        batch_for_step(BaseConfig(**{**MICRO, "text_fraction": 0.0, "task_mix": ("x",)}), tok, 7)
+
+
 def test_drill_rows_mark_every_answer_they_give():
     config, tok = BaseConfig(**{**MICRO, "drill_fraction": 1.0, "text_fraction": 0.0}), recall_tokenizer()
     ids, labels, answers = batch_for_step(config, tok, 5)

@@ -72,6 +72,9 @@ class BaseConfig:
     drill_fraction: float = 0.5  # ... of which this share are drills (dms.eval.recall.make_drills)
     drill_filler: float = 0.25  # share of filler sentences among a drill's items
     answer_weight: float = 2.0  # extra loss weight: mean over answer tokens, added to the LM mean
+    # The tasks that the recall prompts of a step cycle through (shuffled per step); a name given twice
+    # gets twice the prompts. The default weighs the three alike.
+    task_mix: tuple = ("niah", "vt", "mqar")
     facts_scale: float = 1.0  # facts per training prompt, x the evaluation's (dms.eval.recall facts_scale) ...
     questions: int = None  # ... and questions per prompt (None: every fact), for more retrieval signal per token
     ramp_steps: int = 1500  # curriculum: over these first steps the facts per prompt grow linearly ...
@@ -119,7 +122,7 @@ def batch_for_step(config, tokenizer, step):
     + eos, text rows text + eos; padding is eos with label -100. The answer
     mask marks the tokens of every answer: the prompt's answered questions
     and the completion (a drill's: its answered questions)."""
-    from dms.eval.recall import TASKS, make_drills, make_examples, make_text
+    from dms.eval.recall import make_drills, make_examples, make_text
 
     rng = random.Random(f"dms.recall_base:{config.seed}:{step}")
     if step < config.induction_steps:
@@ -133,7 +136,7 @@ def batch_for_step(config, tokenizer, step):
     n_text = sum(rng.random() < config.text_fraction for _ in range(rows))
     n_drill = sum(rng.random() < config.drill_fraction for _ in range(rows - n_text))
     seed = config.seed * 1_000_000 + step  # eval_seed is far from every training seed
-    tasks = list(TASKS)
+    tasks = list(config.task_mix)
     rng.shuffle(tasks)
     sequences, marked = [], []
     for ex in make_examples(rows - n_text - n_drill, length, seed=seed, tasks=tasks, tokenizer=tokenizer,
