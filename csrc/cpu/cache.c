@@ -345,6 +345,7 @@ static void gather_tile(const void *pool, const dms_cache_view *c,
     }
 }
 
+DMS_SIMD_CLONES
 static void transpose_tile(const float *src, int64_t ld, float *dst)
 {
     for (int64_t r = 0; r < BK; ++r)
@@ -379,27 +380,52 @@ typedef struct prefill_scratch {
      * split probabilities (2 x BQ x BK) of matmul_acc_nn_amx; else NULL. */
     uint32_t *vp;
     uint16_t *split;
+    /* With both: raw bfloat16 value rows (BK x ld) of the call's tokens,
+     * on their way to vp; else NULL. */
+    uint16_t *v16;
     int64_t *idx, *pos;      /* n: the call's non-padding tokens, positions */
     unsigned char *flag;     /* n */
 } prefill_scratch;
 
-/* One key tile (w->k, w->v) against the G query tiles: scores, visibility
- * mask, softmax, P.V. */
+/* Whether every query of the tile sees every key of the key tile (then the
+ * mask is skipped): kpos[c] <= qpos[r] < limit[c] for all r and c. */
+static int all_visible(const int64_t *qpos, const int64_t *kpos,
+                       const int64_t *limit)
+{
+    int64_t q_min = INT64_MAX, q_max = INT64_MIN;
+    int64_t k_max = INT64_MIN, limit_min = INT64_MAX;
+    for (int i = 0; i < BQ; ++i) {
+        q_min = qpos[i] < q_min ? qpos[i] : q_min;
+        q_max = qpos[i] > q_max ? qpos[i] : q_max;
+    }
+    for (int i = 0; i < BK; ++i) {
+        k_max = kpos[i] > k_max ? kpos[i] : k_max;
+        limit_min = limit[i] < limit_min ? limit[i] : limit_min;
+    }
+    return k_max <= q_min && q_max < limit_min;
+}
+
+/* One key tile against the G query tiles: scores, visibility mask,
+ * softmax, P.V. The keys and values are w->k and w->v, or, where `packed`,
+ * already in the layouts of the bfloat16 products (w->kp, w->vp). */
 static void prefill_key_tile(const dms_cache_call *x, prefill_scratch *w,
                              const int64_t *qpos, const int64_t *limit,
-                             const int64_t *kpos)
+                             const int64_t *kpos, int packed)
 {
     const int64_t ld = padded_dim(x->c.D);
+    if (!packed) {
 #if DMS_X86_BF16DOT
-    if (w->q16 != NULL)
-        pack_pairs_from_f32(w->k, ld, w->kp);
-    else
+        if (w->q16 != NULL)
+            pack_pairs_from_f32(w->k, ld, w->kp);
+        else
 #endif
-        transpose_tile(w->k, ld, w->kt);
+            transpose_tile(w->k, ld, w->kt);
 #if DMS_X86_AMX
-    if (w->vp != NULL)
-        pack_row_pairs(w->v, BK, ld, w->vp);
+        if (w->vp != NULL)
+            pack_row_pairs(w->v, BK, ld, w->vp);
 #endif
+    }
+    const int masked = !all_visible(qpos, kpos, limit);
     for (int64_t g = 0; g < x->G; ++g) {
         float *o = w->qg.o + g * BQ * ld;
 #if DMS_X86_BF16DOT
@@ -408,7 +434,8 @@ static void prefill_key_tile(const dms_cache_call *x, prefill_scratch *w,
         else
 #endif
             matmul_nt(w->qg.q + g * BQ * ld, w->kt, ld, w->s);
-        mask_visible(qpos, kpos, limit, w->s);
+        if (masked)
+            mask_visible(qpos, kpos, limit, w->s);
 #if DMS_X86_AMX
         if (w->vp != NULL) {
             online_softmax_amx(w->s, BQ, w->qg.m + g * BQ, w->qg.l + g * BQ, o, ld);
@@ -472,14 +499,26 @@ static void prefill_tile(const dms_cache_call *x, int64_t b, int64_t h,
         }
         gather_tile(c->k_pages, c, c->k_scales, slot, kn, D, ld, w->k);
         gather_tile(c->v_pages, c, c->v_scales, slot, kn, D, ld, w->v);
-        prefill_key_tile(x, w, qpos, limit, kpos);
+        prefill_key_tile(x, w, qpos, limit, kpos, 0);
     }
 
     /* The call's own tokens, with the hard rule of SPEC section 3. */
     for (int64_t k0 = 0; k0 <= q0 + qn - 1 && q_last >= 0; k0 += BK) {
         const int64_t kn = x->n - k0 < BK ? x->n - k0 : BK;
-        load_rows(x->k_new, b, h, k0, kn, BK, D, ld, 1.0f, w->k);
-        load_rows(x->v_new, b, h, k0, kn, BK, D, ld, 1.0f, w->v);
+        /* bfloat16 keys and values for the AMX products go straight into
+         * their layouts (no float32 round trip). */
+        const int packed = w->v16 != NULL;
+#if DMS_X86_AMX
+        if (packed) {
+            load_pairs_bf16(x->k_new, b, h, k0, kn, D, ld, w->kp);
+            load_rows_bf16(x->v_new, b, h, k0, kn, BK, D, ld, w->v16);
+            pack_row_pairs16(w->v16, BK, ld, w->vp);
+        }
+#endif
+        if (!packed) {
+            load_rows(x->k_new, b, h, k0, kn, BK, D, ld, 1.0f, w->k);
+            load_rows(x->v_new, b, h, k0, kn, BK, D, ld, 1.0f, w->v);
+        }
         for (int64_t i = 0; i < kn && c->fmt != DMS_KV_NATIVE; ++i) {
             fp8_round_row(w->k + i * ld, D, c->fmt == DMS_KV_FP8_E5M2);
             fp8_round_row(w->v + i * ld, D, c->fmt == DMS_KV_FP8_E5M2);
@@ -494,7 +533,7 @@ static void prefill_tile(const dms_cache_call *x, int64_t b, int64_t h,
             kpos[i] = p;
             limit[i] = limit_for(w->flag[p - seen], p, c->w);
         }
-        prefill_key_tile(x, w, qpos, limit, kpos);
+        prefill_key_tile(x, w, qpos, limit, kpos, packed);
     }
 
     unsigned char silent[BQ];
@@ -525,6 +564,7 @@ void dms_attn_prefill_cpu(const dms_cache_call *x, int num_threads)
         w.kp = NULL;
         w.vp = NULL;
         w.split = NULL;
+        w.v16 = NULL;
         /* Tiles of FP8 pages (fp8 * scale) are not bfloat16: float32. */
         const int bf16_tiles =
             x->c.dtype == DMS_BFLOAT16 && x->c.fmt == DMS_KV_NATIVE;
@@ -535,6 +575,8 @@ void dms_attn_prefill_cpu(const dms_cache_call *x, int num_threads)
         if (bf16_tiles && dms_cpu_amx()) {
             w.vp = (uint32_t *)alloc_floats((size_t)(BK / 2 * ld));
             w.split = (uint16_t *)alloc_floats(BQ * BK);
+            if (w.kp != NULL)
+                w.v16 = (uint16_t *)alloc_floats((size_t)(BK * ld / 2));
         }
 #ifdef _OPENMP
 #pragma omp for schedule(dynamic, 1)
@@ -555,6 +597,7 @@ void dms_attn_prefill_cpu(const dms_cache_call *x, int num_threads)
         free(w.kp);
         free(w.vp);
         free(w.split);
+        free(w.v16);
     }
 }
 

@@ -46,6 +46,7 @@ static inline int64_t off3(const dms_tensor *t, int64_t b, int64_t h,
  * Rows [i0, i0 + n) of head (b, h) of a [B, heads, T, D] tensor as float32
  * rows of length ld (times `mul`), zero-filled past D and for rows >= T.
  */
+DMS_SIMD_CLONES
 DMS_TILE_FN void load_rows(const dms_tensor *t, int64_t b, int64_t h, int64_t i0,
                       int64_t n, int64_t rows, int64_t D, int64_t ld,
                       float mul, float *dst)
@@ -94,6 +95,7 @@ DMS_TILE_FN void load_cols(const dms_tensor *t, int64_t b, int64_t h, int64_t i0
     }
 }
 
+DMS_SIMD_CLONES
 DMS_TILE_FN void store_rows(const dms_tensor *t, int64_t b, int64_t h, int64_t i0,
                        int64_t n, int64_t D, int64_t ld, const float *src,
                        float mul)
@@ -626,6 +628,7 @@ __attribute__((unused)) static void matmul_nt_bf16(const uint16_t *restrict a,
 /* Key pairs (dst[e * BK + c], as load_pairs_bf16 makes them) from a float32
  * key tile src (BK x ld) whose values are bfloat16 widened by load_rows or
  * a gather, so dropping each float's low half is exact. */
+DMS_SIMD_CLONES
 DMS_TILE_FN void pack_pairs_from_f32(const float *src, int64_t ld,
                                      uint32_t *dst)
 {
@@ -732,6 +735,7 @@ DMS_TILE_FN void start_query_group(const dms_tensor *q, int64_t b, int64_t h,
  * key, so a zero sum means its scores were all NaN (a NaN in the query, or in
  * every key it sees): its o and lse are NaN, as PyTorch's attention gives.
  */
+DMS_SIMD_CLONES
 DMS_TILE_FN void finish_query_group(const query_group *w, int64_t b,
                                     int64_t h, int64_t G, int64_t q0,
                                     int64_t qn, int64_t D,
