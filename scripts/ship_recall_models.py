@@ -39,7 +39,11 @@ def main(argv=None):
         card = os.path.join(settings["grow_from"], "README.md")
         with open(card) as f:
             first = f.read()
-        first = first[first.index("| setting | value |"):] if "| setting | value |" in first else first
+        marker = "settings, from its card:\n"  # that card is itself a second stage's (this script run again)
+        if marker in first:
+            first = first.split(marker, 1)[1].lstrip()
+        elif "| setting | value |" in first:
+            first = first[first.index("| setting | value |"):]
         earlier = f"""
 Trained in two stages. The second ({step} steps, the settings in the first table) continued from the first
 stage's weights, as they were in `{settings["grow_from"]}` then (with a fresh optimizer); the first stage's

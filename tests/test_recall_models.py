@@ -43,7 +43,7 @@ def test_the_dms_model_answers_with_its_cache_compressed_and_content_blind_evict
     assert result["accuracy"] >= 0.90, result["per_task"]
     assert result["compression_ratio"] >= 0.8 * meta["trained_compression"], result["compression_ratio"]
     vanilla = evaluate_recall(base, tokenizer, examples)
-    assert vanilla["compression_ratio"] == 1.0 and vanilla["accuracy"] >= 0.86
+    assert vanilla["compression_ratio"] == 1.0 and vanilla["accuracy"] >= 0.9
     blind = evaluate_recall(base, tokenizer, examples, policy=ContentBlind(result["evicted_fraction"], seed=0),
                             window_size=model.config.dms_window_size)
     assert abs(blind["compression_ratio"] / result["compression_ratio"] - 1) < 0.15  # the same budget ...

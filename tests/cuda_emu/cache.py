@@ -17,7 +17,7 @@ import random
 import torch
 
 from tests.cuda_emu.harness import DTYPES as DT, Tensor, strided, view
-from tests.oracle import FP8_FORMATS, fp8_codes as fp8_rows
+from tests.oracle import FP8_FORMATS, fp8_codes, fp8_round
 
 INT32_MAX = 2**31 - 1
 INF = math.inf
@@ -173,8 +173,8 @@ def ref_append(c, k_new, v_new, dec, pad, token_slots):
                     kp[s] = k_new[b, h, t]
                     vp[s] = v_new[b, h, t]
                 elif s >= 0:
-                    kp[s], c.k_scales.view(-1)[s] = fp8_rows(k_new[b, h, t], c.kv)
-                    vp[s], c.v_scales.view(-1)[s] = fp8_rows(v_new[b, h, t], c.kv)
+                    kp[s], c.k_scales.view(-1)[s] = fp8_codes(k_new[b, h, t], c.kv)
+                    vp[s], c.v_scales.view(-1)[s] = fp8_codes(v_new[b, h, t], c.kv)
 
 
 def make_call(c, B, H, G, n):
@@ -273,7 +273,7 @@ def run_sequence(lib, B=1, H=1, G=1, D=8, P=2, w=3, dtype=torch.float32, odtype=
     c = Cache(B, H, D, P, w, n_pages, max_pages, dtype, seed=seed, kv=kv)
 
     def stored(x):  # [D] of a key or value as attention sees it: the pages' rounding
-        return x.double() if kv is None else fp8_value(*fp8_rows(x, kv), kv)
+        return x.double() if kv is None else fp8_round(x, kv)
     R = B * H
     hist_k = [[] for _ in range(R)]
     hist_v = [[] for _ in range(R)]
