@@ -183,10 +183,12 @@ def _oracle(q, k, v, alpha, padding, window):
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("window,page_size", [(0, 1), (3, 2), (8, 4), (40, 16)])
 @pytest.mark.parametrize("chunks", [[37], [5, 0, 0, 7, 0, 11, 0, 0, 0, 10], [1] * 37, [16, 16, 5],
-                                    [3, 0, 0, 0, 0, 0, 9, 0, 20]])
+                                    [3, 0, 0, 0, 0, 0, 9, 0, 20], [150, 0, 0, 140]])
 def test_attention_matches_oracle_for_any_turn_pattern(device, window, page_size, chunks):
     """Prefill, chunked prefill, decode steps and new turns (prefill after
-    decode) all give the oracle's attention on the whole sequence."""
+    decode) all give the oracle's attention on the whole sequence. The last
+    pattern has several query tiles per prefill: a later tile leaves out the
+    keys evicted before its first query (its own and cached ones)."""
     B, H, G, D = 2, 2, 2, 16
     T = sum(max(c, 1) for c in chunks)
     q, k, v, alpha, padding = _sequence(B, H, G, T, D, seed=len(chunks) + window)

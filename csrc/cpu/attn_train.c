@@ -75,7 +75,7 @@ static void load_key_operand(const dms_tensor *t, int64_t b, int64_t h,
     const int64_t ld = padded_dim(D);
 #if DMS_X86_BF16DOT
     if (bp != NULL) {
-        load_pairs_bf16(t, b, h, k0, kn, D, ld, bp);
+        load_pairs_bf16(t, b, h, k0, NULL, kn, D, ld, bp);
         return;
     }
 #else
@@ -90,7 +90,7 @@ static void load_row_operand(const dms_tensor *t, int64_t b, int64_t h,
 {
 #if DMS_X86_BF16DOT
     if (dst != NULL)
-        load_rows_bf16(t, b, h, i0, n, BQ, D, padded_dim(D), dst);
+        load_rows_bf16(t, b, h, i0, NULL, n, BQ, D, padded_dim(D), dst);
 #else
     (void)t, (void)b, (void)h, (void)i0, (void)n, (void)D, (void)dst;
 #endif

@@ -448,6 +448,45 @@ static void prefill_key_tile(const dms_cache_call *x, prefill_scratch *w,
     }
 }
 
+/* Marks the key tile's entries past kn as invisible to every query. */
+static void close_key_tile(int64_t kn, int64_t *kpos, int64_t *limit)
+{
+    for (int64_t i = kn; i < BK; ++i) {
+        kpos[i] = -1;
+        limit[i] = INT64_MIN;
+    }
+}
+
+/* A key tile of the call's own tokens at call indices at[0..kn): their
+ * bfloat16 keys and values go straight into the layouts of the AMX
+ * products (no float32 round trip), others through float32 rows. */
+static void prefill_own_tile(const dms_cache_call *x, prefill_scratch *w,
+                             int64_t b, int64_t h, const int64_t *at,
+                             int64_t kn, const int64_t *qpos,
+                             const int64_t *kpos, const int64_t *limit)
+{
+    const int64_t D = x->c.D, ld = padded_dim(D);
+    const int packed = w->v16 != NULL;
+#if DMS_X86_AMX
+    if (packed) {
+        load_pairs_bf16(x->k_new, b, h, 0, at, kn, D, ld, w->kp);
+        load_rows_bf16(x->v_new, b, h, 0, at, kn, BK, D, ld, w->v16);
+        pack_row_pairs16(w->v16, BK, ld, w->vp);
+    }
+#endif
+    if (!packed)
+        for (int64_t i = 0; i < BK; ++i) {
+            const int64_t t = i < kn ? at[i] : 0, n = i < kn ? 1 : 0;
+            load_rows(x->k_new, b, h, t, n, 1, D, ld, 1.0f, w->k + i * ld);
+            load_rows(x->v_new, b, h, t, n, 1, D, ld, 1.0f, w->v + i * ld);
+        }
+    for (int64_t i = 0; i < kn && x->c.fmt != DMS_KV_NATIVE; ++i) {
+        fp8_round_row(w->k + i * ld, D, x->c.fmt == DMS_KV_FP8_E5M2);
+        fp8_round_row(w->v + i * ld, D, x->c.fmt == DMS_KV_FP8_E5M2);
+    }
+    prefill_key_tile(x, w, qpos, limit, kpos, packed);
+}
+
 /*
  * Queries [q0, q0 + BQ) (call indices) of the G query heads of row (b, h)
  * against the cached slots and the call's tokens.
@@ -467,73 +506,67 @@ static void prefill_tile(const dms_cache_call *x, int64_t b, int64_t h,
     int64_t qpos[BQ];
     for (int64_t j = 0; j < BQ; ++j)
         qpos[j] = j < qn && w->pos[q0 + j] >= 0 ? w->pos[q0 + j] : -1;
-    int64_t q_last = -1; /* the last query position of the tile */
+    /* The tile's first and last query positions: a key whose limit is at
+     * or before the first is invisible to every query of the tile and is
+     * left out of the key tiles (what the cache's chunked prefill gets by
+     * freeing evicted slots). */
+    int64_t q_first = INT64_MAX, q_last = -1;
     for (int64_t j = 0; j < qn; ++j)
-        q_last = qpos[j] > q_last ? qpos[j] : q_last;
+        if (qpos[j] >= 0) {
+            q_first = qpos[j] < q_first ? qpos[j] : q_first;
+            q_last = qpos[j] > q_last ? qpos[j] : q_last;
+        }
+    if (q_last < 0)
+        q_first = q_last; /* only padding queries: no key tiles */
 
     start_query_group(x->q, b, h, G, q0, qn, D, x->scale, &w->qg);
 #if DMS_X86_BF16DOT
     for (int64_t g = 0; g < G && w->q16 != NULL; ++g)
-        load_rows_bf16(x->q, b, h * G + g, q0, qn, BQ, D, ld,
+        load_rows_bf16(x->q, b, h * G + g, q0, NULL, qn, BQ, D, ld,
                        w->q16 + g * BQ * ld);
 #endif
-    int64_t slot[BK], limit[BK], kpos[BK];
-    for (int64_t i = 0; i < BK; ++i)
-        kpos[i] = -1; /* cached keys precede every query of the call */
+    int64_t at[BK], limit[BK], kpos[BK];
+    int64_t kn = 0;
 
-    /* The cached slots; the last cached token's flag is this call's first
-     * decision. A padding query (position -1 < any limit) is masked at the
-     * end, so it does no harm here. */
+    /* The cached slots the tile sees; the last cached token's flag is this
+     * call's first decision. Cached keys precede every query of the call
+     * (kpos -1). */
     const int64_t last_slot =
         seen > 0 ? c->window[r * (c->w + 1) + (seen - 1) % (c->w + 1)] : -1;
-    for (int64_t k0 = 0; k0 < slots && q_last >= 0; k0 += BK) {
-        const int64_t kn = slots - k0 < BK ? slots - k0 : BK;
-        for (int64_t i = 0; i < BK; ++i) {
-            limit[i] = INT64_MIN; /* past the row's slots: invisible */
-            if (i >= kn)
-                continue;
-            slot[i] = slot_of(c, r, k0 + i);
-            limit[i] = slot[i] == last_slot
-                           ? limit_for(first, seen - 1, c->w)
-                           : c->slot_limit[slot[i]];
+    for (int64_t i = 0; i < slots && q_last >= 0; ++i) {
+        const int64_t s = slot_of(c, r, i);
+        const int64_t lim = s == last_slot ? limit_for(first, seen - 1, c->w)
+                                           : c->slot_limit[s];
+        if (lim > q_first) {
+            at[kn] = s;
+            kpos[kn] = -1;
+            limit[kn++] = lim;
         }
-        gather_tile(c->k_pages, c, c->k_scales, slot, kn, D, ld, w->k);
-        gather_tile(c->v_pages, c, c->v_scales, slot, kn, D, ld, w->v);
-        prefill_key_tile(x, w, qpos, limit, kpos, 0);
+        if (kn == BK || (i + 1 == slots && kn > 0)) {
+            close_key_tile(kn, kpos, limit);
+            gather_tile(c->k_pages, c, c->k_scales, at, kn, D, ld, w->k);
+            gather_tile(c->v_pages, c, c->v_scales, at, kn, D, ld, w->v);
+            prefill_key_tile(x, w, qpos, limit, kpos, 0);
+            kn = 0;
+        }
     }
 
-    /* The call's own tokens, with the hard rule of SPEC section 3. */
-    for (int64_t k0 = 0; k0 <= q0 + qn - 1 && q_last >= 0; k0 += BK) {
-        const int64_t kn = x->n - k0 < BK ? x->n - k0 : BK;
-        /* bfloat16 keys and values for the AMX products go straight into
-         * their layouts (no float32 round trip). */
-        const int packed = w->v16 != NULL;
-#if DMS_X86_AMX
-        if (packed) {
-            load_pairs_bf16(x->k_new, b, h, k0, kn, D, ld, w->kp);
-            load_rows_bf16(x->v_new, b, h, k0, kn, BK, D, ld, w->v16);
-            pack_row_pairs16(w->v16, BK, ld, w->vp);
+    /* The call's own tokens up to the tile's last query, with the hard rule
+     * of SPEC section 3: the key at position p is visible to positions
+     * [p, limit). */
+    for (int64_t k = 0; k < m && w->idx[k] < q0 + qn && q_last >= 0; ++k) {
+        const int64_t p = seen + k;
+        const int64_t lim = limit_for(w->flag[k], p, c->w);
+        if (lim > q_first) {
+            at[kn] = w->idx[k];
+            kpos[kn] = p;
+            limit[kn++] = lim;
         }
-#endif
-        if (!packed) {
-            load_rows(x->k_new, b, h, k0, kn, BK, D, ld, 1.0f, w->k);
-            load_rows(x->v_new, b, h, k0, kn, BK, D, ld, 1.0f, w->v);
+        if (kn == BK || ((k + 1 == m || w->idx[k + 1] >= q0 + qn) && kn > 0)) {
+            close_key_tile(kn, kpos, limit);
+            prefill_own_tile(x, w, b, h, at, kn, qpos, kpos, limit);
+            kn = 0;
         }
-        for (int64_t i = 0; i < kn && c->fmt != DMS_KV_NATIVE; ++i) {
-            fp8_round_row(w->k + i * ld, D, c->fmt == DMS_KV_FP8_E5M2);
-            fp8_round_row(w->v + i * ld, D, c->fmt == DMS_KV_FP8_E5M2);
-        }
-        /* A key at position p is visible to positions [p, limit). */
-        for (int64_t i = 0; i < BK; ++i) {
-            kpos[i] = -1;
-            limit[i] = INT64_MIN;
-            if (i >= kn || w->pos[k0 + i] < 0)
-                continue;
-            const int64_t p = w->pos[k0 + i];
-            kpos[i] = p;
-            limit[i] = limit_for(w->flag[p - seen], p, c->w);
-        }
-        prefill_key_tile(x, w, qpos, limit, kpos, packed);
     }
 
     unsigned char silent[BQ];

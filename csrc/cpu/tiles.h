@@ -232,17 +232,20 @@ DMS_TILE_FN void matmul_acc_tn(const float *restrict p, const float *restrict x,
 #if DMS_X86_BF16DOT
 #include <immintrin.h>
 
-/* Rows [i0, i0 + n) of a bfloat16 tensor as raw rows of length ld, zero
- * past D and for rows >= n (of `rows`). */
+/* Rows [i0, i0 + n) of a bfloat16 tensor (rows at[0..n) where `at` is not
+ * NULL) as raw rows of length ld, zero past D and for rows >= n (of
+ * `rows`). */
 DMS_TILE_FN void load_rows_bf16(const dms_tensor *t, int64_t b, int64_t h,
-                                int64_t i0, int64_t n, int64_t rows,
-                                int64_t D, int64_t ld, uint16_t *dst)
+                                int64_t i0, const int64_t *at, int64_t n,
+                                int64_t rows, int64_t D, int64_t ld,
+                                uint16_t *dst)
 {
     for (int64_t r = 0; r < rows; ++r) {
         uint16_t *out = dst + r * ld;
         int64_t d = 0;
         if (r < n) {
-            memcpy(out, (const uint16_t *)t->data + off4(t, b, h, i0 + r),
+            const int64_t i = at != NULL ? at[r] : i0 + r;
+            memcpy(out, (const uint16_t *)t->data + off4(t, b, h, i),
                    sizeof(uint16_t) * (size_t)D);
             d = D;
         }
@@ -250,14 +253,16 @@ DMS_TILE_FN void load_rows_bf16(const dms_tensor *t, int64_t b, int64_t h,
     }
 }
 
-/* Keys [i0, i0 + n) of a bfloat16 tensor as pairs: dst[e * BK + c]. */
+/* Keys [i0, i0 + n) of a bfloat16 tensor (keys at[0..n) where `at` is not
+ * NULL) as pairs: dst[e * BK + c]. */
 DMS_TILE_FN void load_pairs_bf16(const dms_tensor *t, int64_t b, int64_t h,
-                                 int64_t i0, int64_t n, int64_t D,
-                                 int64_t ld, uint32_t *dst)
+                                 int64_t i0, const int64_t *at, int64_t n,
+                                 int64_t D, int64_t ld, uint32_t *dst)
 {
     memset(dst, 0, sizeof(uint32_t) * (size_t)(ld / 2 * BK));
     for (int64_t c = 0; c < n; ++c) {
-        const uint16_t *src = (const uint16_t *)t->data + off4(t, b, h, i0 + c);
+        const int64_t i = at != NULL ? at[c] : i0 + c;
+        const uint16_t *src = (const uint16_t *)t->data + off4(t, b, h, i);
         for (int64_t e = 0; e < D / 2; ++e)
             dst[e * BK + c] = (uint32_t)src[2 * e] |
                               (uint32_t)src[2 * e + 1] << 16;
