@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from dms.eval.recall import make_examples, recall_tokenizer, solve
-from dms.training.recall_base import BaseConfig, batch_for_step, grow, main, recall_accuracy, train
+from dms.training.recall_base import BaseConfig, batch_for_step, grow, main, recall_accuracy, train, widen_heads
 
 MICRO = dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1, head_dim=16,
              intermediate_size=64, max_position_embeddings=512, lengths=(200, 300), tokens_per_step=600,
@@ -187,3 +187,52 @@ def test_a_grown_model_starts_as_its_base_and_refuses_other_widths(tmp_path):
     with pytest.raises(ValueError, match=r"^grow_from: the base's model.layers.0.mlp.gate_proj.weight \(64, 32\) "
                                          r"does not fit this config \(\(96, 32\)\); only num_hidden_layers"):
         grow(wide, base)
+
+
+def test_widened_heads_compute_what_the_base_computes_and_all_learn(tmp_path):
+    """widen_heads (grow_from into a model with wider heads): base dimension
+    pair i lands on pair f * i (RoPE's frequency there is the same), the
+    new dimensions start at zero in the queries and small in the keys and
+    values, the norms absorb the RMS and softmax-scale change. The widened
+    model's logits are the base's (up to the keys' tiny RMS change; a wrong
+    pair map or norm factor moves them by far more), and after one
+    backward pass every new query, key, value and output column has a
+    gradient."""
+    from transformers import Qwen3ForCausalLM
+
+    torch.manual_seed(0)
+    config = BaseConfig(**{**MICRO, "num_hidden_layers": 2})
+    base = Qwen3ForCausalLM(config.model_config(recall_tokenizer())).eval()
+    for name, param in base.named_parameters():  # norms off 1, so a factor on them shows
+        if name.endswith("norm.weight"):
+            param.data.uniform_(0.5, 1.5)
+    ids = batch_for_step(config, recall_tokenizer(), 3)[0][:2]
+    with torch.no_grad():
+        want = base(input_ids=ids).logits
+    for f in (2, 4):
+        wide = widen_heads(base, 16 * f).eval()
+        assert wide.config.head_dim == 16 * f and wide.model.layers[0].self_attn.q_proj.weight.shape == (32 * f, 32)
+        with torch.no_grad():
+            got = wide(input_ids=ids).logits
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-4)
+        assert (got - want).abs().max() > 0  # the keys' new dimensions are not zero ...
+        wide.train()
+        wide(input_ids=ids, labels=ids).loss.backward()
+        attn = wide.model.layers[0].self_attn
+        kept = torch.cat([torch.arange(8) * f, torch.arange(8) * f + 8 * f])  # base dims of head 0
+        new_rows = torch.ones(16 * f, dtype=torch.bool)
+        new_rows[kept] = False
+        for proj in (attn.q_proj, attn.k_proj):  # ... and each new row learns
+            assert (proj.weight.grad[:16 * f][new_rows].abs().sum(-1) > 0).all(), proj
+        assert (attn.o_proj.weight.grad[:, :16 * f][:, new_rows].abs().sum(0) > 0).all()
+    # through grow() and train(): a wider, deeper model from the base
+    base.save_pretrained(tmp_path / "base")
+    wider = BaseConfig(**{**MICRO, "num_hidden_layers": 3, "head_dim": 32, "grow_from": str(tmp_path / "base")},
+                       steps=1)
+    grown = Qwen3ForCausalLM(wider.model_config(recall_tokenizer())).eval()
+    grow(grown, Qwen3ForCausalLM.from_pretrained(tmp_path / "base"))
+    with torch.no_grad():
+        torch.testing.assert_close(grown(input_ids=ids).logits, want, rtol=0, atol=1e-4)
+    train(wider, str(tmp_path / "grown"), eval_every=1, save_every=1, show_progress=False)
+    with pytest.raises(ValueError, match=r"^grow_from: head_dim = 24 is not a whole multiple of the base's 16$"):
+        widen_heads(base, 24)

@@ -10,6 +10,8 @@ that `Qwen3ForCausalLMDMS.from_pretrained` loads with fresh adapters.
     python -m dms.training.recall_base --output outputs/recall_base --steps 6000   # continues a run
     python -m dms.training.recall_base --output outputs/base6 --steps 1500 --set num_hidden_layers=6 \
         --set grow_from=outputs/recall_base --set induction_steps=0 --set ramp_steps=0   # a deeper model from it
+    python -m dms.training.recall_base --output outputs/base_w --steps 1500 --set head_dim=64 \
+        --set grow_from=outputs/recall_base --set induction_steps=0 --set ramp_steps=0   # wider heads from it
 
 Training runs in two phases: `induction_steps` of copying random token
 sequences (which forms the content-matching attention that recall needs;
@@ -35,7 +37,7 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
-__all__ = ["BaseConfig", "batch_for_step", "grow", "main", "recall_accuracy", "train"]
+__all__ = ["BaseConfig", "batch_for_step", "grow", "main", "recall_accuracy", "train", "widen_heads"]
 
 
 @dataclass
@@ -94,7 +96,8 @@ class BaseConfig:
     # Start from a trained base (a folder this module wrote) instead of random weights: its layers keep
     # their weights and the layers this config adds (num_hidden_layers above the base's) are interleaved
     # among them with their output projections (o_proj, down_proj) zeroed, so step 0 computes what the
-    # base computed. How the 6-layer recall base grew from the 4-layer one (issue 13). Set
+    # base computed. How the 6-layer recall base grew from the 4-layer one (issue 13). A head_dim a
+    # whole multiple of the base's widens its heads the same way (widen_heads). Set
     # induction_steps=0 and ramp_steps=0 with it: the base has been through both.
     grow_from: str = None
     extra: dict = field(default_factory=dict)
@@ -235,12 +238,69 @@ def recall_accuracy(model, tokenizer, examples, batch_size=8):
 
 
 @torch.no_grad()
+def widen_heads(base, head_dim, seed=0):
+    """A copy of `base` (a Qwen3ForCausalLM with default RoPE) whose attention
+    heads are `head_dim` wide, a whole multiple f of the base's, computing
+    what `base` computes up to a tiny change of the keys' RMS. Base
+    dimension pair i (rotated at frequency i of d / 2) becomes pair f * i,
+    which RoPE rotates at the same frequency at the new width; the new
+    dimensions start at zero in the queries and the output projection and
+    small (1e-4 of the base's scale) in the keys and values, so that the
+    new query rows, key rows and output columns get gradients at once (the
+    values' new rows once the output columns move). The norms' weights absorb the change of the
+    RMS over more dimensions and of the softmax scale 1 / sqrt(head_dim):
+    the queries' keep theirs, the keys' are divided by sqrt(f)."""
+    from transformers import Qwen3ForCausalLM
+
+    config = base.config
+    d = config.head_dim
+    rope = getattr(config, "rope_parameters", None) or {}
+    if head_dim % d or head_dim < d:
+        raise ValueError(f"grow_from: head_dim = {head_dim} is not a whole multiple of the base's {d}")
+    if rope.get("rope_type", "default") != "default":
+        raise ValueError(f"grow_from: widening the heads needs default RoPE, the base has {rope.get('rope_type')!r}")
+    f = head_dim // d
+    wide_config = type(config).from_dict({**config.to_dict(), "head_dim": head_dim})
+    wide = Qwen3ForCausalLM(wide_config).to(next(base.parameters()).dtype)
+    half = d // 2
+    old = torch.arange(d)
+    new = torch.where(old < half, f * old, f * (old - half) + head_dim // 2)  # where base dim o lands
+    g = torch.Generator().manual_seed(seed)
+    ours = dict(wide.named_parameters())
+    for name, param in base.named_parameters():
+        target = ours[name]
+        if target.shape == param.shape:
+            target.copy_(param)
+            continue
+        leaf = name.rsplit(".", 2)[-2]
+        if leaf in ("q_norm", "k_norm"):
+            target.fill_(float(param.mean()))
+            target[new] = param
+            if leaf == "k_norm":
+                target /= f ** 0.5
+            continue
+        heads = param.shape[0 if leaf != "o_proj" else 1] // d
+        rows = (torch.arange(heads)[:, None] * head_dim + new[None, :]).flatten()
+        if leaf == "o_proj":
+            target.zero_()
+            target[:, rows] = param
+            continue
+        small = 0.0 if leaf == "q_proj" else 1e-4 * float(param.std())
+        target.copy_(torch.randn(target.shape, generator=g) * small)
+        target[rows] = param
+    return wide
+
+
+@torch.no_grad()
 def grow(model, base):
-    """Copies `base` (a Qwen3ForCausalLM of the same widths and at most as
-    many layers) into `model`: base layer i becomes layer i * L // L_base
-    (L, L_base: the layer counts), every other layer keeps its fresh weights
-    with its output projections zeroed, so that `model` computes exactly what
-    `base` computes until training changes them."""
+    """Copies `base` (a Qwen3ForCausalLM of the same widths, or heads a whole
+    factor narrower (`widen_heads`), and at most as many layers) into
+    `model`: base layer i becomes layer i * L // L_base (L, L_base: the
+    layer counts), every other layer keeps its fresh weights with its output
+    projections zeroed, so that `model` computes what `base` computes until
+    training changes them."""
+    if base.config.head_dim != model.config.head_dim:
+        base = widen_heads(base, model.config.head_dim)
     layers, base_layers = model.model.layers, base.model.layers
     if len(base_layers) > len(layers):
         raise ValueError(f"grow_from: the base has {len(base_layers)} layers, more than num_hidden_layers = "
@@ -250,7 +310,7 @@ def grow(model, base):
         if name not in ours or ours[name].shape != param.shape:
             raise ValueError(f"grow_from: the base's {name} {tuple(param.shape)} does not fit this config "
                              f"({tuple(ours[name].shape) if name in ours else 'absent'}); only "
-                             "num_hidden_layers may differ")
+                             "num_hidden_layers and head_dim may differ")
     placed = {i * len(layers) // len(base_layers): layer for i, layer in enumerate(base_layers)}
     for name, param in base.named_parameters():
         if not name.startswith("model.layers."):
