@@ -195,9 +195,10 @@ def test_widened_heads_compute_what_the_base_computes_and_all_learn(tmp_path):
     new dimensions start at zero in the queries and small in the keys and
     values, the norms absorb the RMS and softmax-scale change. The widened
     model's logits are the base's (up to the keys' tiny RMS change; a wrong
-    pair map or norm factor moves them by far more), and after one
-    backward pass every new query, key, value and output column has a
-    gradient."""
+    pair map or norm factor moves them by far more), and the first
+    backward pass gives every new query and key row and output column a
+    gradient (the values' new rows get theirs once the output columns
+    move: they start at zero)."""
     from transformers import Qwen3ForCausalLM
 
     torch.manual_seed(0)

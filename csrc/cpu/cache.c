@@ -509,15 +509,14 @@ static void prefill_tile(const dms_cache_call *x, int64_t b, int64_t h,
     /* The tile's first and last query positions: a key whose limit is at
      * or before the first is invisible to every query of the tile and is
      * left out of the key tiles (what the cache's chunked prefill gets by
-     * freeing evicted slots). */
+     * freeing evicted slots). Only padding queries (q_last -1): no key
+     * tiles at all. */
     int64_t q_first = INT64_MAX, q_last = -1;
     for (int64_t j = 0; j < qn; ++j)
         if (qpos[j] >= 0) {
             q_first = qpos[j] < q_first ? qpos[j] : q_first;
             q_last = qpos[j] > q_last ? qpos[j] : q_last;
         }
-    if (q_last < 0)
-        q_first = q_last; /* only padding queries: no key tiles */
 
     start_query_group(x->q, b, h, G, q0, qn, D, x->scale, &w->qg);
 #if DMS_X86_BF16DOT

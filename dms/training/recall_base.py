@@ -247,9 +247,10 @@ def widen_heads(base, head_dim, seed=0):
     dimensions start at zero in the queries and the output projection and
     small (1e-4 of the base's scale) in the keys and values, so that the
     new query rows, key rows and output columns get gradients at once (the
-    values' new rows once the output columns move). The norms' weights absorb the change of the
-    RMS over more dimensions and of the softmax scale 1 / sqrt(head_dim):
-    the queries' keep theirs, the keys' are divided by sqrt(f)."""
+    values' new rows once the output columns move). The norms' weights
+    absorb the change of the RMS over more dimensions and of the softmax
+    scale 1 / sqrt(head_dim): the queries' keep theirs, the keys' are
+    divided by sqrt(f)."""
     from transformers import Qwen3ForCausalLM
 
     config = base.config
